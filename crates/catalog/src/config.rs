@@ -1,0 +1,651 @@
+//! The configuration file format (TOML, `version = 1`) and its validation.
+//!
+//! Parsing stops at the first syntax or type error (the file cannot be read further), but
+//! validation of a well-formed file reports every problem at once, each with its line and
+//! column, so that a user with three mistakes sees three messages.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::{
+    BackendSpec, Catalog, Deployment, Geography, Limits, Model, Price, Region, RegionIx,
+    RoutingSettings, SimulatedSpec, is_valid_id,
+};
+
+/// The format version this build reads.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// One problem in a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// 1-based line and column, when known.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "line {l}, column {c}: {}", self.message),
+            (Some(l), None) => write!(f, "line {l}: {}", self.message),
+            _ => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "{n} problem{} in the configuration:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    version: Spanned<u32>,
+    deployment: RawDeployment,
+    #[serde(default)]
+    routing: RawRouting,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default, rename = "region")]
+    regions: Vec<RawRegion>,
+    #[serde(default, rename = "geography")]
+    geographies: Vec<RawGeography>,
+    #[serde(default, rename = "model")]
+    models: Vec<RawModel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeployment {
+    name: Spanned<String>,
+    #[serde(default = "default_account")]
+    account: Spanned<String>,
+}
+
+fn default_account() -> Spanned<String> {
+    Spanned::new(0..0, "000000000000".to_owned())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    stale_after_ms: Option<u64>,
+    max_attempts: Option<Spanned<u32>>,
+    deadline_ms: Option<u64>,
+    route_factor: Option<Spanned<f64>>,
+    telemetry_interval_ms: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_body_bytes: Option<Spanned<usize>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegion {
+    code: Spanned<String>,
+    country: Spanned<String>,
+    #[serde(default)]
+    city: String,
+    lat: Spanned<f64>,
+    lon: Spanned<f64>,
+    #[serde(default)]
+    tags: Vec<Spanned<String>>,
+    #[serde(default = "yes")]
+    global: bool,
+    client: Spanned<String>,
+    peer: Spanned<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGeography {
+    name: Spanned<String>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    countries: Vec<Spanned<String>>,
+    #[serde(default)]
+    tags: Vec<Spanned<String>>,
+    #[serde(default)]
+    exclude_regions: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    id: Spanned<String>,
+    #[serde(default)]
+    name: String,
+    input_price_per_1k: Spanned<f64>,
+    output_price_per_1k: Spanned<f64>,
+    /// Fraction taken off the price for global profiles.
+    #[serde(default = "default_global_discount")]
+    global_discount: Spanned<f64>,
+    #[serde(default, rename = "backend")]
+    backends: Vec<RawBackend>,
+}
+
+fn default_global_discount() -> Spanned<f64> {
+    Spanned::new(0..0, 0.10)
+}
+
+/// One backend table. Settings of every kind live side by side here (TOML spans do not
+/// survive serde's tagged enums); validation checks that each setting fits the kind.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    region: Spanned<String>,
+    kind: Spanned<String>,
+    slots: Option<Spanned<u32>>,
+    queue_limit: Option<u32>,
+    prefill_tokens_per_s: Option<Spanned<f64>>,
+    decode_tokens_per_s: Option<Spanned<f64>>,
+    ttft_ms: Option<Spanned<f64>>,
+    max_tokens: Option<Spanned<u32>>,
+    context_tokens: Option<u32>,
+    retry_after_ms: Option<u64>,
+    time_scale: Option<Spanned<f64>>,
+}
+
+/// Collects problems with their positions in the source text.
+struct Problems<'a> {
+    src: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Problems<'_> {
+    fn at(&mut self, span: std::ops::Range<usize>, message: String) {
+        let (line, column) = if span.is_empty() && span.start == 0 {
+            (None, None)
+        } else {
+            let (l, c) = line_col(self.src, span.start);
+            (Some(l), Some(c))
+        };
+        self.errors.push(ConfigError {
+            line,
+            column,
+            message,
+        });
+    }
+}
+
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let before = src.get(..offset).unwrap_or(src);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, column)
+}
+
+/// Parses and validates a configuration file's text.
+pub fn parse_config(src: &str) -> Result<Catalog, ConfigErrors> {
+    let raw: RawConfig = toml::from_str(src).map_err(|e| {
+        let (line, column) = match e.span() {
+            Some(span) => {
+                let (l, c) = line_col(src, span.start);
+                (Some(l), Some(c))
+            }
+            None => (None, None),
+        };
+        ConfigErrors(vec![ConfigError {
+            line,
+            column,
+            message: e.message().trim().to_owned(),
+        }])
+    })?;
+    let mut p = Problems {
+        src,
+        errors: Vec::new(),
+    };
+    let catalog = validate(raw, &mut p);
+    if p.errors.is_empty() {
+        Ok(catalog)
+    } else {
+        Err(ConfigErrors(p.errors))
+    }
+}
+
+fn validate(raw: RawConfig, p: &mut Problems<'_>) -> Catalog {
+    if *raw.version.get_ref() != CONFIG_VERSION {
+        p.at(
+            raw.version.span(),
+            format!(
+                "unsupported config version {}; this build reads version {CONFIG_VERSION}",
+                raw.version.get_ref()
+            ),
+        );
+    }
+
+    let deployment = validate_deployment(raw.deployment, p);
+    let routing = validate_routing(raw.routing, p);
+    let limits = validate_limits(raw.limits, p);
+    let regions = validate_regions(raw.regions, p);
+    let region_index: HashMap<&str, RegionIx> = regions
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| RegionIx::try_from(i).ok().map(|ix| (r.code.as_str(), ix)))
+        .collect();
+    let geographies = validate_geographies(raw.geographies, &region_index, p);
+    let models = validate_models(raw.models, &region_index, p);
+    Catalog::new(deployment, regions, geographies, models, routing, limits)
+}
+
+fn validate_deployment(raw: RawDeployment, p: &mut Problems<'_>) -> Deployment {
+    let name = raw.name.get_ref();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        p.at(
+            raw.name.span(),
+            format!("deployment name {name:?} must be lowercase letters, digits and '-'"),
+        );
+    }
+    let account = raw.account.get_ref();
+    if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+        p.at(
+            raw.account.span(),
+            format!("account {account:?} must be exactly 12 digits (it appears in ARNs)"),
+        );
+    }
+    Deployment {
+        name: raw.name.into_inner(),
+        account: raw.account.into_inner(),
+    }
+}
+
+fn validate_routing(raw: RawRouting, p: &mut Problems<'_>) -> RoutingSettings {
+    let d = RoutingSettings::default();
+    let mut s = RoutingSettings {
+        stale_after_ms: raw.stale_after_ms.unwrap_or(d.stale_after_ms),
+        max_attempts: raw.max_attempts.as_ref().map_or(d.max_attempts, |v| *v.get_ref()),
+        deadline_ms: raw.deadline_ms.unwrap_or(d.deadline_ms),
+        route_factor: raw.route_factor.as_ref().map_or(d.route_factor, |v| *v.get_ref()),
+        telemetry_interval_ms: raw
+            .telemetry_interval_ms
+            .as_ref()
+            .map_or(d.telemetry_interval_ms, |v| *v.get_ref()),
+    };
+    if let Some(v) = &raw.max_attempts
+        && *v.get_ref() == 0
+    {
+        p.at(v.span(), "routing.max_attempts must be at least 1".into());
+        s.max_attempts = 1;
+    }
+    if let Some(v) = &raw.route_factor
+        && !(v.get_ref().is_finite() && *v.get_ref() >= 1.0)
+    {
+        p.at(
+            v.span(),
+            "routing.route_factor must be a number >= 1.0 (routes are never shorter than great circles)".into(),
+        );
+    }
+    if let Some(v) = &raw.telemetry_interval_ms
+        && !(10..=10_000).contains(v.get_ref())
+    {
+        p.at(
+            v.span(),
+            "routing.telemetry_interval_ms must be between 10 and 10000".into(),
+        );
+    }
+    s
+}
+
+fn validate_limits(raw: RawLimits, p: &mut Problems<'_>) -> Limits {
+    let mut l = Limits::default();
+    if let Some(v) = raw.max_body_bytes {
+        if *v.get_ref() < 1024 {
+            p.at(
+                v.span(),
+                "limits.max_body_bytes must be at least 1024".into(),
+            );
+        }
+        l.max_body_bytes = v.into_inner();
+    }
+    l
+}
+
+fn check_host_port(s: &Spanned<String>, what: &str, region: &str, p: &mut Problems<'_>) {
+    let v = s.get_ref();
+    let ok = v
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !ok {
+        p.at(
+            s.span(),
+            format!("region {region}: {what} address {v:?} must be host:port, e.g. \"127.0.0.1:8080\""),
+        );
+    }
+}
+
+fn validate_regions(raw: Vec<RawRegion>, p: &mut Problems<'_>) -> Vec<Region> {
+    if raw.is_empty() {
+        p.at(
+            0..0,
+            "no [[region]] defined: a deployment needs at least one region".into(),
+        );
+    }
+    if raw.len() > usize::from(RegionIx::MAX) {
+        p.at(0..0, format!("at most {} regions are supported", RegionIx::MAX));
+    }
+    let mut seen = HashSet::new();
+    let mut addrs: HashMap<String, String> = HashMap::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for r in raw {
+        let code = r.code.get_ref().clone();
+        if code.is_empty()
+            || !code
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            p.at(
+                r.code.span(),
+                format!("region code {code:?} must be lowercase letters, digits and '-', like \"eu-west-1\""),
+            );
+        }
+        if !seen.insert(code.clone()) {
+            p.at(r.code.span(), format!("region {code} is defined twice"));
+        }
+        let country = r.country.get_ref();
+        if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
+            p.at(
+                r.country.span(),
+                format!("region {code}: country {country:?} must be an ISO 3166 alpha-2 code such as \"DE\""),
+            );
+        }
+        if !(-90.0..=90.0).contains(r.lat.get_ref()) {
+            p.at(
+                r.lat.span(),
+                format!("region {code}: latitude must be between -90 and 90"),
+            );
+        }
+        if !(-180.0..=180.0).contains(r.lon.get_ref()) {
+            p.at(
+                r.lon.span(),
+                format!("region {code}: longitude must be between -180 and 180"),
+            );
+        }
+        for t in &r.tags {
+            if t.get_ref().is_empty() {
+                p.at(t.span(), format!("region {code}: empty tag"));
+            }
+        }
+        check_host_port(&r.client, "client", &code, p);
+        check_host_port(&r.peer, "peer", &code, p);
+        for a in [&r.client, &r.peer] {
+            if let Some(other) = addrs.insert(a.get_ref().clone(), code.clone()) {
+                p.at(
+                    a.span(),
+                    format!(
+                        "region {code}: address {} is already used by region {other}",
+                        a.get_ref()
+                    ),
+                );
+            }
+        }
+        out.push(Region {
+            code,
+            country: r.country.into_inner(),
+            city: r.city,
+            lat: r.lat.into_inner(),
+            lon: r.lon.into_inner(),
+            tags: r.tags.into_iter().map(Spanned::into_inner).collect(),
+            global: r.global,
+            client_addr: r.client.into_inner(),
+            peer_addr: r.peer.into_inner(),
+        });
+    }
+    out
+}
+
+fn validate_geographies(
+    raw: Vec<RawGeography>,
+    regions: &HashMap<&str, RegionIx>,
+    p: &mut Problems<'_>,
+) -> Vec<Geography> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for g in raw {
+        let name = g.name.get_ref().clone();
+        let well_formed = !name.is_empty()
+            && name.as_bytes().first().is_some_and(u8::is_ascii_lowercase)
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !well_formed {
+            p.at(
+                g.name.span(),
+                format!("geography name {name:?} must start with a letter and use lowercase letters, digits and '-'"),
+            );
+        } else if name == "global" {
+            p.at(
+                g.name.span(),
+                "\"global\" is reserved for global profiles; pick another geography name".into(),
+            );
+        } else if crate::profiles::split_version_suffix(&name).1.is_some() {
+            p.at(
+                g.name.span(),
+                format!("geography name {name:?} ends like a profile version (\"-v2\"); pick another name"),
+            );
+        }
+        if !seen.insert(name.clone()) {
+            p.at(g.name.span(), format!("geography {name} is defined twice"));
+        }
+        if g.countries.is_empty() && g.tags.is_empty() {
+            p.at(
+                g.name.span(),
+                format!("geography {name} has no rule: give `countries` and/or `tags` (a geography of every region is what global profiles are)"),
+            );
+        }
+        for c in &g.countries {
+            let v = c.get_ref();
+            if v.len() != 2 || !v.bytes().all(|b| b.is_ascii_uppercase()) {
+                p.at(
+                    c.span(),
+                    format!("geography {name}: country {v:?} must be an ISO 3166 alpha-2 code"),
+                );
+            }
+        }
+        for r in &g.exclude_regions {
+            if !regions.contains_key(r.get_ref().as_str()) {
+                p.at(
+                    r.span(),
+                    format!("geography {name}: excluded region {:?} is not defined", r.get_ref()),
+                );
+            }
+        }
+        out.push(Geography {
+            name,
+            description: g.description,
+            countries: g.countries.into_iter().map(Spanned::into_inner).collect(),
+            tags: g.tags.into_iter().map(Spanned::into_inner).collect(),
+            exclude_regions: g
+                .exclude_regions
+                .into_iter()
+                .map(Spanned::into_inner)
+                .collect(),
+        });
+    }
+    out
+}
+
+fn check_price(v: &Spanned<f64>, what: &str, model: &str, p: &mut Problems<'_>) {
+    if !(v.get_ref().is_finite() && *v.get_ref() >= 0.0) {
+        p.at(
+            v.span(),
+            format!("model {model}: {what} must be a non-negative number of dollars"),
+        );
+    }
+}
+
+fn validate_models(
+    raw: Vec<RawModel>,
+    regions: &HashMap<&str, RegionIx>,
+    p: &mut Problems<'_>,
+) -> Vec<Model> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    let known = || {
+        let mut v: Vec<&str> = regions.keys().copied().collect();
+        v.sort_unstable();
+        v.join(", ")
+    };
+    for m in raw {
+        let id = m.id.get_ref().clone();
+        if !is_valid_id(&id) {
+            p.at(
+                m.id.span(),
+                format!("model id {id:?} must be 1-64 characters of letters, digits, '-', ':' and '.'"),
+            );
+        }
+        if id.starts_with("global.") || id.starts_with("arn:") {
+            p.at(
+                m.id.span(),
+                format!("model id {id:?} must not look like a profile ID or an ARN"),
+            );
+        }
+        if !seen.insert(id.clone()) {
+            p.at(m.id.span(), format!("model {id} is defined twice"));
+        }
+        check_price(&m.input_price_per_1k, "input_price_per_1k", &id, p);
+        check_price(&m.output_price_per_1k, "output_price_per_1k", &id, p);
+        let discount = *m.global_discount.get_ref();
+        if !(0.0..1.0).contains(&discount) {
+            p.at(
+                m.global_discount.span(),
+                format!("model {id}: global_discount must be in [0, 1), e.g. 0.1 for 10% off"),
+            );
+        }
+        if m.backends.is_empty() {
+            p.at(
+                m.id.span(),
+                format!("model {id} has no [[model.backend]]: say which regions serve it"),
+            );
+        }
+        let mut backends = Vec::with_capacity(m.backends.len());
+        for b in m.backends {
+            let code = b.region.get_ref();
+            let Some(&ix) = regions.get(code.as_str()) else {
+                p.at(
+                    b.region.span(),
+                    format!("model {id}: backend region {code:?} is not defined; defined regions: {}", known()),
+                );
+                continue;
+            };
+            if backends.iter().any(|(r, _)| *r == ix) {
+                p.at(
+                    b.region.span(),
+                    format!("model {id}: region {code} has two backends; give each region one backend"),
+                );
+                continue;
+            }
+            let spec = match b.kind.get_ref().as_str() {
+                "simulated" => BackendSpec::Simulated(validate_simulated(&b, &id, code, p)),
+                other => {
+                    p.at(
+                        b.kind.span(),
+                        format!("model {id} in {code}: unknown backend kind {other:?}; known kinds: simulated"),
+                    );
+                    continue;
+                }
+            };
+            backends.push((ix, spec));
+        }
+        backends.sort_by_key(|(r, _)| *r);
+        let price = Price {
+            input_per_1k: *m.input_price_per_1k.get_ref(),
+            output_per_1k: *m.output_price_per_1k.get_ref(),
+        };
+        let global_price = Price {
+            input_per_1k: price.input_per_1k * (1.0 - discount),
+            output_per_1k: price.output_per_1k * (1.0 - discount),
+        };
+        out.push(Model {
+            name: if m.name.is_empty() { id.clone() } else { m.name },
+            id,
+            price,
+            global_price,
+            backends,
+        });
+    }
+    out
+}
+
+fn validate_simulated(
+    s: &RawBackend,
+    model: &str,
+    region: &str,
+    p: &mut Problems<'_>,
+) -> SimulatedSpec {
+    let d = SimulatedSpec::default();
+    let positive = |v: &Option<Spanned<f64>>, what: &str, p: &mut Problems<'_>| {
+        if let Some(v) = v
+            && !(v.get_ref().is_finite() && *v.get_ref() > 0.0)
+        {
+            p.at(
+                v.span(),
+                format!("model {model} in {region}: {what} must be a positive number"),
+            );
+        }
+    };
+    positive(&s.prefill_tokens_per_s, "prefill_tokens_per_s", p);
+    positive(&s.decode_tokens_per_s, "decode_tokens_per_s", p);
+    positive(&s.time_scale, "time_scale", p);
+    if let Some(v) = &s.ttft_ms
+        && !(v.get_ref().is_finite() && *v.get_ref() >= 0.0)
+    {
+        p.at(
+            v.span(),
+            format!("model {model} in {region}: ttft_ms must be >= 0"),
+        );
+    }
+    for (v, what) in [(&s.slots, "slots"), (&s.max_tokens, "max_tokens")] {
+        if let Some(v) = v
+            && *v.get_ref() == 0
+        {
+            p.at(
+                v.span(),
+                format!("model {model} in {region}: {what} must be at least 1"),
+            );
+        }
+    }
+    let f = |v: &Option<Spanned<f64>>, dflt: f64| v.as_ref().map_or(dflt, |v| *v.get_ref());
+    let u = |v: &Option<Spanned<u32>>, dflt: u32| v.as_ref().map_or(dflt, |v| *v.get_ref());
+    SimulatedSpec {
+        slots: u(&s.slots, d.slots),
+        queue_limit: s.queue_limit.unwrap_or(d.queue_limit),
+        prefill_tokens_per_s: f(&s.prefill_tokens_per_s, d.prefill_tokens_per_s),
+        decode_tokens_per_s: f(&s.decode_tokens_per_s, d.decode_tokens_per_s),
+        ttft_ms: f(&s.ttft_ms, d.ttft_ms),
+        max_tokens: u(&s.max_tokens, d.max_tokens),
+        context_tokens: s.context_tokens.unwrap_or(d.context_tokens),
+        retry_after_ms: s.retry_after_ms.unwrap_or(d.retry_after_ms),
+        time_scale: f(&s.time_scale, d.time_scale),
+    }
+}

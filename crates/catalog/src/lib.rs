@@ -1,0 +1,323 @@
+//! The fleet catalog and the inference profiles derived from it.
+//!
+//! A [`Catalog`] is the validated form of the one configuration file: regions with their
+//! country, coordinates and jurisdiction tags, geographies as rules over those attributes,
+//! and models with the regions that serve them. [`profiles`] derives the inference profiles
+//! from it and from the lock file that freezes geographic destination sets.
+//!
+//! This crate is pure: it parses strings and returns values. It reads no file, opens no
+//! socket and reads no clock; callers do that and hand the text in.
+
+use std::collections::HashMap;
+
+pub use crisp_routing::RegionIx;
+
+mod config;
+pub mod profiles;
+
+pub use config::{ConfigError, ConfigErrors, parse_config};
+
+/// The deployment the nodes belong to; names ARNs and (later) certificate identities.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Deployment {
+    pub name: String,
+    /// Twelve digits, used in ARNs the way an AWS account ID is.
+    pub account: String,
+}
+
+/// One region of the fleet, and the node that runs in it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Region {
+    pub code: String,
+    /// ISO 3166-1 alpha-2.
+    pub country: String,
+    pub city: String,
+    pub lat: f64,
+    pub lon: f64,
+    /// Jurisdiction tags such as `eu`; geographies select on them.
+    pub tags: Vec<String>,
+    /// Whether the region joins global profiles (commercial regions do).
+    pub global: bool,
+    /// Where clients reach this region's node (`host:port`).
+    pub client_addr: String,
+    /// Where other nodes reach this region's node (`host:port`).
+    pub peer_addr: String,
+}
+
+impl Region {
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t == tag)
+    }
+}
+
+/// A named set of regions, given as a rule over region attributes, so that the set can be
+/// recomputed when the fleet changes (and the profile lock can tell what changed).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Geography {
+    pub name: String,
+    pub description: String,
+    /// A region matches if its country is one of these (empty = any country).
+    pub countries: Vec<String>,
+    /// A region matches only if it has all of these tags.
+    pub tags: Vec<String>,
+    /// Regions never in this geography, whatever their attributes.
+    pub exclude_regions: Vec<String>,
+}
+
+impl Geography {
+    pub fn contains(&self, region: &Region) -> bool {
+        (self.countries.is_empty() || self.countries.iter().any(|c| *c == region.country))
+            && self.tags.iter().all(|t| region.has_tag(t))
+            && !self.exclude_regions.iter().any(|r| *r == region.code)
+    }
+}
+
+/// Price of a model per 1,000 tokens, in US dollars.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Price {
+    pub input_per_1k: f64,
+    pub output_per_1k: f64,
+}
+
+impl Price {
+    pub fn cost(&self, input_tokens: u64, output_tokens: u64) -> f64 {
+        (input_tokens as f64 * self.input_per_1k + output_tokens as f64 * self.output_per_1k)
+            / 1000.0
+    }
+}
+
+/// How a region runs a model.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BackendSpec {
+    /// The simulated engine: a stand-in for a GPU model server with realistic timing.
+    Simulated(SimulatedSpec),
+}
+
+/// Parameters of a simulated engine (see `crisp-engine`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimulatedSpec {
+    pub slots: u32,
+    pub queue_limit: u32,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub ttft_ms: f64,
+    pub max_tokens: u32,
+    pub context_tokens: u32,
+    pub retry_after_ms: u64,
+    /// 1.0 = real time; smaller runs faster (tests).
+    pub time_scale: f64,
+}
+
+impl Default for SimulatedSpec {
+    fn default() -> Self {
+        SimulatedSpec {
+            slots: 8,
+            queue_limit: 16,
+            prefill_tokens_per_s: 4000.0,
+            decode_tokens_per_s: 40.0,
+            ttft_ms: 80.0,
+            max_tokens: 64,
+            context_tokens: 8192,
+            retry_after_ms: 1000,
+            time_scale: 1.0,
+        }
+    }
+}
+
+/// A model and where it runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Model {
+    pub id: String,
+    pub name: String,
+    /// Price in-region and through geographic profiles.
+    pub price: Price,
+    /// Price through global profiles (cheaper: the router may use any region).
+    pub global_price: Price,
+    /// One backend per serving region, sorted by region index.
+    pub backends: Vec<(RegionIx, BackendSpec)>,
+}
+
+impl Model {
+    pub fn serves(&self, region: RegionIx) -> bool {
+        self.backends.iter().any(|(r, _)| *r == region)
+    }
+
+    pub fn backend(&self, region: RegionIx) -> Option<&BackendSpec> {
+        self.backends
+            .iter()
+            .find(|(r, _)| *r == region)
+            .map(|(_, b)| b)
+    }
+
+    pub fn regions(&self) -> impl Iterator<Item = RegionIx> + '_ {
+        self.backends.iter().map(|(r, _)| *r)
+    }
+}
+
+/// Routing knobs of the deployment.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RoutingSettings {
+    /// A region's load view older than this counts as unknown, not as headroom.
+    pub stale_after_ms: u64,
+    /// At most this many regions are tried for one request.
+    pub max_attempts: u32,
+    /// A request gives up failing over after this long.
+    pub deadline_ms: u64,
+    /// Real network routes are longer than great circles by this factor.
+    pub route_factor: f64,
+    /// How often a node pushes its load to its peers.
+    pub telemetry_interval_ms: u64,
+}
+
+impl Default for RoutingSettings {
+    fn default() -> Self {
+        RoutingSettings {
+            stale_after_ms: 1500,
+            max_attempts: 4,
+            deadline_ms: 30_000,
+            route_factor: 1.6,
+            telemetry_interval_ms: 100,
+        }
+    }
+}
+
+/// Limits on client input.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+/// The validated configuration: everything a node knows about the fleet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Catalog {
+    pub deployment: Deployment,
+    /// Indexed by [`RegionIx`].
+    pub regions: Vec<Region>,
+    pub geographies: Vec<Geography>,
+    pub models: Vec<Model>,
+    pub routing: RoutingSettings,
+    pub limits: Limits,
+    region_index: HashMap<String, RegionIx>,
+    model_index: HashMap<String, usize>,
+}
+
+impl Catalog {
+    fn new(
+        deployment: Deployment,
+        regions: Vec<Region>,
+        geographies: Vec<Geography>,
+        models: Vec<Model>,
+        routing: RoutingSettings,
+        limits: Limits,
+    ) -> Catalog {
+        let region_index = regions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| RegionIx::try_from(i).ok().map(|ix| (r.code.clone(), ix)))
+            .collect();
+        let model_index = models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id.clone(), i))
+            .collect();
+        Catalog {
+            deployment,
+            regions,
+            geographies,
+            models,
+            routing,
+            limits,
+            region_index,
+            model_index,
+        }
+    }
+
+    pub fn region_ix(&self, code: &str) -> Option<RegionIx> {
+        self.region_index.get(code).copied()
+    }
+
+    pub fn region(&self, ix: RegionIx) -> Option<&Region> {
+        self.regions.get(usize::from(ix))
+    }
+
+    /// The region's code, or `"?"` for an index outside the table.
+    pub fn region_code(&self, ix: RegionIx) -> &str {
+        self.region(ix).map_or("?", |r| r.code.as_str())
+    }
+
+    pub fn model(&self, id: &str) -> Option<&Model> {
+        self.model_index.get(id).and_then(|&i| self.models.get(i))
+    }
+
+    pub fn geography(&self, name: &str) -> Option<&Geography> {
+        self.geographies.iter().find(|g| g.name == name)
+    }
+
+    /// The geographies a region belongs to, by name.
+    pub fn geographies_of(&self, ix: RegionIx) -> Vec<&str> {
+        match self.region(ix) {
+            Some(region) => self
+                .geographies
+                .iter()
+                .filter(|g| g.contains(region))
+                .map(|g| g.name.as_str())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Round-trip estimate between two regions, in milliseconds: great-circle distance
+    /// over fibre (200 km per ms one way) times the route factor, there and back.
+    pub fn rtt_ms(&self, a: RegionIx, b: RegionIx) -> f64 {
+        match (self.region(a), self.region(b)) {
+            (Some(x), Some(y)) if a != b => {
+                2.0 * great_circle_km(x.lat, x.lon, y.lat, y.lon) / 200.0
+                    * self.routing.route_factor
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// The routing topology for this catalog.
+    pub fn topology(&self) -> crisp_routing::Topology {
+        let n = self.regions.len();
+        let mut rtt = Vec::with_capacity(n * n);
+        for a in 0..n {
+            for b in 0..n {
+                let (a, b) = (to_ix(a), to_ix(b));
+                rtt.push(self.rtt_ms(a, b) as f32);
+            }
+        }
+        crisp_routing::Topology::new(rtt, vec![1.0; n])
+            .unwrap_or_else(|_| crisp_routing::Topology::uniform(n))
+    }
+}
+
+fn to_ix(i: usize) -> RegionIx {
+    RegionIx::try_from(i).unwrap_or(RegionIx::MAX)
+}
+
+/// Haversine distance in kilometres.
+pub fn great_circle_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
+    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
+    let dp = (lat2 - lat1).to_radians();
+    let dl = (lon2 - lon1).to_radians();
+    let h = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
+    2.0 * 6371.0 * h.sqrt().min(1.0).asin()
+}
+
+/// Whether `s` is a valid model or profile identifier: `[a-zA-Z0-9-:.]+`, 1 to 64 chars.
+pub fn is_valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b':' || b == b'.')
+}

@@ -1,0 +1,90 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use crisp_catalog::parse_config;
+
+const DEMO: &str = include_str!("../../../examples/demo.toml");
+
+#[test]
+fn the_demo_config_is_valid() {
+    let c = parse_config(DEMO).unwrap();
+    assert_eq!(c.regions.len(), 11);
+    let london = c.region(c.region_ix("eu-west-2").unwrap()).unwrap();
+    assert!(!c.geography("eu").unwrap().contains(london), "London is not in the EU");
+    let nova = c.model("amazon.nova-lite-v1:0").unwrap();
+    assert_eq!(nova.backends.len(), 11);
+    assert!(nova.global_price.input_per_1k < nova.price.input_per_1k);
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_line() {
+    let src = r#"
+version = 1
+[deployment]
+name = "Bad Name"
+account = "123"
+
+[[geography]]
+name = "eu"
+
+[[region]]
+code = "eu-west-1"
+country = "ireland"
+lat = 120.0
+lon = -6.3
+client = "127.0.0.1:8080"
+peer = "127.0.0.1:8080"
+
+[[model]]
+id = "m1"
+input_price_per_1k = -1.0
+output_price_per_1k = 0.1
+
+[[model.backend]]
+region = "eu-west-9"
+kind = "simulated"
+
+[[model.backend]]
+region = "eu-west-1"
+kind = "gpu"
+"#;
+    let errs = parse_config(src).unwrap_err();
+    let text = errs.to_string();
+    let expected = [
+        "deployment name",
+        "12 digits",
+        "geography eu has no rule",
+        "ISO 3166",
+        "latitude",
+        "already used by region eu-west-1",
+        "input_price_per_1k",
+        "\"eu-west-9\" is not defined",
+        "unknown backend kind \"gpu\"",
+    ];
+    for e in expected {
+        assert!(text.contains(e), "missing {e:?} in:\n{text}");
+    }
+    assert_eq!(errs.0.len(), expected.len(), "{text}");
+    // Positions point at the offending value.
+    let lat = errs.0.iter().find(|e| e.message.contains("latitude")).unwrap();
+    assert_eq!(lat.line, Some(13));
+    assert_eq!(lat.column, Some(7));
+}
+
+#[test]
+fn unknown_fields_and_syntax_errors_name_their_place() {
+    let src = "version = 1\n[deployment]\nname = \"d\"\ncolour = \"blue\"\n";
+    let errs = parse_config(src).unwrap_err();
+    assert_eq!(errs.0.len(), 1);
+    assert!(errs.0[0].message.contains("colour"), "{errs}");
+    assert_eq!(errs.0[0].line, Some(4));
+
+    let errs = parse_config("version = \n").unwrap_err();
+    assert_eq!(errs.0[0].line, Some(1), "{errs}");
+}
+
+#[test]
+fn a_newer_config_version_is_refused() {
+    let src = DEMO.replacen("version = 1", "version = 7", 1);
+    let errs = parse_config(&src).unwrap_err();
+    assert!(errs.to_string().contains("unsupported config version 7"));
+}
