@@ -198,7 +198,10 @@ impl Problems<'_> {
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let before = src.get(..offset).unwrap_or(src);
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
     (line, column)
 }
 
@@ -284,9 +287,15 @@ fn validate_routing(raw: RawRouting, p: &mut Problems<'_>) -> RoutingSettings {
     let d = RoutingSettings::default();
     let mut s = RoutingSettings {
         stale_after_ms: raw.stale_after_ms.unwrap_or(d.stale_after_ms),
-        max_attempts: raw.max_attempts.as_ref().map_or(d.max_attempts, |v| *v.get_ref()),
+        max_attempts: raw
+            .max_attempts
+            .as_ref()
+            .map_or(d.max_attempts, |v| *v.get_ref()),
         deadline_ms: raw.deadline_ms.unwrap_or(d.deadline_ms),
-        route_factor: raw.route_factor.as_ref().map_or(d.route_factor, |v| *v.get_ref()),
+        route_factor: raw
+            .route_factor
+            .as_ref()
+            .map_or(d.route_factor, |v| *v.get_ref()),
         telemetry_interval_ms: raw
             .telemetry_interval_ms
             .as_ref()
@@ -339,7 +348,9 @@ fn check_host_port(s: &Spanned<String>, what: &str, region: &str, p: &mut Proble
     if !ok {
         p.at(
             s.span(),
-            format!("region {region}: {what} address {v:?} must be host:port, e.g. \"127.0.0.1:8080\""),
+            format!(
+                "region {region}: {what} address {v:?} must be host:port, e.g. \"127.0.0.1:8080\""
+            ),
         );
     }
 }
@@ -352,7 +363,10 @@ fn validate_regions(raw: Vec<RawRegion>, p: &mut Problems<'_>) -> Vec<Region> {
         );
     }
     if raw.len() > usize::from(RegionIx::MAX) {
-        p.at(0..0, format!("at most {} regions are supported", RegionIx::MAX));
+        p.at(
+            0..0,
+            format!("at most {} regions are supported", RegionIx::MAX),
+        );
     }
     let mut seen = HashSet::new();
     let mut addrs: HashMap<String, String> = HashMap::new();
@@ -476,7 +490,10 @@ fn validate_geographies(
             if !regions.contains_key(r.get_ref().as_str()) {
                 p.at(
                     r.span(),
-                    format!("geography {name}: excluded region {:?} is not defined", r.get_ref()),
+                    format!(
+                        "geography {name}: excluded region {:?} is not defined",
+                        r.get_ref()
+                    ),
                 );
             }
         }
@@ -521,7 +538,9 @@ fn validate_models(
         if !is_valid_id(&id) {
             p.at(
                 m.id.span(),
-                format!("model id {id:?} must be 1-64 characters of letters, digits, '-', ':' and '.'"),
+                format!(
+                    "model id {id:?} must be 1-64 characters of letters, digits, '-', ':' and '.'"
+                ),
             );
         }
         if id.starts_with("global.") || id.starts_with("arn:") {
@@ -554,14 +573,19 @@ fn validate_models(
             let Some(&ix) = regions.get(code.as_str()) else {
                 p.at(
                     b.region.span(),
-                    format!("model {id}: backend region {code:?} is not defined; defined regions: {}", known()),
+                    format!(
+                        "model {id}: backend region {code:?} is not defined; defined regions: {}",
+                        known()
+                    ),
                 );
                 continue;
             };
             if backends.iter().any(|(r, _)| *r == ix) {
                 p.at(
                     b.region.span(),
-                    format!("model {id}: region {code} has two backends; give each region one backend"),
+                    format!(
+                        "model {id}: region {code} has two backends; give each region one backend"
+                    ),
                 );
                 continue;
             }
@@ -587,7 +611,11 @@ fn validate_models(
             output_per_1k: price.output_per_1k * (1.0 - discount),
         };
         out.push(Model {
-            name: if m.name.is_empty() { id.clone() } else { m.name },
+            name: if m.name.is_empty() {
+                id.clone()
+            } else {
+                m.name
+            },
             id,
             price,
             global_price,

@@ -257,6 +257,11 @@ impl Catalog {
         self.model_index.get(id).and_then(|&i| self.models.get(i))
     }
 
+    /// The model's position in [`Catalog::models`].
+    pub fn model_ix(&self, id: &str) -> Option<usize> {
+        self.model_index.get(id).copied()
+    }
+
     pub fn geography(&self, name: &str) -> Option<&Geography> {
         self.geographies.iter().find(|g| g.name == name)
     }

@@ -378,7 +378,8 @@ impl Target<'_> {
 
     /// The profile ID, or the model ID for a bare model.
     pub fn id(&self) -> &str {
-        self.profile.map_or(self.model.id.as_str(), |p| p.id.as_str())
+        self.profile
+            .map_or(self.model.id.as_str(), |p| p.id.as_str())
     }
 }
 

@@ -9,7 +9,10 @@ fn the_demo_config_is_valid() {
     let c = parse_config(DEMO).unwrap();
     assert_eq!(c.regions.len(), 11);
     let london = c.region(c.region_ix("eu-west-2").unwrap()).unwrap();
-    assert!(!c.geography("eu").unwrap().contains(london), "London is not in the EU");
+    assert!(
+        !c.geography("eu").unwrap().contains(london),
+        "London is not in the EU"
+    );
     let nova = c.model("amazon.nova-lite-v1:0").unwrap();
     assert_eq!(nova.backends.len(), 11);
     assert!(nova.global_price.input_per_1k < nova.price.input_per_1k);
@@ -65,7 +68,11 @@ kind = "gpu"
     }
     assert_eq!(errs.0.len(), expected.len(), "{text}");
     // Positions point at the offending value.
-    let lat = errs.0.iter().find(|e| e.message.contains("latitude")).unwrap();
+    let lat = errs
+        .0
+        .iter()
+        .find(|e| e.message.contains("latitude"))
+        .unwrap();
     assert_eq!(lat.line, Some(13));
     assert_eq!(lat.column, Some(7));
 }

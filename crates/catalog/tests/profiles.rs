@@ -98,15 +98,32 @@ fn adding_an_eu_region_issues_a_new_version_and_never_widens_the_old_id() {
         ["eu-central-1", "eu-north-1", "eu-west-1", "eu-west-3"],
         "the old ID keeps its frozen set"
     );
-    assert_eq!(old.superseded_by.as_deref(), Some("eu-v2.amazon.nova-lite-v1:0"));
+    assert_eq!(
+        old.superseded_by.as_deref(),
+        Some("eu-v2.amazon.nova-lite-v1:0")
+    );
     let new = profiles.get("eu-v2.amazon.nova-lite-v1:0").unwrap();
     assert_eq!(new.destinations.len(), 5);
     // Global profiles follow the fleet without a lock change.
-    assert_eq!(profiles.get("global.amazon.nova-lite-v1:0").unwrap().destinations.len(), 12);
+    assert_eq!(
+        profiles
+            .get("global.amazon.nova-lite-v1:0")
+            .unwrap()
+            .destinations
+            .len(),
+        12
+    );
     // Without applying the plan, the old lock still yields only the old set.
     let unchanged = Profiles::build(&c, &lock1);
     assert!(unchanged.get("eu-v2.amazon.nova-lite-v1:0").is_none());
-    assert_eq!(unchanged.get("eu.amazon.nova-lite-v1:0").unwrap().destinations.len(), 4);
+    assert_eq!(
+        unchanged
+            .get("eu.amazon.nova-lite-v1:0")
+            .unwrap()
+            .destinations
+            .len(),
+        4
+    );
 }
 
 #[test]
@@ -139,16 +156,24 @@ fn resolution_covers_profiles_bare_models_and_arns() {
     let us_east_1 = c.region_ix("us-east-1").unwrap();
     let eu_west_2 = c.region_ix("eu-west-2").unwrap();
 
-    let t = profiles.resolve(&c, "eu.amazon.nova-lite-v1:0", us_east_1).unwrap();
+    let t = profiles
+        .resolve(&c, "eu.amazon.nova-lite-v1:0", us_east_1)
+        .unwrap();
     assert_eq!(t.scope, Scope::Geographic);
-    assert!(!t.destinations().contains(&us_east_1), "an EU profile called from the US stays in the EU");
+    assert!(
+        !t.destinations().contains(&us_east_1),
+        "an EU profile called from the US stays in the EU"
+    );
 
     let t = profiles.resolve(&c, NOVA, us_east_1).unwrap();
     assert_eq!(t.scope, Scope::InRegion);
     assert_eq!(t.destinations(), &[us_east_1]);
 
     let arn = "arn:aws:bedrock:us-east-1:000000000000:inference-profile/us.amazon.nova-lite-v1:0";
-    assert_eq!(profiles.resolve(&c, arn, us_east_1).unwrap().id(), "us.amazon.nova-lite-v1:0");
+    assert_eq!(
+        profiles.resolve(&c, arn, us_east_1).unwrap().id(),
+        "us.amazon.nova-lite-v1:0"
+    );
     assert!(matches!(
         profiles.resolve(&c, &arn.replace("000000000000", "111111111111"), us_east_1),
         Err(ResolveError::ForeignAccount { .. })
@@ -163,9 +188,23 @@ fn resolution_covers_profiles_bare_models_and_arns() {
         .resolve(&c, "anthropic.claude-sonnet-4-5-20250929-v1:0", eu_west_2)
         .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("eu-west-2") && msg.contains("eu.anthropic.claude-sonnet-4-5-20250929-v1:0") && msg.contains("global.anthropic"), "{msg}");
+    assert!(
+        msg.contains("eu-west-2")
+            && msg.contains("eu.anthropic.claude-sonnet-4-5-20250929-v1:0")
+            && msg.contains("global.anthropic"),
+        "{msg}"
+    );
 
-    let err = profiles.resolve(&c, "eu.amazon.nova-lite-v1", us_east_1).unwrap_err();
-    assert!(err.to_string().contains("did you mean \"eu.amazon.nova-lite-v1:0\""), "{err}");
-    assert!(matches!(profiles.resolve(&c, "bad id!", us_east_1), Err(ResolveError::Malformed { .. })));
+    let err = profiles
+        .resolve(&c, "eu.amazon.nova-lite-v1", us_east_1)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("did you mean \"eu.amazon.nova-lite-v1:0\""),
+        "{err}"
+    );
+    assert!(matches!(
+        profiles.resolve(&c, "bad id!", us_east_1),
+        Err(ResolveError::Malformed { .. })
+    ));
 }

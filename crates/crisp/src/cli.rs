@@ -1,0 +1,266 @@
+//! Command-line interface.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use crisp_catalog::profiles::{Lock, Plan, Profiles};
+use crisp_catalog::{Catalog, parse_config};
+use crisp_node::{Listeners, Node, RunningNode};
+
+#[derive(Parser)]
+#[command(
+    name = "crisp",
+    version,
+    about = "Self-hosted cross-region inference: route each request to a region with headroom, inside its profile's boundary"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a whole demo federation on loopback: 11 regions, each a real node.
+    Up(crate::up::UpArgs),
+    /// Run the node of one region of a real deployment.
+    Serve {
+        /// The deployment's configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The region this node runs in (its code in the configuration).
+        #[arg(long, short)]
+        region: String,
+        /// The profile lock file [default: crisp.lock next to the configuration].
+        #[arg(long)]
+        lock: Option<PathBuf>,
+    },
+    /// Inspect and update inference profiles and the lock file that freezes them.
+    Profiles {
+        #[command(subcommand)]
+        command: ProfilesCommand,
+    },
+    /// Check a configuration file and report every problem.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProfilesCommand {
+    /// Show what the lock file would gain: new profiles and new versions.
+    Plan {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        lock: Option<PathBuf>,
+    },
+    /// Write the lock file with the planned changes (old IDs keep their sets).
+    Lock {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        lock: Option<PathBuf>,
+    },
+    /// List the profiles a client can call, with their destination regions.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        lock: Option<PathBuf>,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up(args) => crate::up::run(args).await,
+        Command::Serve {
+            config,
+            region,
+            lock,
+        } => serve(&config, &region, lock).await,
+        Command::Check { config } => {
+            let catalog = load_config(&config)?;
+            println!(
+                "{}: valid ({} regions, {} geographies, {} models)",
+                config.display(),
+                catalog.regions.len(),
+                catalog.geographies.len(),
+                catalog.models.len()
+            );
+            Ok(())
+        }
+        Command::Profiles { command } => profiles(command),
+    }
+}
+
+pub fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn load_config(path: &Path) -> anyhow::Result<Catalog> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the configuration {}", path.display()))?;
+    parse_config(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn lock_path(config: &Path, lock: Option<PathBuf>) -> PathBuf {
+    lock.unwrap_or_else(|| config.with_file_name("crisp.lock"))
+}
+
+fn read_lock(path: &Path) -> anyhow::Result<Option<Lock>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Lock::parse(&text)
+            .map(Some)
+            .with_context(|| format!("in {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn write_lock(path: &Path, lock: &Lock) -> anyhow::Result<()> {
+    let tmp = path.with_extension("lock.tmp");
+    std::fs::write(&tmp, lock.to_toml())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn print_plan(plan: &Plan) {
+    for c in &plan.changes {
+        println!("{c}");
+    }
+    for p in &plan.problems {
+        println!("! {p}");
+    }
+}
+
+fn profiles(command: ProfilesCommand) -> anyhow::Result<()> {
+    match command {
+        ProfilesCommand::Plan { config, lock } => {
+            let catalog = load_config(&config)?;
+            let path = lock_path(&config, lock);
+            let current = read_lock(&path)?.unwrap_or_default();
+            let plan = Plan::new(&catalog, &current);
+            if plan.changes.is_empty() && plan.problems.is_empty() {
+                println!("{} is up to date with the fleet", path.display());
+            } else {
+                print_plan(&plan);
+                if plan.has_issues() {
+                    println!(
+                        "\nrun `crisp profiles lock --config {}` to issue these",
+                        config.display()
+                    );
+                }
+            }
+            Ok(())
+        }
+        ProfilesCommand::Lock { config, lock } => {
+            let catalog = load_config(&config)?;
+            let path = lock_path(&config, lock);
+            let current = read_lock(&path)?.unwrap_or_default();
+            let plan = Plan::new(&catalog, &current);
+            print_plan(&plan);
+            if !plan.problems.is_empty() {
+                bail!("not writing {}: fix the problems above", path.display());
+            }
+            if plan.has_issues() {
+                write_lock(&path, &plan.apply(&current))?;
+                println!("wrote {}", path.display());
+            } else {
+                println!("{} is up to date with the fleet", path.display());
+            }
+            Ok(())
+        }
+        ProfilesCommand::List { config, lock } => {
+            let catalog = load_config(&config)?;
+            let current = read_lock(&lock_path(&config, lock))?.unwrap_or_default();
+            let profiles = Profiles::build(&catalog, &current);
+            print_profiles(&catalog, &profiles);
+            Ok(())
+        }
+    }
+}
+
+pub fn print_profiles(catalog: &Catalog, profiles: &Profiles) {
+    let width = profiles.iter().map(|p| p.id.len()).max().unwrap_or(10);
+    for p in profiles.iter() {
+        let dests: Vec<&str> = p
+            .destinations
+            .iter()
+            .map(|&r| catalog.region_code(r))
+            .collect();
+        let note = match &p.superseded_by {
+            Some(newer) => format!("  (superseded by {newer})"),
+            None => String::new(),
+        };
+        println!("{:width$}  [{}]{note}", p.id, dests.join(", "));
+    }
+}
+
+async fn serve(config: &Path, region: &str, lock: Option<PathBuf>) -> anyhow::Result<()> {
+    init_logs("info");
+    let catalog = load_config(config)?;
+    let path = lock_path(config, lock);
+    let lock = match read_lock(&path)? {
+        Some(lock) => {
+            let plan = Plan::new(&catalog, &lock);
+            if plan.has_issues() {
+                tracing::warn!(
+                    "the fleet has changed since {} was written; new profiles are not issued until you run `crisp profiles lock`",
+                    path.display()
+                );
+            }
+            lock
+        }
+        None => {
+            let plan = Plan::new(&catalog, &Lock::default());
+            let lock = plan.apply(&Lock::default());
+            write_lock(&path, &lock)?;
+            tracing::info!(lock = %path.display(), profiles = lock.profiles.len(), "issued the first geographic profiles");
+            lock
+        }
+    };
+    let listeners = Listeners::bind_catalog(&catalog, region).await?;
+    let node = Node::new(catalog, &lock, region)?;
+    let running = RunningNode::start(node, listeners)?;
+    tracing::info!(
+        region,
+        client = %running.client_addr,
+        peer = %running.peer_addr,
+        "node serving"
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,169 @@
+//! `crisp up`: a whole federation in one process, each region a real node on its own
+//! loopback ports, talking over the same backbone code as a real deployment.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use crisp_catalog::profiles::{Lock, Plan, Profiles};
+use crisp_catalog::{BackendSpec, Catalog, parse_config};
+use crisp_node::{Listeners, Node, RunningNode, bind};
+
+/// The embedded demo federation.
+pub const DEMO_CONFIG: &str = include_str!("../../../examples/demo.toml");
+const DEMO_BASE_PORT: u16 = 8080;
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Client port of the first region; the others follow it. Peer ports are 1000 above.
+    #[arg(long, default_value_t = DEMO_BASE_PORT)]
+    port: u16,
+    /// Run every region of this configuration instead of the embedded demo.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn shift(addr: &str, offset: i32) -> anyhow::Result<String> {
+    let (host, port) = addr.rsplit_once(':').context("address without a port")?;
+    let port: i32 = port.parse().context("bad port")?;
+    let moved = u16::try_from(port + offset)
+        .ok()
+        .filter(|p| *p > 0)
+        .with_context(|| format!("--port moves {addr} outside 1..65535"))?;
+    Ok(format!("{host}:{moved}"))
+}
+
+fn load(args: &UpArgs) -> anyhow::Result<Catalog> {
+    let (text, name) = match &args.config {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        None => (DEMO_CONFIG.to_owned(), "the embedded demo".to_owned()),
+    };
+    let mut catalog = parse_config(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    let offset = i32::from(args.port) - i32::from(DEMO_BASE_PORT);
+    if args.config.is_none() && offset != 0 {
+        for r in &mut catalog.regions {
+            r.client_addr = shift(&r.client_addr, offset)?;
+            r.peer_addr = shift(&r.peer_addr, offset)?;
+        }
+    }
+    Ok(catalog)
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    crate::cli::init_logs("warn");
+    let catalog = load(&args)?;
+    let lock = Plan::new(&catalog, &Lock::default()).apply(&Lock::default());
+
+    // Bind everything first, so a busy port fails before any node starts.
+    let mut listeners = Vec::with_capacity(catalog.regions.len());
+    for r in &catalog.regions {
+        let client = bind("client", &r.client_addr).await;
+        let peer = bind("peer", &r.peer_addr).await;
+        match (client, peer) {
+            (Ok(client), Ok(peer)) => listeners.push(Listeners { client, peer }),
+            (Err(e), _) | (_, Err(e)) => {
+                bail!(
+                    "{e}\nhint: another `crisp up` may be running; use `crisp up --port N` to move every port"
+                )
+            }
+        }
+    }
+    let mut nodes = Vec::with_capacity(listeners.len());
+    for (r, l) in catalog.regions.iter().zip(listeners) {
+        let node = Node::new(catalog.clone(), &lock, &r.code)?;
+        nodes.push(RunningNode::start(node, l)?);
+    }
+    wait_for_mesh(&nodes).await;
+    print_banner(&catalog, &lock);
+
+    crate::cli::shutdown_signal().await;
+    eprintln!("\nshutting down {} nodes...", nodes.len());
+    let grace = Duration::from_secs(5);
+    futures::future::join_all(nodes.into_iter().map(|n| n.shutdown(grace))).await;
+    eprintln!("stopped");
+    Ok(())
+}
+
+/// Waits (briefly) until every node hears every other, so the first request routes well.
+async fn wait_for_mesh(nodes: &[RunningNode]) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        let all = nodes.iter().all(|n| {
+            (0..n.node.catalog.regions.len()).all(|i| {
+                let ix = u16::try_from(i).unwrap_or(u16::MAX);
+                ix == n.node.region || n.node.fleet.summary(ix).is_some_and(|s| s.reachable)
+            })
+        });
+        if all {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn print_banner(catalog: &Catalog, lock: &Lock) {
+    let profiles = Profiles::build(catalog, lock);
+    println!(
+        "crisp: {} regions up on loopback (deployment {:?})\n",
+        catalog.regions.len(),
+        catalog.deployment.name
+    );
+    println!(
+        "  {:<16} {:<20} {:<6} {:<22} {:<10} capacity (slots+queue per model)",
+        "region", "city", "geo", "endpoint", "peer"
+    );
+    for (i, r) in catalog.regions.iter().enumerate() {
+        let ix = u16::try_from(i).unwrap_or(u16::MAX);
+        let geos = catalog.geographies_of(ix).join(",");
+        let capacity: Vec<String> = catalog
+            .models
+            .iter()
+            .filter_map(|m| {
+                let BackendSpec::Simulated(s) = m.backend(ix)?;
+                let short = m.id.split(['.', '-']).nth(1).unwrap_or(&m.id);
+                Some(format!("{short} {}+{}", s.slots, s.queue_limit))
+            })
+            .collect();
+        let peer_port = r.peer_addr.rsplit_once(':').map_or("", |(_, p)| p);
+        println!(
+            "  {:<16} {:<20} {:<6} http://{:<15} :{:<9} {}",
+            r.code,
+            r.city,
+            if geos.is_empty() { "-" } else { &geos },
+            r.client_addr,
+            peer_port,
+            capacity.join(", ")
+        );
+    }
+    println!("\nprofiles:");
+    crate::cli::print_profiles(catalog, &profiles);
+    let first = catalog
+        .regions
+        .first()
+        .map_or("127.0.0.1:8080", |r| r.client_addr.as_str());
+    println!(
+        r#"
+try it (an EU profile called in {region}; the answer says where it ran):
+
+  curl -si http://{first}/v1/chat/completions -H 'content-type: application/json' \
+    -d '{{"model": "eu.amazon.nova-lite-v1:0", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  python3 -c '
+from openai import OpenAI
+client = OpenAI(base_url="http://{first}/v1", api_key="unused")
+raw = client.chat.completions.with_raw_response.create(
+    model="eu.amazon.nova-lite-v1:0", messages=[{{"role": "user", "content": "Hello"}}])
+print(raw.headers["x-crisp-inference-region"], raw.parse().choices[0].message.content)'
+
+  curl -s http://{first}/crisp/v1/fleet     # this node's view of every region
+  curl -s http://{first}/v1/models          # profiles and models
+
+Ctrl-C stops every node."#,
+        region = catalog.regions.first().map_or("?", |r| r.code.as_str()),
+    );
+}

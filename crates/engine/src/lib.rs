@@ -1,0 +1,160 @@
+//! Model backends: the one trait the node calls to run a request in its own region, and
+//! the simulated engine that stands in for a GPU model server in the demo and the tests.
+//!
+//! This crate knows nothing of HTTP APIs, peers or routing: it takes a plain
+//! [`GenerateRequest`] and yields [`Chunk`]s.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use futures::future::BoxFuture;
+
+pub mod sim;
+
+/// One chat message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// Approximate token count of `text`, the same on every node so that usage figures agree
+/// wherever a request ran.
+///
+/// Real tokenizers split words and punctuation apart and average about four characters per
+/// token on English text; this takes the larger of the two estimates: runs of letters and
+/// digits plus every other non-space character, or the character count divided by four,
+/// rounded up.
+pub fn count_tokens(text: &str) -> u32 {
+    let mut pieces: u64 = 0;
+    let mut chars: u64 = 0;
+    let mut in_word = false;
+    for c in text.chars() {
+        chars += 1;
+        if c.is_alphanumeric() {
+            if !in_word {
+                pieces += 1;
+                in_word = true;
+            }
+        } else {
+            in_word = false;
+            if !c.is_whitespace() {
+                pieces += 1;
+            }
+        }
+    }
+    let estimate = pieces.max(chars.div_ceil(4));
+    u32::try_from(estimate).unwrap_or(u32::MAX)
+}
+
+/// A request as a backend sees it: no wire format, no routing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateRequest {
+    pub request_id: String,
+    pub model: String,
+    pub messages: Vec<Message>,
+    /// Upper bound on generated tokens; `None` means the backend's default.
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub stop: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One piece of a generation. A well-formed stream is zero or more `Delta`s, then exactly
+/// one `Done`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Chunk {
+    Delta(String),
+    Done {
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
+}
+
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, BackendError>> + Send>>;
+
+/// Why a backend did not (fully) serve a request. Each variant says who failed and whether
+/// trying another region may help.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    /// The engine is full (HTTP 429 / 503 upstream). Another region may take it.
+    #[error("engine at capacity: {message}")]
+    Capacity {
+        retry_after: Option<Duration>,
+        message: String,
+    },
+    /// The engine could not be reached or broke the connection. Another region may help.
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    /// The engine took too long. Another region may help.
+    #[error("engine timed out: {0}")]
+    Timeout(String),
+    /// The request itself is wrong for this model (e.g. too long). Retrying elsewhere will
+    /// not help, and it says nothing about the engine's health.
+    #[error("request rejected by the model: {0}")]
+    BadRequest(String),
+    /// The engine failed in a way that is its own fault.
+    #[error("engine error: {0}")]
+    Internal(String),
+}
+
+impl BackendError {
+    /// Whether trying the next candidate region may succeed.
+    pub fn retryable(&self) -> bool {
+        !matches!(self, BackendError::BadRequest(_))
+    }
+
+    /// Whether this error should put the region into cool-down (capacity errors only; a
+    /// bad prompt must never eject a healthy fleet).
+    pub fn trips_cooldown(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Capacity { .. } | BackendError::Unavailable(_) | BackendError::Timeout(_)
+        )
+    }
+}
+
+/// Load of one backend right now, for the routing view.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineLoad {
+    pub slots: u32,
+    pub running: u32,
+    pub queue_limit: u32,
+    pub waiting: u32,
+}
+
+/// A model server in this region.
+pub trait Backend: Send + Sync + 'static {
+    /// Admit a generation. Resolves once the engine has accepted the request into a slot or
+    /// its waiting queue (or refused it); the tokens then arrive on the stream, after any
+    /// queueing and the time to first token. Dropping the stream cancels the
+    /// generation and frees its slot at once.
+    fn generate(
+        &self,
+        req: GenerateRequest,
+    ) -> BoxFuture<'static, Result<ChunkStream, BackendError>>;
+
+    /// The backend's load now.
+    fn load(&self) -> EngineLoad;
+}

@@ -1,0 +1,27 @@
+//! The client-facing APIs. Each dialect module owns its wire format and maps
+//! [`crate::error::PipelineError`] to its own status codes and error bodies.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+
+use crate::Node;
+
+pub mod openai;
+pub mod ops;
+
+/// The header every inference response carries: the region that ran the model.
+pub const INFERENCE_REGION_HEADER: &str = "x-crisp-inference-region";
+/// The request ID, also in logs.
+pub const REQUEST_ID_HEADER: &str = "x-crisp-request-id";
+
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::list_models))
+        .route("/healthz", get(ops::healthz))
+        .route("/crisp/v1/fleet", get(ops::fleet))
+        .fallback(openai::not_found)
+        .with_state(node)
+}

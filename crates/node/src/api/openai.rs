@@ -1,0 +1,513 @@
+//! The OpenAI-compatible API: `POST /v1/chat/completions` (JSON and SSE) and
+//! `GET /v1/models`. The only place that knows OpenAI's JSON.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use crisp_catalog::profiles::{ProfileKind, ResolveError};
+use crisp_engine::{BackendError, Chunk, FinishReason, Message, Usage};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{INFERENCE_REGION_HEADER, REQUEST_ID_HEADER};
+use crate::Node;
+use crate::error::PipelineError;
+use crate::pipeline::{self, Admitted, InferRequest};
+
+// ---- request ----
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+const EXAMPLE: &str =
+    r#"{"model": "eu.amazon.nova-lite-v1:0", "messages": [{"role": "user", "content": "Hello"}]}"#;
+
+impl ChatRequest {
+    fn into_pipeline(self, request_id: String) -> Result<(InferRequest, bool, bool), String> {
+        if self.messages.is_empty() {
+            return Err("`messages` must contain at least one message".into());
+        }
+        if self.n.is_some_and(|n| n != 1) {
+            return Err("only `n` = 1 is supported".into());
+        }
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.into_iter().enumerate() {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "developer" | "user" | "assistant" | "tool"
+            ) {
+                return Err(format!(
+                    "messages[{i}].role {:?} is not one of system, developer, user, assistant, tool",
+                    m.role
+                ));
+            }
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.into_iter().enumerate() {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            ("text", None) => {
+                                return Err(format!(
+                                    "messages[{i}].content[{j}] is a text part without `text`"
+                                ));
+                            }
+                            (other, _) => {
+                                return Err(format!(
+                                    "messages[{i}].content[{j}] has type {other:?}; only \"text\" parts are supported"
+                                ));
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            messages.push(Message {
+                role: m.role,
+                content,
+            });
+        }
+        let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        if self.max_tokens == Some(0) || self.max_completion_tokens == Some(0) {
+            return Err("`max_tokens` must be at least 1".into());
+        }
+        Ok((
+            InferRequest {
+                request_id,
+                requested: self.model,
+                messages,
+                max_tokens: self.max_completion_tokens.or(self.max_tokens),
+                temperature: self.temperature,
+                stop,
+            },
+            self.stream,
+            include_usage,
+        ))
+    }
+}
+
+// ---- response ----
+
+#[derive(Serialize)]
+struct Completion<'a> {
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [Choice; 1],
+    usage: WireUsage,
+}
+
+#[derive(Serialize)]
+struct Choice {
+    index: u32,
+    message: AssistantMessage,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct AssistantMessage {
+    role: &'static str,
+    content: String,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct WireUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+}
+
+impl From<Usage> for WireUsage {
+    fn from(u: Usage) -> Self {
+        WireUsage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens.saturating_add(u.completion_tokens),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+// ---- errors ----
+
+/// OpenAI's error body for a pipeline error, with its status.
+pub fn error_response(err: &PipelineError, request_id: &str) -> Response {
+    let (status, kind, code) = match err {
+        PipelineError::InvalidRequest(_) => (
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_request",
+        ),
+        PipelineError::TooLarge { .. } => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+        ),
+        PipelineError::Resolve(ResolveError::Unknown { .. }) => (
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+        ),
+        PipelineError::Resolve(ResolveError::NotServedHere { .. }) => (
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "model_not_served_in_region",
+        ),
+        PipelineError::Resolve(_) => (
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_model",
+        ),
+        PipelineError::Exhausted { .. } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "capacity_exhausted",
+        ),
+        PipelineError::ModelRejected(_) => (
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "model_rejected",
+        ),
+        PipelineError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "api_error", "timeout"),
+        PipelineError::ModelFailed(_) => (StatusCode::BAD_GATEWAY, "api_error", "upstream_error"),
+        PipelineError::Internal(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            "internal_error",
+        ),
+    };
+    let param = match err {
+        PipelineError::Resolve(_) => Some("model"),
+        _ => None,
+    };
+    let body = json!({"error": {
+        "message": err.to_string(),
+        "type": kind,
+        "param": param,
+        "code": code,
+    }});
+    let mut response = (status, Json(body)).into_response();
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(REQUEST_ID_HEADER, v);
+    }
+    if let Some(after) = err.retry_after() {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    response
+}
+
+fn from_backend(e: BackendError) -> PipelineError {
+    match e {
+        BackendError::BadRequest(m) => PipelineError::ModelRejected(m),
+        BackendError::Timeout(m) => PipelineError::Timeout(m),
+        other => PipelineError::ModelFailed(other.to_string()),
+    }
+}
+
+pub async fn not_found(req: Request) -> Response {
+    let body = json!({"error": {
+        "message": format!("no route for {} {}; this node serves POST /v1/chat/completions, GET /v1/models, GET /healthz and GET /crisp/v1/fleet", req.method(), req.uri().path()),
+        "type": "invalid_request_error",
+        "param": null,
+        "code": "unknown_url",
+    }});
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+// ---- handlers ----
+
+async fn read_body(node: &Node, req: Request) -> Result<Bytes, PipelineError> {
+    let limit = node.catalog.limits.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(PipelineError::TooLarge { limit });
+    }
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|e| {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                PipelineError::TooLarge { limit }
+            } else {
+                PipelineError::InvalidRequest(format!("could not read the request body: {e}"))
+            }
+        })
+}
+
+pub async fn chat_completions(State(node): State<Arc<Node>>, req: Request) -> Response {
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    match handle(&node, req, &request_id).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::info!(
+                request_id = %request_id,
+                source = node.region_code(),
+                error = %e,
+                retryable = e.retryable(),
+                "request refused"
+            );
+            error_response(&e, &request_id)
+        }
+    }
+}
+
+async fn handle(
+    node: &Arc<Node>,
+    req: Request,
+    request_id: &str,
+) -> Result<Response, PipelineError> {
+    let body = read_body(node, req).await?;
+    let chat: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
+        PipelineError::InvalidRequest(format!(
+            "the request body is not a valid chat completion request: {e}. Send JSON like {EXAMPLE}"
+        ))
+    })?;
+    let requested = chat.model.clone();
+    let (infer, stream, include_usage) = chat
+        .into_pipeline(request_id.to_owned())
+        .map_err(PipelineError::InvalidRequest)?;
+    let admitted = pipeline::run(node, infer).await?;
+    tracing::info!(
+        request_id = %request_id,
+        source = node.region_code(),
+        profile = %admitted.profile_id,
+        inference_region = %admitted.inference_region,
+        failovers = admitted.attempts.len(),
+        stream,
+        "request admitted"
+    );
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&admitted.inference_region) {
+        headers.insert(INFERENCE_REGION_HEADER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(REQUEST_ID_HEADER, v);
+    }
+    if stream {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        let body = sse_body(admitted, requested, request_id.to_owned(), include_usage);
+        Ok((headers, body).into_response())
+    } else {
+        let completion = collect(admitted, &requested, request_id).await?;
+        Ok((headers, Json(completion)).into_response())
+    }
+}
+
+async fn collect(
+    admitted: Admitted,
+    requested: &str,
+    request_id: &str,
+) -> Result<serde_json::Value, PipelineError> {
+    let mut stream = admitted.stream;
+    let mut content = String::new();
+    while let Some(item) = stream.next().await {
+        match item.map_err(from_backend)? {
+            Chunk::Delta(t) => content.push_str(&t),
+            Chunk::Done {
+                finish_reason,
+                usage,
+            } => {
+                let c = Completion {
+                    id: format!("chatcmpl-{request_id}"),
+                    object: "chat.completion",
+                    created: unix_now(),
+                    model: requested,
+                    choices: [Choice {
+                        index: 0,
+                        message: AssistantMessage {
+                            role: "assistant",
+                            content,
+                        },
+                        finish_reason: finish_reason.as_str(),
+                    }],
+                    usage: usage.into(),
+                };
+                return serde_json::to_value(c).map_err(|e| PipelineError::Internal(e.to_string()));
+            }
+        }
+    }
+    Err(PipelineError::ModelFailed(
+        "the engine ended the answer without finishing it".into(),
+    ))
+}
+
+fn sse(value: &serde_json::Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+fn sse_body(
+    admitted: Admitted,
+    requested: String,
+    request_id: String,
+    include_usage: bool,
+) -> Body {
+    let id = format!("chatcmpl-{request_id}");
+    let created = unix_now();
+    let chunk = move |delta: serde_json::Value, finish: Option<FinishReason>| {
+        json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": requested,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish.map(FinishReason::as_str)}],
+        })
+    };
+    let first = sse(&chunk(json!({"role": "assistant", "content": ""}), None));
+    let events = admitted.stream.flat_map(move |item| {
+        let out: Vec<Bytes> = match item {
+            Ok(Chunk::Delta(text)) => vec![sse(&chunk(json!({"content": text}), None))],
+            Ok(Chunk::Done {
+                finish_reason,
+                usage,
+            }) => {
+                let mut v = vec![sse(&chunk(json!({}), Some(finish_reason)))];
+                if include_usage {
+                    let mut u = chunk(json!({}), None);
+                    u["choices"] = json!([]);
+                    u["usage"] = json!(WireUsage::from(usage));
+                    v.push(sse(&u));
+                }
+                v.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                v
+            }
+            Err(e) => {
+                let err = from_backend(e);
+                vec![sse(&json!({"error": {
+                    "message": format!("the answer broke off: {err}"),
+                    "type": "api_error",
+                    "code": "stream_interrupted",
+                }}))]
+            }
+        };
+        futures::stream::iter(out.into_iter().map(Ok::<_, std::convert::Infallible>))
+    });
+    Body::from_stream(futures::stream::once(async move { Ok(first) }).chain(events))
+}
+
+pub async fn list_models(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    let catalog = &node.catalog;
+    let codes = |d: &[crisp_catalog::RegionIx]| -> Vec<&str> {
+        d.iter().map(|&r| catalog.region_code(r)).collect()
+    };
+    let mut data: Vec<serde_json::Value> = node
+        .profiles
+        .iter()
+        .map(|p| {
+            let kind = match &p.kind {
+                ProfileKind::Global => "global_profile",
+                ProfileKind::Geographic { .. } => "geographic_profile",
+            };
+            json!({
+                "id": p.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "crisp",
+                "crisp": {
+                    "kind": kind,
+                    "model": p.model,
+                    "destinations": codes(&p.destinations),
+                    "superseded_by": p.superseded_by,
+                },
+            })
+        })
+        .collect();
+    for m in &catalog.models {
+        if m.serves(node.region) {
+            data.push(json!({
+                "id": m.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "crisp",
+                "crisp": {
+                    "kind": "model",
+                    "model": m.id,
+                    "destinations": [node.region_code()],
+                    "superseded_by": null,
+                },
+            }));
+        }
+    }
+    Json(json!({"object": "list", "data": data}))
+}

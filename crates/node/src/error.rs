@@ -1,0 +1,115 @@
+//! The one error type of the request pipeline. Each value says who failed and whether a
+//! retry may help; the API edge maps it to each dialect's status and body.
+
+use std::time::Duration;
+
+use crisp_catalog::profiles::ResolveError;
+
+/// Who failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Culprit {
+    /// The client sent something wrong; retrying the same request will not help.
+    Client,
+    /// Every region able to take the request was full or unreachable; retry later.
+    Capacity,
+    /// A model engine failed.
+    Upstream,
+    /// crisp itself.
+    Internal,
+}
+
+/// One region tried for a request and what happened there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attempt {
+    pub region: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PipelineError {
+    /// The body could not be read as the API's request.
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error(
+        "the request body is larger than this node's limit of {limit} bytes; send a shorter prompt or raise [limits] max_body_bytes"
+    )]
+    TooLarge { limit: usize },
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    /// No region of the boundary could take the request.
+    #[error("{}", exhausted_message(.profile, .attempts, .skipped, .boundary))]
+    Exhausted {
+        profile: String,
+        attempts: Vec<Attempt>,
+        skipped: Vec<Attempt>,
+        boundary: Vec<String>,
+        retry_after: Option<Duration>,
+    },
+    /// The model rejected the request (e.g. too long for its context).
+    #[error("the model rejected the request: {0}")]
+    ModelRejected(String),
+    #[error("the model stopped answering: {0}")]
+    Timeout(String),
+    #[error("the model failed: {0}")]
+    ModelFailed(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn exhausted_message(
+    profile: &str,
+    attempts: &[Attempt],
+    skipped: &[Attempt],
+    boundary: &[String],
+) -> String {
+    let list = |v: &[Attempt]| {
+        v.iter()
+            .map(|a| format!("{} ({})", a.region, a.outcome))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut m = format!("no region could take this request for {profile}");
+    if attempts.is_empty() {
+        m.push_str("; no region was tried");
+    } else {
+        m.push_str(&format!("; tried {}", list(attempts)));
+    }
+    if !skipped.is_empty() {
+        m.push_str(&format!("; skipped {}", list(skipped)));
+    }
+    m.push_str(&format!(
+        ". The profile's boundary [{}] was kept: nothing was sent outside it. Retry after a moment",
+        boundary.join(", ")
+    ));
+    if boundary.len() <= 1 {
+        m.push_str(", or call an inference profile (GET /v1/models lists them) so other regions can take it");
+    }
+    m.push('.');
+    m
+}
+
+impl PipelineError {
+    pub fn culprit(&self) -> Culprit {
+        match self {
+            PipelineError::InvalidRequest(_)
+            | PipelineError::TooLarge { .. }
+            | PipelineError::Resolve(_)
+            | PipelineError::ModelRejected(_) => Culprit::Client,
+            PipelineError::Exhausted { .. } => Culprit::Capacity,
+            PipelineError::Timeout(_) | PipelineError::ModelFailed(_) => Culprit::Upstream,
+            PipelineError::Internal(_) => Culprit::Internal,
+        }
+    }
+
+    /// Whether the same request may succeed later.
+    pub fn retryable(&self) -> bool {
+        !matches!(self.culprit(), Culprit::Client)
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            PipelineError::Exhausted { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! The regional node: the process that runs in one region, takes inference requests from
+//! clients (its region is their source region), routes each one inside its profile's
+//! boundary, runs it on its own engines or forwards it to a peer, and streams the answer
+//! back.
+//!
+//! The request's journey is the module tree: [`api`] (wire formats in, errors out) →
+//! [`pipeline`] (resolve, route, fail over) → the local engine or [`backbone`] (forward to
+//! a peer). [`fleet`] holds the load view the router reads. Decisions themselves live in
+//! `crisp-routing` and `crisp-catalog`; this crate only does I/O around them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crisp_catalog::profiles::{Lock, Profiles};
+use crisp_catalog::{BackendSpec, Catalog, RegionIx};
+use crisp_engine::Backend;
+use crisp_engine::sim::{SimConfig, SimEngine};
+use crisp_routing::{RouterConfig, Topology};
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+pub mod api;
+pub mod backbone;
+pub mod error;
+pub mod fleet;
+pub mod pipeline;
+
+use backbone::client::PeerClient;
+use backbone::wire::{LoadReport, ModelLoad};
+use fleet::FleetView;
+
+/// Everything a node knows and shares between requests.
+pub struct Node {
+    pub catalog: Catalog,
+    pub profiles: Profiles,
+    pub topology: Topology,
+    pub router: RouterConfig,
+    /// This node's region.
+    pub region: RegionIx,
+    /// Indexed by the catalog's model index; `None` where this region does not serve it.
+    backends: Vec<Option<Arc<dyn Backend>>>,
+    pub fleet: FleetView,
+    pub peers: PeerClient,
+    /// Generations admitted by this region's engines, per model index.
+    admitted: Vec<AtomicU64>,
+}
+
+/// Why a node cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("region {0:?} is not defined in the configuration")]
+    UnknownRegion(String),
+    #[error("cannot listen on {addr} ({what}): {source}; is another process using it?")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+impl Node {
+    /// Builds the node of `region` and its engines.
+    pub fn new(catalog: Catalog, lock: &Lock, region: &str) -> Result<Node, StartError> {
+        let ix = catalog
+            .region_ix(region)
+            .ok_or_else(|| StartError::UnknownRegion(region.to_owned()))?;
+        let profiles = Profiles::build(&catalog, lock);
+        let topology = catalog.topology();
+        let router = RouterConfig {
+            stale_after_ms: catalog.routing.stale_after_ms,
+            ..RouterConfig::default()
+        };
+        let backends = catalog
+            .models
+            .iter()
+            .map(|m| {
+                m.backend(ix).map(|spec| match spec {
+                    BackendSpec::Simulated(s) => Arc::new(SimEngine::new(
+                        &m.id,
+                        region,
+                        SimConfig {
+                            slots: s.slots,
+                            queue_limit: s.queue_limit,
+                            prefill_tokens_per_s: s.prefill_tokens_per_s,
+                            decode_tokens_per_s: s.decode_tokens_per_s,
+                            base_ttft_ms: s.ttft_ms,
+                            default_max_tokens: s.max_tokens,
+                            retry_after: Duration::from_millis(s.retry_after_ms),
+                            time_scale: s.time_scale,
+                            context_tokens: s.context_tokens,
+                        },
+                    )) as Arc<dyn Backend>,
+                })
+            })
+            .collect();
+        let fleet = FleetView::new(catalog.regions.len(), catalog.models.len());
+        let admitted = catalog.models.iter().map(|_| AtomicU64::new(0)).collect();
+        Ok(Node {
+            catalog,
+            profiles,
+            topology,
+            router,
+            region: ix,
+            backends,
+            fleet,
+            peers: PeerClient::new(),
+            admitted,
+        })
+    }
+
+    pub fn region_code(&self) -> &str {
+        self.catalog.region_code(self.region)
+    }
+
+    /// This region's engine for a model.
+    pub fn backend(&self, model: &str) -> Option<&Arc<dyn Backend>> {
+        let ix = self.catalog.model_ix(model)?;
+        self.backends.get(ix)?.as_ref()
+    }
+
+    pub(crate) fn backend_at(&self, model_ix: usize) -> Option<&Arc<dyn Backend>> {
+        self.backends.get(model_ix)?.as_ref()
+    }
+
+    pub(crate) fn count_admission(&self, model: &str) {
+        if let Some(c) = self
+            .catalog
+            .model_ix(model)
+            .and_then(|i| self.admitted.get(i))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Generations this region's engines admitted for a model (local and forwarded).
+    pub fn admitted(&self, model: &str) -> u64 {
+        self.catalog
+            .model_ix(model)
+            .and_then(|i| self.admitted.get(i))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// This region's load, as pushed to peers.
+    pub fn load_report(&self) -> LoadReport {
+        LoadReport {
+            region: self.region_code().to_owned(),
+            models: self
+                .catalog
+                .models
+                .iter()
+                .zip(&self.backends)
+                .filter_map(|(m, b)| {
+                    let l = b.as_ref()?.load();
+                    Some(ModelLoad {
+                        model: m.id.clone(),
+                        slots: l.slots,
+                        running: l.running,
+                        queue_limit: l.queue_limit,
+                        waiting: l.waiting,
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Listeners for a node; bind them first to learn ephemeral ports.
+pub struct Listeners {
+    pub client: TcpListener,
+    pub peer: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses the catalog gives the region.
+    pub async fn bind_catalog(catalog: &Catalog, region: &str) -> Result<Listeners, StartError> {
+        let r = catalog
+            .region_ix(region)
+            .and_then(|ix| catalog.region(ix))
+            .ok_or_else(|| StartError::UnknownRegion(region.to_owned()))?;
+        Ok(Listeners {
+            client: bind("client", &r.client_addr).await?,
+            peer: bind("peer", &r.peer_addr).await?,
+        })
+    }
+}
+
+pub async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what,
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+/// A node that is serving.
+pub struct RunningNode {
+    pub node: Arc<Node>,
+    pub client_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl RunningNode {
+    /// Starts serving clients and peers, and subscribes to every peer's telemetry.
+    pub fn start(node: Node, listeners: Listeners) -> std::io::Result<RunningNode> {
+        let node = Arc::new(node);
+        let client_addr = listeners.client.local_addr()?;
+        let peer_addr = listeners.peer.local_addr()?;
+        let (shutdown, rx) = tokio::sync::watch::channel(false);
+        let mut tasks = JoinSet::new();
+
+        let client_app = api::router(node.clone());
+        let mut stop = rx.clone();
+        tasks.spawn(async move {
+            let serve = axum::serve(
+                listeners.client,
+                client_app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "client listener failed");
+            }
+        });
+
+        let peer_app = backbone::server::router(node.clone());
+        let mut stop = rx.clone();
+        tasks.spawn(async move {
+            let serve = axum::serve(listeners.peer, peer_app).with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "peer listener failed");
+            }
+        });
+
+        for (i, region) in node.catalog.regions.iter().enumerate() {
+            let Ok(ix) = RegionIx::try_from(i) else {
+                continue;
+            };
+            if ix == node.region {
+                continue;
+            }
+            let node = node.clone();
+            let addr = region.peer_addr.clone();
+            let mut stop = rx.clone();
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = subscribe(node, ix, addr) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            });
+        }
+        Ok(RunningNode {
+            node,
+            client_addr,
+            peer_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, lets open connections finish, and waits for the tasks to end.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let all = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            self.tasks.abort_all();
+        }
+    }
+}
+
+/// Follows one peer's telemetry for as long as the node runs. A broken or silent stream
+/// makes the peer unreachable until it speaks again.
+async fn subscribe(node: Arc<Node>, region: RegionIx, addr: String) {
+    let silence = Duration::from_millis(
+        node.catalog
+            .routing
+            .stale_after_ms
+            .max(node.catalog.routing.telemetry_interval_ms * 3),
+    );
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match node.peers.telemetry(&addr).await {
+            Ok(stream) => {
+                let mut stream = std::pin::pin!(stream);
+                loop {
+                    match tokio::time::timeout(silence, stream.next()).await {
+                        Ok(Some(Ok(report))) => {
+                            backoff = Duration::from_millis(50);
+                            node.fleet.apply_report(&node.catalog, region, &report);
+                        }
+                        Ok(Some(Err(e))) => {
+                            tracing::debug!(peer = %addr, error = %e, "telemetry stream broke");
+                            break;
+                        }
+                        Ok(None) => break,
+                        Err(_) => {
+                            tracing::debug!(peer = %addr, "telemetry stream went silent");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(peer = %addr, error = %e, "telemetry unavailable"),
+        }
+        node.fleet.set_reachable(region, false);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}

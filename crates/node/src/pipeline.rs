@@ -1,0 +1,239 @@
+//! The request pipeline, the same for every client dialect: resolve the profile, ask the
+//! router for candidates, and try them in order (this region's engine or a peer's) until
+//! one admits the request, the retry budget is spent or the deadline passes.
+//!
+//! Failover happens only before admission: once an engine has admitted the request, its
+//! answer is streamed to the client, so no byte is ever sent twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crisp_catalog::RegionIx;
+use crisp_engine::{BackendError, ChunkStream, GenerateRequest, Message};
+use crisp_routing::{Decision, Exclusion, Load, Query, Scope, route};
+
+use crate::Node;
+use crate::backbone::wire;
+use crate::error::{Attempt, PipelineError};
+
+/// A request in the pipeline's own terms.
+#[derive(Clone, Debug)]
+pub struct InferRequest {
+    pub request_id: String,
+    /// The model ID, profile ID or ARN as the client sent it.
+    pub requested: String,
+    pub messages: Vec<Message>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub stop: Vec<String>,
+}
+
+/// A request an engine has admitted: where, after which attempts, and its token stream.
+pub struct Admitted {
+    pub inference_region: String,
+    pub profile_id: String,
+    pub model_id: String,
+    pub scope: Scope,
+    /// Regions that refused before the one that admitted.
+    pub attempts: Vec<Attempt>,
+    pub stream: ChunkStream,
+}
+
+/// Cool-down after a capacity error that carries no Retry-After.
+const DEFAULT_COOLDOWN: Duration = Duration::from_secs(1);
+
+fn outcome(e: &BackendError) -> String {
+    match e {
+        BackendError::Capacity { .. } => "at capacity".to_owned(),
+        BackendError::Unavailable(_) => "unreachable".to_owned(),
+        BackendError::Timeout(_) => "timed out".to_owned(),
+        BackendError::BadRequest(m) => format!("rejected: {m}"),
+        BackendError::Internal(m) => format!("failed: {m}"),
+    }
+}
+
+fn exclusion_text(why: Exclusion) -> &'static str {
+    match why {
+        Exclusion::Unreachable => "unreachable",
+        Exclusion::NotServing => "not serving the model",
+        Exclusion::UnknownRegion => "unknown region",
+    }
+}
+
+/// Runs a request up to admission.
+pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, PipelineError> {
+    let catalog = &node.catalog;
+    let target = node
+        .profiles
+        .resolve(catalog, &req.requested, node.region)?;
+    let model_ix = catalog
+        .model_ix(&target.model.id)
+        .ok_or_else(|| PipelineError::Internal("resolved model missing".into()))?;
+    let local_load = node.backend_at(model_ix).map(|b| {
+        let l = b.load();
+        Load {
+            slots: l.slots,
+            running: l.running,
+            queue_limit: l.queue_limit,
+            waiting: l.waiting,
+        }
+    });
+    let views = node.fleet.views(model_ix, node.region, local_load);
+    let query = Query {
+        source: node.region,
+        destinations: target.destinations(),
+        scope: target.scope,
+        now_ms: node.fleet.now_ms(),
+    };
+    let decision: Decision = route(&query, &views, &node.topology, &node.router);
+    tracing::debug!(request_id = %req.request_id, profile = target.id(), ?decision, "routing decision");
+
+    let settings = catalog.routing;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(settings.deadline_ms);
+    let max_attempts = usize::try_from(settings.max_attempts).unwrap_or(usize::MAX);
+    let mut attempts: Vec<Attempt> = Vec::new();
+    let mut skipped: Vec<Attempt> = decision
+        .excluded
+        .iter()
+        .map(|e| Attempt {
+            region: catalog.region_code(e.region).to_owned(),
+            outcome: exclusion_text(e.why).to_owned(),
+        })
+        .collect();
+    let mut retry_after: Option<Duration> = None;
+    let mut forwarded: Option<wire::GenerateRequest> = None;
+
+    for (n, candidate) in decision.candidates.iter().enumerate() {
+        let region = candidate.region;
+        let code = catalog.region_code(region).to_owned();
+        let now = tokio::time::Instant::now();
+        if n >= max_attempts || now >= deadline {
+            let why = if n >= max_attempts {
+                "not tried: retry budget spent"
+            } else {
+                "not tried: deadline passed"
+            };
+            skipped.extend(decision.candidates[n..].iter().map(|c| Attempt {
+                region: catalog.region_code(c.region).to_owned(),
+                outcome: why.to_owned(),
+            }));
+            break;
+        }
+        let result = tokio::time::timeout(
+            deadline - now,
+            try_region(
+                node,
+                &req,
+                &target.model.id,
+                target.id(),
+                region,
+                &mut forwarded,
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(BackendError::Timeout(format!(
+                "{code} did not admit in time"
+            )))
+        });
+        match result {
+            Ok(stream) => {
+                if region == node.region {
+                    node.count_admission(&target.model.id);
+                }
+                return Ok(Admitted {
+                    inference_region: code,
+                    profile_id: target.id().to_owned(),
+                    model_id: target.model.id.clone(),
+                    scope: target.scope,
+                    attempts,
+                    stream,
+                });
+            }
+            Err(e) => {
+                tracing::debug!(request_id = %req.request_id, region = %code, error = %e, "attempt failed");
+                if e.trips_cooldown() {
+                    let wait = match &e {
+                        BackendError::Capacity {
+                            retry_after: Some(d),
+                            ..
+                        } => *d,
+                        _ => DEFAULT_COOLDOWN,
+                    };
+                    retry_after = Some(retry_after.map_or(wait, |r| r.min(wait)));
+                    node.fleet.cool_down(
+                        region,
+                        model_ix,
+                        u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    );
+                }
+                match e {
+                    BackendError::BadRequest(m) => return Err(PipelineError::ModelRejected(m)),
+                    e => attempts.push(Attempt {
+                        region: code,
+                        outcome: outcome(&e),
+                    }),
+                }
+            }
+        }
+    }
+    Err(PipelineError::Exhausted {
+        profile: target.id().to_owned(),
+        attempts,
+        skipped,
+        boundary: target
+            .destinations()
+            .iter()
+            .map(|&r| catalog.region_code(r).to_owned())
+            .collect(),
+        retry_after: Some(retry_after.unwrap_or(DEFAULT_COOLDOWN)),
+    })
+}
+
+async fn try_region(
+    node: &Arc<Node>,
+    req: &InferRequest,
+    model: &str,
+    profile: &str,
+    region: RegionIx,
+    forwarded: &mut Option<wire::GenerateRequest>,
+) -> Result<ChunkStream, BackendError> {
+    if region == node.region {
+        let backend = node.backend(model).ok_or_else(|| {
+            BackendError::Unavailable(format!("no engine for {model} in this region"))
+        })?;
+        return backend
+            .generate(GenerateRequest {
+                request_id: req.request_id.clone(),
+                model: model.to_owned(),
+                messages: req.messages.clone(),
+                max_tokens: req.max_tokens,
+                temperature: req.temperature,
+                stop: req.stop.clone(),
+            })
+            .await;
+    }
+    let addr = node
+        .catalog
+        .region(region)
+        .map(|r| r.peer_addr.as_str())
+        .ok_or_else(|| BackendError::Unavailable("unknown region".into()))?;
+    let body = forwarded.get_or_insert_with(|| wire::GenerateRequest {
+        request_id: req.request_id.clone(),
+        source_region: node.region_code().to_owned(),
+        profile: profile.to_owned(),
+        model: model.to_owned(),
+        messages: req
+            .messages
+            .iter()
+            .map(|m| wire::PeerMessage {
+                role: m.role.clone(),
+                content: m.content.clone(),
+            })
+            .collect(),
+        max_tokens: req.max_tokens,
+        temperature: req.temperature,
+        stop: req.stop.clone(),
+    });
+    node.peers.generate(addr, body).await
+}
