@@ -565,6 +565,14 @@ impl Profiles {
             .chain(catalog.models.iter().map(|m| m.id.as_str()));
         let mut best: Option<(usize, &str)> = None;
         for c in candidates {
+            // A truncated ID (a missing version suffix) is the commonest slip.
+            if id.len() >= 4 && c.starts_with(id) {
+                let d = c.len() - id.len();
+                if best.is_none_or(|(bd, _)| d < bd) {
+                    best = Some((d, c));
+                }
+                continue;
+            }
             let d = edit_distance(id, c);
             if d <= 3.max(id.len() / 8) && best.is_none_or(|(bd, _)| d < bd) {
                 best = Some((d, c));

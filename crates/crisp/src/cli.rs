@@ -229,7 +229,7 @@ async fn serve(config: &Path, region: &str, lock: Option<PathBuf>) -> anyhow::Re
     };
     let listeners = Listeners::bind_catalog(&catalog, region).await?;
     let node = Node::new(catalog, &lock, region)?;
-    let running = RunningNode::start(node, listeners)?;
+    let running = RunningNode::start(node, listeners, Duration::from_secs(10))?;
     tracing::info!(
         region,
         client = %running.client_addr,
@@ -238,7 +238,7 @@ async fn serve(config: &Path, region: &str, lock: Option<PathBuf>) -> anyhow::Re
     );
     shutdown_signal().await;
     tracing::info!("shutting down");
-    running.shutdown(Duration::from_secs(10)).await;
+    running.shutdown().await;
     Ok(())
 }
 

@@ -76,15 +76,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut nodes = Vec::with_capacity(listeners.len());
     for (r, l) in catalog.regions.iter().zip(listeners) {
         let node = Node::new(catalog.clone(), &lock, &r.code)?;
-        nodes.push(RunningNode::start(node, l)?);
+        nodes.push(RunningNode::start(node, l, Duration::from_secs(5))?);
     }
     wait_for_mesh(&nodes).await;
     print_banner(&catalog, &lock);
 
     crate::cli::shutdown_signal().await;
     eprintln!("\nshutting down {} nodes...", nodes.len());
-    let grace = Duration::from_secs(5);
-    futures::future::join_all(nodes.into_iter().map(|n| n.shutdown(grace))).await;
+    futures::future::join_all(nodes.into_iter().map(|n| n.shutdown())).await;
     eprintln!("stopped");
     Ok(())
 }

@@ -27,6 +27,7 @@ pub mod backbone;
 pub mod error;
 pub mod fleet;
 pub mod pipeline;
+mod serve;
 
 use backbone::client::PeerClient;
 use backbone::wire::{LoadReport, ModelLoad};
@@ -46,6 +47,8 @@ pub struct Node {
     pub peers: PeerClient,
     /// Generations admitted by this region's engines, per model index.
     admitted: Vec<AtomicU64>,
+    /// Turns true when the node begins to shut down; endless streams end on it.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Why a node cannot start.
@@ -108,6 +111,7 @@ impl Node {
             fleet,
             peers: PeerClient::new(),
             admitted,
+            stopping: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -123,6 +127,12 @@ impl Node {
 
     pub(crate) fn backend_at(&self, model_ix: usize) -> Option<&Arc<dyn Backend>> {
         self.backends.get(model_ix)?.as_ref()
+    }
+
+    /// Resolves when the node begins to shut down.
+    pub async fn stopping(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
     }
 
     pub(crate) fn count_admission(&self, model: &str) {
@@ -207,39 +217,32 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
-    /// Starts serving clients and peers, and subscribes to every peer's telemetry.
-    pub fn start(node: Node, listeners: Listeners) -> std::io::Result<RunningNode> {
+    /// Starts serving clients and peers, and subscribes to every peer's telemetry. At
+    /// shutdown, open requests get `grace` to finish.
+    pub fn start(
+        node: Node,
+        listeners: Listeners,
+        grace: Duration,
+    ) -> std::io::Result<RunningNode> {
         let node = Arc::new(node);
         let client_addr = listeners.client.local_addr()?;
         let peer_addr = listeners.peer.local_addr()?;
-        let (shutdown, rx) = tokio::sync::watch::channel(false);
+        let shutdown = node.stopping.clone();
+        let rx = shutdown.subscribe();
         let mut tasks = JoinSet::new();
 
-        let client_app = api::router(node.clone());
-        let mut stop = rx.clone();
-        tasks.spawn(async move {
-            let serve = axum::serve(
-                listeners.client,
-                client_app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "client listener failed");
-            }
-        });
-
-        let peer_app = backbone::server::router(node.clone());
-        let mut stop = rx.clone();
-        tasks.spawn(async move {
-            let serve = axum::serve(listeners.peer, peer_app).with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "peer listener failed");
-            }
-        });
+        tasks.spawn(serve::serve(
+            listeners.client,
+            api::router(node.clone()),
+            rx.clone(),
+            grace,
+        ));
+        tasks.spawn(serve::serve(
+            listeners.peer,
+            backbone::server::router(node.clone()),
+            rx.clone(),
+            grace,
+        ));
 
         for (i, region) in node.catalog.regions.iter().enumerate() {
             let Ok(ix) = RegionIx::try_from(i) else {
@@ -267,13 +270,11 @@ impl RunningNode {
         })
     }
 
-    /// Stops accepting, lets open connections finish, and waits for the tasks to end.
-    pub async fn shutdown(mut self, grace: Duration) {
+    /// Stops accepting, lets open requests finish within the grace period given at
+    /// start, and waits for everything to end.
+    pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        let all = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(grace, all).await.is_err() {
-            self.tasks.abort_all();
-        }
+        while self.tasks.join_next().await.is_some() {}
     }
 }
 

@@ -28,12 +28,16 @@
 //! 6. [`Reason::CoolingDown`]: regions in a cool-down after a capacity error, the one that
 //!    ends soonest first.
 //!
-//! Remaining ties go to the shorter round trip, then the lower region index, so the order
-//! does not depend on the order of `Query::destinations`. [`Topology`] holds the round-trip
-//! and price tables the order reads.
+//! Remaining ties go to the shorter round trip from the source (except among cool-downs),
+//! then the lower region index, so the order does not depend on the order of
+//! `Query::destinations`. The source is always 0 ms from itself. Scores are compared in
+//! [`f32::total_cmp`] order, with a NaN score (from NaN or infinite weights) counted as
+//! the worst. [`Topology`] holds the round-trip and price tables the order reads; an
+//! index outside it or outside the fleet snapshot is an unknown region.
 //!
-//! [`route`] allocates only its output; [`route_into`] reuses a [`Decision`] and, for
-//! destination sets of up to 64 regions, allocates nothing once its vectors have grown.
+//! For destination sets of up to 64 entries, [`route`] allocates only its output and
+//! [`route_into`], which reuses a [`Decision`], allocates nothing once its vectors have
+//! grown.
 
 use core::fmt;
 
@@ -415,10 +419,13 @@ impl fmt::Display for Exclusion {
 /// Decides where to send one request: the candidates in `q.destinations`, in the order to
 /// try them, and the destinations left out. `fleet[i]` is this node's view of region `i`.
 ///
-/// See the [crate documentation](crate) for the order. Never panics, whatever the input.
+/// Each distinct destination appears exactly once, either as a candidate or in
+/// `excluded`, which is sorted by region index. See the [crate documentation](crate) for
+/// the order. Never panics, whatever the input.
 pub fn route(q: &Query<'_>, fleet: &[RegionView], topo: &Topology, cfg: &RouterConfig) -> Decision {
     let mut out = Decision {
-        candidates: Vec::with_capacity(q.destinations.len()),
+        // Room for the unsorted candidates and the sorted copies that replace them.
+        candidates: Vec::with_capacity(q.destinations.len().saturating_mul(2)),
         excluded: Vec::new(),
     };
     route_into(q, fleet, topo, cfg, &mut out);
@@ -500,19 +507,15 @@ pub fn route_into(
         kept += 1;
     }
 
-    // Output slot `i` takes the candidate pushed at `position(keys[i])`. Applied in place:
-    // a position below `i` was vacated by an earlier swap, which sent its occupant to
-    // `position(keys[that position])`, so follow the chain until it leaves `0..i`.
-    for i in 0..kept {
-        let mut from = keys.get(i).map_or(i, |&k| position(k));
-        while from < i {
-            from = keys.get(from).map_or(i, |&k| position(k));
-        }
-        if from < out.candidates.len() {
-            out.candidates.swap(i, from);
+    // Appending the candidates in key order and then dropping the unsorted ones moves each
+    // once; permuting in place would need either scratch space or chains of swaps.
+    let pushed = out.candidates.len();
+    for &key in keys.get(..kept).unwrap_or_default() {
+        if let Some(&c) = out.candidates.get(position(key)) {
+            out.candidates.push(c);
         }
     }
-    out.candidates.truncate(kept);
+    out.candidates.drain(..pushed);
 
     out.excluded.sort_unstable_by_key(|e| e.region);
     out.excluded.dedup_by_key(|e| e.region);
@@ -522,8 +525,10 @@ pub fn route_into(
 /// candidates that fits in memory.
 const POSITION_BITS: u32 = 45;
 
+const POSITION_MASK: u128 = (1 << POSITION_BITS) - 1;
+
 fn position(key: u128) -> usize {
-    (key & ((1 << POSITION_BITS) - 1)) as usize
+    (key & POSITION_MASK) as usize
 }
 
 /// Destination sets up to this size sort their keys on the stack.
@@ -640,7 +645,7 @@ impl Ctx<'_, '_> {
         (u128::from(a.reason.tier()) << 125)
             | (u128::from(within) << 61)
             | (u128::from(region) << POSITION_BITS)
-            | position as u128
+            | (position as u128 & POSITION_MASK)
     }
 }
 

@@ -291,7 +291,7 @@ fn candidate_regions(d: &Decision) -> Vec<RegionIx> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig::with_cases(1000))]
 
     #[test]
     fn candidates_stay_inside_the_boundary(s in arb_scenario()) {

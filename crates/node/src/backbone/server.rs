@@ -163,6 +163,10 @@ async fn telemetry(State(node): State<Arc<Node>>) -> Response {
     let interval = Duration::from_millis(node.catalog.routing.telemetry_interval_ms);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let stopping = {
+        let node = node.clone();
+        async move { node.stopping().await }
+    };
     let stream = futures::stream::unfold((node, ticker), |(node, mut ticker)| async move {
         ticker.tick().await;
         let report: LoadReport = node.load_report();
@@ -172,7 +176,8 @@ async fn telemetry(State(node): State<Arc<Node>>) -> Response {
             Ok::<_, std::convert::Infallible>(Bytes::from(v)),
             (node, ticker),
         ))
-    });
+    })
+    .take_until(Box::pin(stopping));
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(stream),

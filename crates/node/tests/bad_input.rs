@@ -1,0 +1,225 @@
+//! Bad input gets the right status and an OpenAI-shaped error that says what to do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use support::{Federation, NOVA};
+
+async fn error_of(r: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap();
+    for field in ["message", "type", "code"] {
+        assert!(body["error"][field].is_string(), "{body}");
+    }
+    (status, body["error"].clone())
+}
+
+async fn post_raw(f: &Federation, body: &'static str) -> reqwest::Response {
+    f.http
+        .post(f.url("us-east-1", "/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_explained() {
+    let f = Federation::start().await;
+
+    let (s, e) = error_of(post_raw(&f, "{\"model\": \"x\", ").await).await;
+    assert_eq!(s, 400);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid chat completion request")
+    );
+
+    let (s, e) = error_of(post_raw(&f, "{\"model\": \"eu.amazon.nova-lite-v1:0\"}").await).await;
+    assert_eq!(s, 400);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing field `messages`"),
+        "{e}"
+    );
+
+    let (s, e) = error_of(post_raw(&f, "{\"model\": 7, \"messages\": []}").await).await;
+    assert_eq!(s, 400);
+    assert!(
+        e["message"].as_str().unwrap().contains("invalid type"),
+        "{e}"
+    );
+
+    let (s, e) = error_of(
+        post_raw(&f, "{\"model\": \"eu.amazon.nova-lite-v1:0\", \"messages\": [{\"role\": \"robot\", \"content\": \"hi\"}]}").await,
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert!(
+        e["message"].as_str().unwrap().contains("messages[0].role"),
+        "{e}"
+    );
+
+    // Unknown profile: 404 with a suggestion.
+    let (s, e) = error_of(
+        f.chat("us-east-1", support::ask("eu.amazon.nova-lite"))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 404);
+    assert_eq!(e["code"], "model_not_found");
+    assert_eq!(e["param"], "model");
+    assert!(
+        e["message"].as_str().unwrap().contains("did you mean"),
+        "{e}"
+    );
+
+    // Oversized body (the test federation's limit is 4096 bytes).
+    let big = "x".repeat(5000);
+    let r = f
+        .chat(
+            "us-east-1",
+            serde_json::json!({"model": NOVA, "messages": [{"role": "user", "content": big}]}),
+        )
+        .await;
+    let (s, e) = error_of(r).await;
+    assert_eq!(s, 413);
+    assert!(e["message"].as_str().unwrap().contains("4096"), "{e}");
+
+    // A streamed (chunked) oversized body, without Content-Length, is refused too.
+    let chunks = futures::stream::iter(
+        (0..10).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 1000]))),
+    );
+    let r = f
+        .http
+        .post(f.url("us-east-1", "/v1/chat/completions"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+
+    // Unknown paths say what exists.
+    let r = f
+        .http
+        .get(f.url("us-east-1", "/v2/nothing"))
+        .send()
+        .await
+        .unwrap();
+    let (s, e) = error_of(r).await;
+    assert_eq!(s, 404);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/chat/completions")
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_model_not_served_here_names_the_profiles_that_serve_it() {
+    // London runs no engine for Nova Lite in this federation.
+    let serving: Vec<&str> = support::REGIONS
+        .iter()
+        .map(|r| r.0)
+        .filter(|c| *c != "eu-west-2")
+        .collect();
+    let f = Federation::start_serving(support::REGIONS, &serving, "slots = 2").await;
+    let (s, e) = error_of(f.chat("eu-west-2", support::ask(NOVA)).await).await;
+    assert_eq!(s, 400);
+    assert_eq!(e["code"], "model_not_served_in_region");
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("eu-west-2"), "{msg}");
+    for profile in [
+        "global.amazon.nova-lite-v1:0",
+        "eu.amazon.nova-lite-v1:0",
+        "us.amazon.nova-lite-v1:0",
+    ] {
+        assert!(msg.contains(profile), "{msg} should name {profile}");
+    }
+    // The profiles it names do work from London.
+    let r = f
+        .chat("eu-west-2", support::ask("eu.amazon.nova-lite-v1:0"))
+        .await;
+    assert_eq!(r.status(), 200);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_list_and_fleet_view_describe_the_deployment() {
+    let f = Federation::start().await;
+    let models: serde_json::Value = f
+        .http
+        .get(f.url("eu-west-2", "/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    for id in [
+        "global.amazon.nova-lite-v1:0",
+        "eu.amazon.nova-lite-v1:0",
+        "us.amazon.nova-lite-v1:0",
+        NOVA,
+    ] {
+        assert!(ids.contains(&id), "{ids:?}");
+    }
+    let eu = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "eu.amazon.nova-lite-v1:0")
+        .unwrap();
+    assert_eq!(
+        eu["crisp"]["destinations"],
+        serde_json::json!(["eu-central-1", "eu-west-1", "eu-west-3"])
+    );
+
+    let fleet: serde_json::Value = f
+        .http
+        .get(f.url("eu-west-2", "/crisp/v1/fleet"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fleet["region"], "eu-west-2");
+    let regions = fleet["regions"].as_array().unwrap();
+    assert_eq!(regions.len(), support::REGIONS.len());
+    for r in regions {
+        assert_eq!(r["reachable"], true, "{r}");
+        assert!(r["age_ms"].as_u64().unwrap() < 1000, "{r}");
+        assert_eq!(r["models"][0]["slots"], 2);
+    }
+    let london = regions.iter().find(|r| r["code"] == "eu-west-2").unwrap();
+    assert_eq!(
+        london["geographies"],
+        serde_json::json!([]),
+        "London is not in the EU"
+    );
+
+    let health: serde_json::Value = f
+        .http
+        .get(f.url("eu-west-2", "/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    f.stop().await;
+}

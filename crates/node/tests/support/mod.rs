@@ -1,0 +1,212 @@
+//! A federation of real nodes on loopback with ephemeral ports, for integration tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use crisp_catalog::parse_config;
+use crisp_catalog::profiles::{Lock, Plan};
+use crisp_node::{Listeners, Node, RunningNode};
+use tokio::net::TcpListener;
+
+pub const NOVA: &str = "amazon.nova-lite-v1:0";
+
+/// (code, country, eu member, lat, lon)
+pub type RegionDef = (&'static str, &'static str, bool, f64, f64);
+
+pub const REGIONS: &[RegionDef] = &[
+    ("us-east-1", "US", false, 38.9, -77.4),
+    ("us-east-2", "US", false, 40.0, -83.0),
+    ("eu-central-1", "DE", true, 50.1, 8.7),
+    ("eu-west-1", "IE", true, 53.3, -6.3),
+    ("eu-west-3", "FR", true, 48.9, 2.35),
+    ("eu-west-2", "GB", false, 51.5, -0.1),
+    ("ap-northeast-1", "JP", false, 35.7, 139.7),
+];
+
+pub struct Federation {
+    pub nodes: Vec<RunningNode>,
+    pub http: reqwest::Client,
+}
+
+/// The configuration text of a test federation, with the given addresses.
+pub fn config_text(
+    regions: &[RegionDef],
+    addrs: &[(String, String)],
+    serving: &[&str],
+    backend: &str,
+) -> String {
+    let mut s = String::from(
+        r#"version = 1
+[deployment]
+name = "test"
+[routing]
+stale_after_ms = 1000
+telemetry_interval_ms = 50
+max_attempts = 6
+[limits]
+max_body_bytes = 4096
+[[geography]]
+name = "us"
+countries = ["US"]
+[[geography]]
+name = "eu"
+tags = ["eu"]
+"#,
+    );
+    for ((code, country, eu, lat, lon), (client, peer)) in regions.iter().zip(addrs) {
+        let tags = if *eu { "[\"eu\"]" } else { "[]" };
+        s.push_str(&format!(
+            "[[region]]\ncode = \"{code}\"\ncountry = \"{country}\"\nlat = {lat}\nlon = {lon}\ntags = {tags}\nclient = \"{client}\"\npeer = \"{peer}\"\n"
+        ));
+    }
+    s.push_str(&format!(
+        "[[model]]\nid = \"{NOVA}\"\ninput_price_per_1k = 0.00006\noutput_price_per_1k = 0.00024\n"
+    ));
+    for code in serving {
+        s.push_str(&format!(
+            "[[model.backend]]\nregion = \"{code}\"\nkind = \"simulated\"\n{backend}\n"
+        ));
+    }
+    s
+}
+
+impl Federation {
+    /// Starts one node per region; each engine has 2 slots and no queue, and decodes 50
+    /// tokens a second, so a long answer holds its slot for as long as the test wants.
+    pub async fn start() -> Federation {
+        Federation::start_with(REGIONS, "slots = 2\nqueue_limit = 0\ndecode_tokens_per_s = 50\nttft_ms = 5\nmax_tokens = 4000\ncontext_tokens = 100000").await
+    }
+
+    pub async fn start_with(regions: &[RegionDef], backend: &str) -> Federation {
+        let all: Vec<&str> = regions.iter().map(|r| r.0).collect();
+        Federation::start_serving(regions, &all, backend).await
+    }
+
+    /// Starts one node per region; only the `serving` regions run the model.
+    pub async fn start_serving(
+        regions: &[RegionDef],
+        serving: &[&str],
+        backend: &str,
+    ) -> Federation {
+        let mut listeners = Vec::new();
+        let mut addrs = Vec::new();
+        for _ in regions {
+            let client = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let peer = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push((
+                client.local_addr().unwrap().to_string(),
+                peer.local_addr().unwrap().to_string(),
+            ));
+            listeners.push(Listeners { client, peer });
+        }
+        let catalog = parse_config(&config_text(regions, &addrs, serving, backend)).unwrap();
+        let lock = Plan::new(&catalog, &Lock::default()).apply(&Lock::default());
+        let mut nodes = Vec::new();
+        for ((code, ..), l) in regions.iter().zip(listeners) {
+            let node = Node::new(catalog.clone(), &lock, code).unwrap();
+            nodes.push(RunningNode::start(node, l, Duration::from_secs(1)).unwrap());
+        }
+        let f = Federation {
+            nodes,
+            http: reqwest::Client::new(),
+        };
+        f.wait_for_mesh().await;
+        f
+    }
+
+    pub async fn wait_for_mesh(&self) {
+        let start = Instant::now();
+        loop {
+            let all = self.nodes.iter().all(|n| {
+                (0..n.node.catalog.regions.len()).all(|i| {
+                    let ix = u16::try_from(i).unwrap();
+                    ix == n.node.region || n.node.fleet.summary(ix).unwrap().reachable
+                })
+            });
+            if all {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nodes did not hear each other"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn node(&self, region: &str) -> &RunningNode {
+        self.nodes
+            .iter()
+            .find(|n| n.node.region_code() == region)
+            .unwrap()
+    }
+
+    pub fn url(&self, region: &str, path: &str) -> String {
+        format!("http://{}{path}", self.node(region).client_addr)
+    }
+
+    /// Posts a chat completion to `region`'s node.
+    pub async fn chat(&self, region: &str, body: serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(self.url(region, "/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Opens a long streaming answer that holds an engine slot until dropped; returns the
+    /// response (admitted) and the region that runs it.
+    pub async fn hold(&self, region: &str, model: &str) -> (reqwest::Response, String) {
+        let r = self
+            .chat(
+                region,
+                serde_json::json!({"model": model, "stream": true, "max_tokens": 3000,
+                    "messages": [{"role": "user", "content": "hold this slot"}]}),
+            )
+            .await;
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+        let at = inference_region(&r);
+        (r, at)
+    }
+
+    /// Local admissions per region, to prove where work ran.
+    pub fn admitted(&self) -> Vec<(String, u64)> {
+        self.nodes
+            .iter()
+            .map(|n| (n.node.region_code().to_owned(), n.node.admitted(NOVA)))
+            .collect()
+    }
+
+    pub async fn stop(self) {
+        for n in self.nodes {
+            n.shutdown().await;
+        }
+    }
+}
+
+pub fn inference_region(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-crisp-inference-region")
+        .expect("x-crisp-inference-region header")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+pub fn ask(model: &str) -> serde_json::Value {
+    serde_json::json!({"model": model, "max_tokens": 4,
+        "messages": [{"role": "user", "content": "Hello"}]})
+}
+
+/// Polls until `f` holds or two seconds pass.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "timed out: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
