@@ -66,9 +66,9 @@ pub struct Geography {
 
 impl Geography {
     pub fn contains(&self, region: &Region) -> bool {
-        (self.countries.is_empty() || self.countries.iter().any(|c| *c == region.country))
+        (self.countries.is_empty() || self.countries.contains(&region.country))
             && self.tags.iter().all(|t| region.has_tag(t))
-            && !self.exclude_regions.iter().any(|r| *r == region.code)
+            && !self.exclude_regions.contains(&region.code)
     }
 }
 
@@ -279,44 +279,17 @@ impl Catalog {
         }
     }
 
-    /// Round-trip estimate between two regions, in milliseconds: great-circle distance
-    /// over fibre (200 km per ms one way) times the route factor, there and back.
-    pub fn rtt_ms(&self, a: RegionIx, b: RegionIx) -> f64 {
-        match (self.region(a), self.region(b)) {
-            (Some(x), Some(y)) if a != b => {
-                2.0 * great_circle_km(x.lat, x.lon, y.lat, y.lon) / 200.0
-                    * self.routing.route_factor
-            }
-            _ => 0.0,
-        }
-    }
-
-    /// The routing topology for this catalog.
+    /// The routing topology: round trips from great-circle distance over fibre times the
+    /// route factor.
     pub fn topology(&self) -> crisp_routing::Topology {
-        let n = self.regions.len();
-        let mut rtt = Vec::with_capacity(n * n);
-        for a in 0..n {
-            for b in 0..n {
-                let (a, b) = (to_ix(a), to_ix(b));
-                rtt.push(self.rtt_ms(a, b) as f32);
-            }
-        }
-        crisp_routing::Topology::new(rtt, vec![1.0; n])
-            .unwrap_or_else(|_| crisp_routing::Topology::uniform(n))
+        let coords: Vec<(f64, f64)> = self.regions.iter().map(|r| (r.lat, r.lon)).collect();
+        crisp_routing::Topology::from_coordinates(
+            &coords,
+            self.routing.route_factor,
+            vec![1.0; coords.len()],
+        )
+        .unwrap_or_else(|_| crisp_routing::Topology::uniform(coords.len()))
     }
-}
-
-fn to_ix(i: usize) -> RegionIx {
-    RegionIx::try_from(i).unwrap_or(RegionIx::MAX)
-}
-
-/// Haversine distance in kilometres.
-pub fn great_circle_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
-    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
-    let dp = (lat2 - lat1).to_radians();
-    let dl = (lon2 - lon1).to_radians();
-    let h = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
-    2.0 * 6371.0 * h.sqrt().min(1.0).asin()
 }
 
 /// Whether `s` is a valid model or profile identifier: `[a-zA-Z0-9-:.]+`, 1 to 64 chars.

@@ -525,15 +525,15 @@ impl Profiles {
                 requested: requested.to_owned(),
             });
         }
-        if let Some(profile) = self.get(id) {
-            if let Some(model) = catalog.model(&profile.model) {
-                return Ok(Target {
-                    profile: Some(profile),
-                    model,
-                    scope: profile.scope(),
-                    destinations: Destinations::Profile(&profile.destinations),
-                });
-            }
+        if let Some(profile) = self.get(id)
+            && let Some(model) = catalog.model(&profile.model)
+        {
+            return Ok(Target {
+                profile: Some(profile),
+                model,
+                scope: profile.scope(),
+                destinations: Destinations::Profile(&profile.destinations),
+            });
         }
         if let Some(model) = catalog.model(id) {
             if model.serves(source) {

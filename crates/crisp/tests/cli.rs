@@ -1,0 +1,119 @@
+//! The `crisp` command as an operator uses it: checking a config, locking profiles, and
+//! seeing a new versioned profile when a geography grows.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const DEMO: &str = include_str!("../../../examples/demo.toml");
+
+fn crisp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_crisp"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("crisp-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn a_broken_config_lists_every_problem() {
+    let dir = tmpdir("check");
+    let cfg = dir.join("crisp.toml");
+    let broken = DEMO
+        .replacen("country = \"DE\"", "country = \"Germany\"", 1)
+        .replacen("lat = 53.3", "lat = 153.3", 1)
+        .replacen("region = \"eu-west-3\"", "region = \"eu-west-33\"", 1);
+    std::fs::write(&cfg, broken).unwrap();
+    let out = crisp(&["check", "--config", s(&cfg)]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("3 problems"), "{t}");
+    assert!(
+        t.contains("Germany") && t.contains("latitude") && t.contains("eu-west-33"),
+        "{t}"
+    );
+    assert!(t.contains("line "), "{t}");
+
+    std::fs::write(&cfg, DEMO).unwrap();
+    let out = crisp(&["check", "--config", s(&cfg)]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn growing_the_eu_issues_a_new_profile_id_and_keeps_the_old_one() {
+    let dir = tmpdir("lock");
+    let cfg = dir.join("crisp.toml");
+    let lock = dir.join("crisp.lock");
+    std::fs::write(&cfg, DEMO).unwrap();
+
+    let out = crisp(&["profiles", "lock", "--config", s(&cfg)]);
+    assert!(out.status.success(), "{}", text(&out));
+    let first = std::fs::read_to_string(&lock).unwrap();
+    assert!(first.contains("id = \"eu.amazon.nova-lite-v1:0\""));
+
+    // Milan joins and serves Nova Lite.
+    let grown = DEMO.replacen(
+        "[[model]]\nid = \"anthropic",
+        "[[model.backend]]\nregion = \"eu-south-1\"\nkind = \"simulated\"\n\n[[model]]\nid = \"anthropic",
+        1,
+    ) + "\n[[region]]\ncode = \"eu-south-1\"\ncity = \"Milan\"\ncountry = \"IT\"\nlat = 45.5\nlon = 9.2\ntags = [\"eu\"]\nclient = \"127.0.0.1:8200\"\npeer = \"127.0.0.1:9200\"\n";
+    std::fs::write(&cfg, grown).unwrap();
+
+    let out = crisp(&["profiles", "plan", "--config", s(&cfg)]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("+ issue eu-v2.amazon.nova-lite-v1:0"), "{t}");
+    assert!(t.contains("eu.amazon.nova-lite-v1:0 keeps its set"), "{t}");
+    assert_eq!(
+        std::fs::read_to_string(&lock).unwrap(),
+        first,
+        "plan writes nothing"
+    );
+
+    let out = crisp(&["profiles", "lock", "--config", s(&cfg)]);
+    assert!(out.status.success(), "{}", text(&out));
+    let second = std::fs::read_to_string(&lock).unwrap();
+    assert!(second.starts_with(&first[..first.find("\n[[profile]]").unwrap()]));
+    assert!(second.contains("id = \"eu-v2.amazon.nova-lite-v1:0\""));
+
+    let out = crisp(&["profiles", "list", "--config", s(&cfg)]);
+    let t = text(&out);
+    let old = t
+        .lines()
+        .find(|l| l.starts_with("eu.amazon.nova-lite-v1:0"))
+        .unwrap();
+    assert!(
+        !old.contains("eu-south-1"),
+        "the old ID never widens: {old}"
+    );
+    assert!(
+        old.contains("superseded by eu-v2.amazon.nova-lite-v1:0"),
+        "{old}"
+    );
+    let new = t
+        .lines()
+        .find(|l| l.starts_with("eu-v2.amazon.nova-lite-v1:0"))
+        .unwrap();
+    assert!(new.contains("eu-south-1"), "{new}");
+
+    let out = crisp(&["profiles", "plan", "--config", s(&cfg)]);
+    assert!(text(&out).contains("up to date"), "{}", text(&out));
+}
