@@ -1,13 +1,14 @@
 //! Command-line interface.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use crisp_catalog::profiles::{Lock, Plan, Profiles};
 use crisp_catalog::{Catalog, parse_config};
-use crisp_node::{Listeners, Node, RunningNode};
+use crisp_node::{Listeners, Node, RunningNode, ServeOptions, unix_ms};
+use crisp_transport::{RegionIdentity, TlsFiles, TlsStore};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +36,21 @@ enum Command {
         /// The profile lock file [default: crisp.lock next to the configuration].
         #[arg(long)]
         lock: Option<PathBuf>,
+        /// Directory with ca.pem, <region>.pem and <region>.key (`crisp certs`)
+        /// [default: certs/ next to the configuration].
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        /// Serve the client API over HTTPS with this certificate (PEM)...
+        #[arg(long, requires = "client_key")]
+        client_cert: Option<PathBuf>,
+        /// ...and this key (PEM).
+        #[arg(long, requires = "client_cert")]
+        client_key: Option<PathBuf>,
+    },
+    /// Create the deployment CA and issue region certificates for the backbone.
+    Certs {
+        #[command(subcommand)]
+        command: crate::certs::CertsCommand,
     },
     /// Inspect and update inference profiles and the lock file that freezes them.
     Profiles {
@@ -80,7 +96,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             region,
             lock,
-        } => serve(&config, &region, lock).await,
+            certs,
+            client_cert,
+            client_key,
+        } => {
+            let client_tls = match (client_cert, client_key) {
+                (Some(c), Some(k)) => Some((c, k)),
+                _ => None,
+            };
+            serve(&config, &region, lock, certs, client_tls).await
+        }
+        Command::Certs { command } => crate::certs::run(command),
         Command::Check { config } => {
             let catalog = load_config(&config)?;
             println!(
@@ -204,7 +230,13 @@ pub fn print_profiles(catalog: &Catalog, profiles: &Profiles) {
     }
 }
 
-async fn serve(config: &Path, region: &str, lock: Option<PathBuf>) -> anyhow::Result<()> {
+async fn serve(
+    config: &Path,
+    region: &str,
+    lock: Option<PathBuf>,
+    certs: Option<PathBuf>,
+    client_tls: Option<(PathBuf, PathBuf)>,
+) -> anyhow::Result<()> {
     init_logs("info");
     let catalog = load_config(config)?;
     let path = lock_path(config, lock);
@@ -227,9 +259,41 @@ async fn serve(config: &Path, region: &str, lock: Option<PathBuf>) -> anyhow::Re
             lock
         }
     };
+    let certs = certs.unwrap_or_else(|| config.with_file_name("certs"));
+    let identity = RegionIdentity::new(&catalog.deployment.name, region);
+    let tls = TlsStore::load(
+        TlsFiles::in_dir(&certs, region),
+        identity,
+        unix_ms() / 1000,
+    )
+    .with_context(|| {
+        format!(
+            "the backbone needs this node's certificates in {0}; create them with `crisp certs init --deployment {1} --dir {0}` and `crisp certs issue --deployment {1} --region {region} --dir {0}`",
+            certs.display(),
+            catalog.deployment.name
+        )
+    })?;
+    let client_tls = match client_tls {
+        Some((cert, key)) => {
+            let read =
+                |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+            Some(crisp_transport::tls::client_api_config(
+                &read(&cert)?,
+                &read(&key)?,
+            )?)
+        }
+        None => None,
+    };
     let listeners = Listeners::bind_catalog(&catalog, region).await?;
-    let node = Node::new(catalog, &lock, region)?;
-    let running = RunningNode::start(node, listeners, Duration::from_secs(10))?;
+    let node = Node::new(catalog, &lock, region, Arc::new(tls))?;
+    let running = RunningNode::start(
+        node,
+        listeners,
+        ServeOptions {
+            client_tls,
+            ..ServeOptions::default()
+        },
+    )?;
     tracing::info!(
         region,
         client = %running.client_addr,

@@ -8,7 +8,10 @@ use anyhow::{Context, bail};
 use clap::Args;
 use crisp_catalog::profiles::{Lock, Plan, Profiles};
 use crisp_catalog::{BackendSpec, Catalog, parse_config};
-use crisp_node::{Listeners, Node, RunningNode, bind};
+use std::sync::Arc;
+
+use crisp_node::{Listeners, Node, RunningNode, ServeOptions, bind, unix_ms};
+use crisp_transport::{RegionIdentity, TlsFiles, TlsStore};
 
 /// The embedded demo federation.
 pub const DEMO_CONFIG: &str = include_str!("../../../examples/demo.toml");
@@ -73,10 +76,25 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             }
         }
     }
+    // A throwaway deployment CA, so the demo's backbone is real mutual TLS.
+    let certs = tempfile::Builder::new()
+        .prefix("crisp-up-certs-")
+        .tempdir()?;
+    let ca = crate::certs::init(&catalog.deployment.name, certs.path(), 1)?;
     let mut nodes = Vec::with_capacity(listeners.len());
     for (r, l) in catalog.regions.iter().zip(listeners) {
-        let node = Node::new(catalog.clone(), &lock, &r.code)?;
-        nodes.push(RunningNode::start(node, l, Duration::from_secs(5))?);
+        crate::certs::issue(&ca, &r.code, certs.path(), 1)?;
+        let tls = TlsStore::load(
+            TlsFiles::in_dir(certs.path(), &r.code),
+            RegionIdentity::new(&catalog.deployment.name, &r.code),
+            unix_ms() / 1000,
+        )?;
+        let node = Node::new(catalog.clone(), &lock, &r.code, Arc::new(tls))?;
+        let options = ServeOptions {
+            grace: Duration::from_secs(5),
+            ..ServeOptions::default()
+        };
+        nodes.push(RunningNode::start(node, l, options)?);
     }
     wait_for_mesh(&nodes).await;
     print_banner(&catalog, &lock);
@@ -108,7 +126,7 @@ async fn wait_for_mesh(nodes: &[RunningNode]) {
 fn print_banner(catalog: &Catalog, lock: &Lock) {
     let profiles = Profiles::build(catalog, lock);
     println!(
-        "crisp: {} regions up on loopback (deployment {:?})\n",
+        "crisp: {} regions up on loopback (deployment {:?}), linked by mutual TLS\n",
         catalog.regions.len(),
         catalog.deployment.name
     );

@@ -18,6 +18,7 @@ use crisp_catalog::{BackendSpec, Catalog, RegionIx};
 use crisp_engine::Backend;
 use crisp_engine::sim::{SimConfig, SimEngine};
 use crisp_routing::{RouterConfig, Topology};
+use crisp_transport::{Receipt, RegionIdentity, SignedReceipt, TlsStore};
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -27,7 +28,7 @@ pub mod backbone;
 pub mod error;
 pub mod fleet;
 pub mod pipeline;
-mod serve;
+pub mod serve;
 
 use backbone::client::PeerClient;
 use backbone::wire::{LoadReport, ModelLoad};
@@ -45,6 +46,8 @@ pub struct Node {
     backends: Vec<Option<Arc<dyn Backend>>>,
     pub fleet: FleetView,
     pub peers: PeerClient,
+    /// This node's certificates: its identity on the backbone and its receipt key.
+    pub tls: Arc<TlsStore>,
     /// Generations admitted by this region's engines, per model index.
     admitted: Vec<AtomicU64>,
     /// Turns true when the node begins to shut down; endless streams end on it.
@@ -56,6 +59,10 @@ pub struct Node {
 pub enum StartError {
     #[error("region {0:?} is not defined in the configuration")]
     UnknownRegion(String),
+    #[error(
+        "the certificates are for {have}, but this node is {want}; issue them with `crisp certs issue --region <code>`"
+    )]
+    Identity { have: String, want: String },
     #[error("cannot listen on {addr} ({what}): {source}; is another process using it?")]
     Bind {
         what: &'static str,
@@ -65,11 +72,32 @@ pub enum StartError {
 }
 
 impl Node {
-    /// Builds the node of `region` and its engines.
-    pub fn new(catalog: Catalog, lock: &Lock, region: &str) -> Result<Node, StartError> {
+    /// Builds the node of `region` and its engines. `tls` must name this region of this
+    /// deployment.
+    pub fn new(
+        catalog: Catalog,
+        lock: &Lock,
+        region: &str,
+        tls: Arc<TlsStore>,
+    ) -> Result<Node, StartError> {
         let ix = catalog
             .region_ix(region)
             .ok_or_else(|| StartError::UnknownRegion(region.to_owned()))?;
+        let expected = RegionIdentity::new(&catalog.deployment.name, region);
+        if *tls.identity() != expected {
+            return Err(StartError::Identity {
+                have: tls.identity().to_string(),
+                want: expected.to_string(),
+            });
+        }
+        let peers = PeerClient::new(
+            tls.clone(),
+            catalog
+                .regions
+                .iter()
+                .filter(|r| r.code != region)
+                .map(|r| (r.peer_addr.clone(), r.code.clone())),
+        );
         let profiles = Profiles::build(&catalog, lock);
         let topology = catalog.topology();
         let router = RouterConfig {
@@ -109,7 +137,8 @@ impl Node {
             region: ix,
             backends,
             fleet,
-            peers: PeerClient::new(),
+            peers,
+            tls,
             admitted,
             stopping: tokio::sync::watch::Sender::new(false),
         })
@@ -117,6 +146,25 @@ impl Node {
 
     pub fn region_code(&self) -> &str {
         self.catalog.region_code(self.region)
+    }
+
+    pub fn deployment(&self) -> &str {
+        &self.catalog.deployment.name
+    }
+
+    /// Signs the receipt of a generation this region's engine completed.
+    pub fn sign_receipt(&self, facts: &ReceiptFacts, usage: crisp_engine::Usage) -> SignedReceipt {
+        let receipt = Receipt {
+            request_id: facts.request_id.clone(),
+            profile: facts.profile.clone(),
+            model: facts.model.clone(),
+            source_region: facts.source_region.clone(),
+            inference_region: self.region_code().to_owned(),
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+            issued_at_ms: unix_ms(),
+        };
+        SignedReceipt::sign(&self.tls.current(), &receipt)
     }
 
     /// This region's engine for a model.
@@ -177,6 +225,42 @@ impl Node {
     }
 }
 
+/// What a receipt states besides the region and the tokens.
+#[derive(Clone, Debug)]
+pub struct ReceiptFacts {
+    pub request_id: String,
+    pub profile: String,
+    pub model: String,
+    pub source_region: String,
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// How a node serves, beyond its catalog.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// How long open requests may run on at shutdown.
+    pub grace: Duration,
+    /// TLS for the client API; `None` serves it in the clear.
+    pub client_tls: Option<Arc<rustls::ServerConfig>>,
+    /// How often certificate files are checked for rotation.
+    pub reload_interval: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            grace: Duration::from_secs(10),
+            client_tls: None,
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Listeners for a node; bind them first to learn ephemeral ports.
 pub struct Listeners {
     pub client: TcpListener,
@@ -217,13 +301,14 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
-    /// Starts serving clients and peers, and subscribes to every peer's telemetry. At
-    /// shutdown, open requests get `grace` to finish.
+    /// Starts serving clients and peers (mutual TLS), subscribes to every peer's telemetry
+    /// and watches the certificate files for rotation.
     pub fn start(
         node: Node,
         listeners: Listeners,
-        grace: Duration,
+        options: ServeOptions,
     ) -> std::io::Result<RunningNode> {
+        let grace = options.grace;
         let node = Arc::new(node);
         let client_addr = listeners.client.local_addr()?;
         let peer_addr = listeners.peer.local_addr()?;
@@ -231,18 +316,41 @@ impl RunningNode {
         let rx = shutdown.subscribe();
         let mut tasks = JoinSet::new();
 
+        let client_security = match options.client_tls {
+            Some(config) => serve::Security::Tls(config),
+            None => serve::Security::Plain,
+        };
         tasks.spawn(serve::serve(
             listeners.client,
             api::router(node.clone()),
+            client_security,
             rx.clone(),
             grace,
         ));
         tasks.spawn(serve::serve(
             listeners.peer,
             backbone::server::router(node.clone()),
+            serve::Security::Mutual(node.tls.clone()),
             rx.clone(),
             grace,
         ));
+        let watched = node.clone();
+        let mut stop = rx.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(options.reload_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                match watched.tls.reload(unix_ms() / 1000) {
+                    Ok(true) => tracing::info!("certificates reloaded"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "new certificate files refused; keeping the current ones"),
+                }
+            }
+        });
 
         for (i, region) in node.catalog.regions.iter().enumerate() {
             let Ok(ix) = RegionIx::try_from(i) else {

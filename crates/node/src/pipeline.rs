@@ -5,16 +5,18 @@
 //! Failover happens only before admission: once an engine has admitted the request, its
 //! answer is streamed to the client, so no byte is ever sent twice.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crisp_catalog::RegionIx;
-use crisp_engine::{BackendError, ChunkStream, GenerateRequest, Message};
+use crisp_engine::{BackendError, Chunk, ChunkStream, GenerateRequest, Message};
 use crisp_routing::{Decision, Exclusion, Load, Query, Scope, route};
+use crisp_transport::SignedReceipt;
+use futures::StreamExt;
 
-use crate::Node;
 use crate::backbone::wire;
 use crate::error::{Attempt, PipelineError};
+use crate::{Node, ReceiptFacts};
 
 /// A request in the pipeline's own terms.
 #[derive(Clone, Debug)]
@@ -28,8 +30,13 @@ pub struct InferRequest {
     pub stop: Vec<String>,
 }
 
+/// Filled with the destination's verified receipt when the answer completes.
+pub type ReceiptSlot = Arc<OnceLock<SignedReceipt>>;
+
 /// A request an engine has admitted: where, after which attempts, and its token stream.
 pub struct Admitted {
+    /// The signed receipt of the region that ran it, once the stream has finished.
+    pub receipt: ReceiptSlot,
     pub inference_region: String,
     pub profile_id: String,
     pub model_id: String,
@@ -102,6 +109,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
         .collect();
     let mut retry_after: Option<Duration> = None;
     let mut forwarded: Option<wire::GenerateRequest> = None;
+    let receipt: ReceiptSlot = Arc::default();
 
     for (n, candidate) in decision.candidates.iter().enumerate() {
         let region = candidate.region;
@@ -128,6 +136,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                 target.id(),
                 region,
                 &mut forwarded,
+                &receipt,
             ),
         )
         .await
@@ -142,6 +151,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                     node.count_admission(&target.model.id);
                 }
                 return Ok(Admitted {
+                    receipt,
                     inference_region: code,
                     profile_id: target.id().to_owned(),
                     model_id: target.model.id.clone(),
@@ -197,12 +207,13 @@ async fn try_region(
     profile: &str,
     region: RegionIx,
     forwarded: &mut Option<wire::GenerateRequest>,
+    receipt: &ReceiptSlot,
 ) -> Result<ChunkStream, BackendError> {
     if region == node.region {
         let backend = node.backend(model).ok_or_else(|| {
             BackendError::Unavailable(format!("no engine for {model} in this region"))
         })?;
-        return backend
+        let stream = backend
             .generate(GenerateRequest {
                 request_id: req.request_id.clone(),
                 model: model.to_owned(),
@@ -211,12 +222,25 @@ async fn try_region(
                 temperature: req.temperature,
                 stop: req.stop.clone(),
             })
-            .await;
+            .await?;
+        // A region attests its own work the same way it attests forwarded work.
+        let facts = ReceiptFacts {
+            request_id: req.request_id.clone(),
+            profile: profile.to_owned(),
+            model: model.to_owned(),
+            source_region: node.region_code().to_owned(),
+        };
+        let (node, slot) = (node.clone(), receipt.clone());
+        return Ok(Box::pin(stream.inspect(move |item| {
+            if let Ok(Chunk::Done { usage, .. }) = item {
+                let _ = slot.set(node.sign_receipt(&facts, *usage));
+            }
+        })));
     }
-    let addr = node
+    let (addr, code) = node
         .catalog
         .region(region)
-        .map(|r| r.peer_addr.as_str())
+        .map(|r| (r.peer_addr.as_str(), r.code.as_str()))
         .ok_or_else(|| BackendError::Unavailable("unknown region".into()))?;
     let body = forwarded.get_or_insert_with(|| wire::GenerateRequest {
         request_id: req.request_id.clone(),
@@ -235,5 +259,5 @@ async fn try_region(
         temperature: req.temperature,
         stop: req.stop.clone(),
     });
-    node.peers.generate(addr, body).await
+    node.peers.generate(addr, code, body, receipt.clone()).await
 }

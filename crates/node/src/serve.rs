@@ -1,31 +1,55 @@
-//! Serving a router on a listener with a shutdown that drains: stop accepting, let open
-//! requests finish up to a grace period, then close whatever is left. Connections are
-//! owned here, so nothing outlives the node.
+//! Serving a router on a listener, in the clear, over TLS, or over mutual TLS, with a
+//! shutdown that drains: stop accepting, let open requests finish up to a grace period,
+//! then close whatever is left. Connections are owned here, so nothing outlives the node.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::connect_info::ConnectInfo;
+use crisp_transport::{RegionIdentity, TlsStore};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
-/// Serves `app` (HTTP/1.1 and HTTP/2, cleartext) until `stop` turns true, then drains for
-/// at most `grace`. Each request carries the peer's address as `ConnectInfo`.
+/// A TLS handshake that takes longer than this is abandoned (a peer that connects and
+/// hangs must not hold a task forever).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a listener protects its connections.
+#[derive(Clone)]
+pub enum Security {
+    /// Only for the client API when the operator gives no certificate.
+    Plain,
+    /// TLS with a server certificate (the client API).
+    Tls(Arc<ServerConfig>),
+    /// Mutual TLS with the deployment CA (the peer listener). The peer's verified region
+    /// identity is attached to every request as a [`PeerIdentity`] extension.
+    Mutual(Arc<TlsStore>),
+}
+
+/// The region identity a peer proved in its TLS handshake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity(pub RegionIdentity);
+
+/// Serves `app` until `stop` turns true, then drains for at most `grace`. Each request
+/// carries the peer's address as `ConnectInfo`.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    security: Security,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -39,16 +63,13 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(
-                    app.clone().layer(axum::Extension(ConnectInfo::<SocketAddr>(remote))),
-                );
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                connections.spawn(async move {
-                    let _ = conn.await;
-                });
+                connections.spawn(connection(
+                    stream,
+                    remote,
+                    app.clone(),
+                    security.clone(),
+                    graceful.watcher(),
+                ));
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             () = stopped(&mut stop) => break,
@@ -62,6 +83,100 @@ pub async fn serve(
         }
     }
     connections.abort_all();
+}
+
+async fn connection(
+    stream: TcpStream,
+    remote: SocketAddr,
+    app: Router,
+    security: Security,
+    watcher: Watcher,
+) {
+    let app = app.layer(axum::Extension(ConnectInfo::<SocketAddr>(remote)));
+    let builder = auto::Builder::new(TokioExecutor::new());
+    match security {
+        Security::Plain => {
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(app))
+                .into_owned();
+            let _ = watcher.watch(conn).await;
+        }
+        Security::Tls(config) => {
+            let Some(tls) = handshake(TlsAcceptor::from(config), stream, remote, "client").await
+            else {
+                return;
+            };
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(app))
+                .into_owned();
+            let _ = watcher.watch(conn).await;
+        }
+        Security::Mutual(store) => {
+            let acceptor = TlsAcceptor::from(store.current().server.clone());
+            let Some(tls) = handshake(acceptor, stream, remote, "peer").await else {
+                return;
+            };
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| RegionIdentity::from_cert_der(c));
+            let Some(identity) = identity else {
+                // The CA issued a certificate without a region identity: not a crisp node.
+                tracing::warn!(%remote, "peer certificate carries no region identity; closing");
+                metrics::counter!("crisp_backbone_handshake_failures_total", "reason" => "no_identity")
+                    .increment(1);
+                return;
+            };
+            let app = app.layer(axum::Extension(PeerIdentity(identity)));
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(app))
+                .into_owned();
+            let _ = watcher.watch(conn).await;
+        }
+    }
+}
+
+async fn handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    remote: SocketAddr,
+    side: &'static str,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            let reason = classify(&e);
+            tracing::warn!(%remote, side, reason, error = %e, "TLS handshake refused");
+            metrics::counter!("crisp_backbone_handshake_failures_total", "reason" => reason)
+                .increment(1);
+            None
+        }
+        Err(_) => {
+            tracing::warn!(%remote, side, "TLS handshake timed out");
+            metrics::counter!("crisp_backbone_handshake_failures_total", "reason" => "timeout")
+                .increment(1);
+            None
+        }
+    }
+}
+
+/// A bounded label for why a handshake failed.
+fn classify(e: &std::io::Error) -> &'static str {
+    let text = e.to_string().to_lowercase();
+    if text.contains("expired") || text.contains("notvalidyet") || text.contains("not valid yet") {
+        "certificate_time"
+    } else if text.contains("unknownissuer")
+        || text.contains("unknown issuer")
+        || text.contains("certificate")
+    {
+        "certificate"
+    } else if text.contains("corrupt message") || text.contains("invalid") {
+        "not_tls"
+    } else {
+        "other"
+    }
 }
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {

@@ -195,13 +195,13 @@ impl TlsMaterial {
             .with_single_cert(certs.clone(), key.clone_key())
             .map_err(|e| invalid("node certificate and key", e))?;
         server.alpn_protocols = vec![b"h2".to_vec()];
-        let mut client = ClientConfig::builder_with_provider(provider())
+        // ALPN (h2) is set by the HTTP connector that uses this config.
+        let client = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| invalid("TLS", e))?
             .with_root_certificates(roots.clone())
             .with_client_auth_cert(certs, key)
             .map_err(|e| invalid("node certificate and key", e))?;
-        client.alpn_protocols = vec![b"h2".to_vec()];
         let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
             .build()
             .map_err(|e| invalid("CA certificate", e))?;

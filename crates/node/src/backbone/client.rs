@@ -1,6 +1,15 @@
 //! The source side of the backbone: forwarding requests and subscribing to telemetry.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use crisp_transport::identity::server_name;
+use crisp_transport::tls::CaVerifier;
+use crisp_transport::{SignedReceipt, TlsMaterial, TlsStore};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use rustls::pki_types::ServerName;
 
 use bytes::Bytes;
 use crisp_engine::{BackendError, Chunk, ChunkStream, FinishReason, Usage};
@@ -13,50 +22,118 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::lines;
 use super::wire::{self, LoadReport, PeerError, PeerErrorKind, StreamEvent};
+use crate::pipeline::ReceiptSlot;
 
 const MAX_LINE: usize = 1 << 20;
 
-/// A pool of HTTP/2 connections to peer nodes.
-#[derive(Clone, Debug)]
+type Connector = HttpsConnector<HttpConnector>;
+type HttpClient = Client<Connector, Full<Bytes>>;
+
+/// Persistent HTTP/2 connections over mutual TLS to peer nodes, one per peer, shared by
+/// forwarded requests and telemetry. Rebuilt when the node's certificates rotate.
 pub struct PeerClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    tls: Arc<TlsStore>,
+    /// `host:port` of each peer → the name its certificate must carry.
+    names: Arc<HashMap<String, String>>,
+    cached: ArcSwap<Cached>,
 }
 
-impl Default for PeerClient {
-    fn default() -> Self {
-        PeerClient::new()
+struct Cached {
+    material: Arc<TlsMaterial>,
+    client: HttpClient,
+}
+
+impl std::fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerClient")
+            .field("peers", &self.names)
+            .finish()
     }
+}
+
+fn build(material: &Arc<TlsMaterial>, names: &Arc<HashMap<String, String>>) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(2)));
+    let names = names.clone();
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config((*material.client).clone())
+        .https_only()
+        .with_server_name_resolver(move |uri: &http::Uri| {
+            let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+            let name = names
+                .get(authority)
+                .ok_or_else(|| format!("{authority} is not a peer of this deployment"))?;
+            let name: Result<ServerName<'static>, Box<dyn std::error::Error + Send + Sync>> =
+                ServerName::try_from(name.clone()).map_err(|e| Box::new(e) as _);
+            name
+        })
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .timer(TokioTimer::new())
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .http2_keep_alive_timeout(Duration::from_secs(5))
+        .build(connector)
 }
 
 impl PeerClient {
-    pub fn new() -> PeerClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .timer(TokioTimer::new())
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .http2_keep_alive_timeout(Duration::from_secs(5))
-            .build(connector);
-        PeerClient { client }
+    /// `peers` maps each peer's `host:port` to its region code.
+    pub fn new(
+        tls: Arc<TlsStore>,
+        peers: impl IntoIterator<Item = (String, String)>,
+    ) -> PeerClient {
+        let deployment = tls.identity().deployment.clone();
+        let names: Arc<HashMap<String, String>> = Arc::new(
+            peers
+                .into_iter()
+                .map(|(addr, region)| (addr, server_name(&deployment, &region)))
+                .collect(),
+        );
+        let material = tls.current();
+        let client = build(&material, &names);
+        PeerClient {
+            tls,
+            names,
+            cached: ArcSwap::from_pointee(Cached { material, client }),
+        }
     }
 
-    /// Forwards a request to the node at `addr`. Resolves when that node's engine admitted
-    /// or refused it.
+    fn client(&self) -> HttpClient {
+        let current = self.tls.current();
+        let cached = self.cached.load();
+        if Arc::ptr_eq(&cached.material, &current) {
+            return cached.client.clone();
+        }
+        let client = build(&current, &self.names);
+        self.cached.store(Arc::new(Cached {
+            material: current,
+            client: client.clone(),
+        }));
+        client
+    }
+
+    /// Forwards a request to the node at `addr` in `region`. Resolves when that node's
+    /// engine admitted or refused it. The stream ends with the destination's signed
+    /// receipt, verified against the CA and stored in `receipt`; an answer without a valid
+    /// receipt ends in an error, since nothing proves where it ran.
     pub async fn generate(
         &self,
         addr: &str,
+        region: &str,
         req: &wire::GenerateRequest,
+        receipt: ReceiptSlot,
     ) -> Result<ChunkStream, BackendError> {
         let body = serde_json::to_vec(req)
             .map_err(|e| BackendError::Internal(format!("encoding a forwarded request: {e}")))?;
-        let request = Request::post(format!("http://{addr}{}", wire::GENERATE_PATH))
+        let request = Request::post(format!("https://{addr}{}", wire::GENERATE_PATH))
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| BackendError::Internal(format!("building a forwarded request: {e}")))?;
         let response = self
-            .client
+            .client()
             .request(request)
             .await
             .map_err(|e| BackendError::Unavailable(format!("peer {addr} unreachable: {e}")))?;
@@ -78,6 +155,12 @@ impl PeerClient {
             return Err(to_backend_error(err));
         }
         let body = response.into_body().into_data_stream();
+        let ca = self.tls.current().ca.clone();
+        let expect = Expected {
+            request_id: req.request_id.clone(),
+            region: region.to_owned(),
+            source: req.source_region.clone(),
+        };
         let stream = lines(body, MAX_LINE).map(move |line| {
             let line = line.map_err(BackendError::Unavailable)?;
             match serde_json::from_slice::<StreamEvent>(&line) {
@@ -85,17 +168,22 @@ impl PeerClient {
                 Ok(StreamEvent::Done {
                     finish_reason,
                     usage,
-                }) => Ok(Chunk::Done {
-                    finish_reason: if finish_reason == "length" {
-                        FinishReason::Length
-                    } else {
-                        FinishReason::Stop
-                    },
-                    usage: Usage {
-                        prompt_tokens: usage.prompt_tokens,
-                        completion_tokens: usage.completion_tokens,
-                    },
-                }),
+                    receipt: signed,
+                }) => {
+                    let checked = expect.check(&ca, signed)?;
+                    let _ = receipt.set(checked);
+                    Ok(Chunk::Done {
+                        finish_reason: if finish_reason == "length" {
+                            FinishReason::Length
+                        } else {
+                            FinishReason::Stop
+                        },
+                        usage: Usage {
+                            prompt_tokens: usage.prompt_tokens,
+                            completion_tokens: usage.completion_tokens,
+                        },
+                    })
+                }
                 Ok(StreamEvent::Error(e)) => Err(to_backend_error(e)),
                 Err(e) => Err(BackendError::Internal(format!(
                     "peer sent an unreadable event: {e}"
@@ -110,11 +198,11 @@ impl PeerClient {
         &self,
         addr: &str,
     ) -> Result<impl Stream<Item = Result<LoadReport, String>> + Send + use<>, String> {
-        let request = Request::get(format!("http://{addr}{}", wire::TELEMETRY_PATH))
+        let request = Request::get(format!("https://{addr}{}", wire::TELEMETRY_PATH))
             .body(Full::new(Bytes::new()))
             .map_err(|e| e.to_string())?;
         let response = self
-            .client
+            .client()
             .request(request)
             .await
             .map_err(|e| format!("peer {addr} unreachable: {e}"))?;
@@ -129,6 +217,42 @@ impl PeerClient {
             let line = line?;
             serde_json::from_slice::<LoadReport>(&line).map_err(|e| e.to_string())
         }))
+    }
+}
+
+/// What a destination's receipt must say.
+struct Expected {
+    request_id: String,
+    region: String,
+    source: String,
+}
+
+impl Expected {
+    fn check(
+        &self,
+        ca: &CaVerifier,
+        signed: Option<SignedReceipt>,
+    ) -> Result<SignedReceipt, BackendError> {
+        let fail = |why: String| {
+            metrics::counter!("crisp_backbone_receipt_failures_total").increment(1);
+            tracing::warn!(region = %self.region, request_id = %self.request_id, %why, "receipt refused");
+            BackendError::Internal(format!(
+                "the answer from {} came without a valid processing receipt ({why}); it cannot be proven where it ran",
+                self.region
+            ))
+        };
+        let signed = signed.ok_or_else(|| fail("no receipt".into()))?;
+        let receipt = signed.verify(ca).map_err(|e| fail(e.to_string()))?;
+        if receipt.request_id != self.request_id
+            || receipt.inference_region != self.region
+            || receipt.source_region != self.source
+        {
+            return Err(fail(format!(
+                "receipt is for request {} from {} run in {}",
+                receipt.request_id, receipt.source_region, receipt.inference_region
+            )));
+        }
+        Ok(signed)
     }
 }
 

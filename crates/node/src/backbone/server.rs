@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -14,7 +15,8 @@ use crisp_engine::{BackendError, Chunk, GenerateRequest, Message};
 use futures::StreamExt;
 
 use super::wire::{self, LoadReport, PeerError, PeerErrorKind, StreamEvent, WireUsage};
-use crate::Node;
+use crate::serve::PeerIdentity;
+use crate::{Node, ReceiptFacts};
 
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
@@ -58,7 +60,11 @@ fn line(event: &StreamEvent) -> Bytes {
     Bytes::from(v)
 }
 
-async fn generate(State(node): State<Arc<Node>>, body: Bytes) -> Response {
+async fn generate(
+    State(node): State<Arc<Node>>,
+    Extension(PeerIdentity(peer)): Extension<PeerIdentity>,
+    body: Bytes,
+) -> Response {
     let req: wire::GenerateRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -69,6 +75,24 @@ async fn generate(State(node): State<Arc<Node>>, body: Bytes) -> Response {
             );
         }
     };
+    // A peer speaks only for its own region: its certificate names it.
+    if peer.region != req.source_region || peer.deployment != node.deployment() {
+        tracing::warn!(
+            request_id = %req.request_id,
+            claimed = %req.source_region,
+            certificate = %peer,
+            "refused a forwarded request whose source region is not the peer's identity"
+        );
+        metrics::counter!("crisp_backbone_refused_total", "reason" => "identity").increment(1);
+        return refuse(
+            PeerErrorKind::OutsideBoundary,
+            format!(
+                "the request claims source region {} but the peer's certificate is {peer}",
+                req.source_region
+            ),
+            None,
+        );
+    }
     // The destination decides for itself whether it may run this request: a source node
     // with a wrong or forged catalog cannot move a profile's data outside its boundary.
     let Some(source) = node.catalog.region_ix(&req.source_region) else {
@@ -83,6 +107,7 @@ async fn generate(State(node): State<Arc<Node>>, body: Bytes) -> Response {
         Err(e) => return refuse(PeerErrorKind::OutsideBoundary, e.to_string(), None),
     };
     if target.model.id != req.model || !target.destinations().contains(&node.region) {
+        metrics::counter!("crisp_backbone_refused_total", "reason" => "boundary").increment(1);
         tracing::warn!(
             request_id = %req.request_id,
             profile = %req.profile,
@@ -111,6 +136,11 @@ async fn generate(State(node): State<Arc<Node>>, body: Bytes) -> Response {
             None,
         );
     };
+    let (request_id, profile, source_region) = (
+        req.request_id.clone(),
+        req.profile.clone(),
+        req.source_region.clone(),
+    );
     let request = GenerateRequest {
         request_id: req.request_id,
         model: req.model,
@@ -129,7 +159,14 @@ async fn generate(State(node): State<Arc<Node>>, body: Bytes) -> Response {
     match backend.generate(request).await {
         Ok(stream) => {
             node.count_admission(&target.model.id);
-            let events = stream.map(|item| {
+            let facts = ReceiptFacts {
+                request_id: request_id.clone(),
+                profile: profile.clone(),
+                model: target.model.id.clone(),
+                source_region: source_region.clone(),
+            };
+            let signer = node.clone();
+            let events = stream.map(move |item| {
                 let event = match item {
                     Ok(Chunk::Delta(text)) => StreamEvent::Delta(text),
                     Ok(Chunk::Done {
@@ -141,6 +178,7 @@ async fn generate(State(node): State<Arc<Node>>, body: Bytes) -> Response {
                             prompt_tokens: usage.prompt_tokens,
                             completion_tokens: usage.completion_tokens,
                         },
+                        receipt: Some(signer.sign_receipt(&facts, usage)),
                     },
                     Err(e) => StreamEvent::Error(peer_error(&e)),
                 };

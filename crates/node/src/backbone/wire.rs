@@ -6,9 +6,13 @@
 //! - `GET /crisp/peer/v1/telemetry`: newline-delimited JSON [`LoadReport`]s, pushed every
 //!   telemetry interval for as long as the connection lives.
 //!
+//! Every link is mutual TLS (`crisp-transport`); the destination checks that the claimed
+//! source region is the one its peer certificate names.
+//!
 //! Stability promise: nodes of adjacent releases must understand each other; fields are
 //! only ever added, with defaults.
 
+use crisp_transport::SignedReceipt;
 use serde::{Deserialize, Serialize};
 
 pub const GENERATE_PATH: &str = "/crisp/peer/v1/generate";
@@ -53,6 +57,9 @@ pub enum StreamEvent {
     Done {
         finish_reason: String,
         usage: WireUsage,
+        /// The destination's signed statement of where it ran.
+        #[serde(default)]
+        receipt: Option<SignedReceipt>,
     },
     Error(PeerError),
 }

@@ -5,7 +5,11 @@ use std::time::{Duration, Instant};
 
 use crisp_catalog::parse_config;
 use crisp_catalog::profiles::{Lock, Plan};
-use crisp_node::{Listeners, Node, RunningNode};
+use std::sync::Arc;
+
+use crisp_node::{Listeners, Node, RunningNode, ServeOptions};
+use crisp_transport::{Ca, RegionIdentity, TlsMaterial, TlsStore};
+use time::OffsetDateTime;
 use tokio::net::TcpListener;
 
 pub const NOVA: &str = "amazon.nova-lite-v1:0";
@@ -22,6 +26,36 @@ pub const REGIONS: &[RegionDef] = &[
     ("eu-west-2", "GB", false, 51.5, -0.1),
     ("ap-northeast-1", "JP", false, 35.7, 139.7),
 ];
+
+/// The deployment CA of a test federation (deployment "test").
+pub fn test_ca() -> Ca {
+    Ca::generate("test", OffsetDateTime::now_utc(), 1).unwrap()
+}
+
+pub fn now_secs() -> u64 {
+    u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap()
+}
+
+/// TLS material for `region`, issued by `ca`.
+pub fn tls_for(ca: &Ca, region: &str) -> Arc<TlsStore> {
+    let now = OffsetDateTime::now_utc();
+    let cert = ca
+        .issue_region(
+            region,
+            now - time::Duration::minutes(5),
+            now + time::Duration::hours(1),
+        )
+        .unwrap();
+    let material = TlsMaterial::from_pem(
+        ca.cert_pem().as_bytes(),
+        cert.cert_pem.as_bytes(),
+        cert.key_pem.as_bytes(),
+        &RegionIdentity::new(ca.deployment(), region),
+        now_secs(),
+    )
+    .unwrap();
+    Arc::new(TlsStore::fixed(material))
+}
 
 pub struct Federation {
     pub nodes: Vec<RunningNode>,
@@ -101,10 +135,15 @@ impl Federation {
         }
         let catalog = parse_config(&config_text(regions, &addrs, serving, backend)).unwrap();
         let lock = Plan::new(&catalog, &Lock::default()).apply(&Lock::default());
+        let ca = test_ca();
         let mut nodes = Vec::new();
         for ((code, ..), l) in regions.iter().zip(listeners) {
-            let node = Node::new(catalog.clone(), &lock, code).unwrap();
-            nodes.push(RunningNode::start(node, l, Duration::from_secs(1)).unwrap());
+            let node = Node::new(catalog.clone(), &lock, code, tls_for(&ca, code)).unwrap();
+            let options = ServeOptions {
+                grace: Duration::from_secs(1),
+                ..ServeOptions::default()
+            };
+            nodes.push(RunningNode::start(node, l, options).unwrap());
         }
         let f = Federation {
             nodes,
