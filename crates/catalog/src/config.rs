@@ -91,6 +91,7 @@ struct RawRouting {
     stale_after_ms: Option<u64>,
     max_attempts: Option<Spanned<u32>>,
     deadline_ms: Option<u64>,
+    admit_timeout_ms: Option<Spanned<u64>>,
     route_factor: Option<Spanned<f64>>,
     telemetry_interval_ms: Option<Spanned<u64>>,
 }
@@ -292,6 +293,10 @@ fn validate_routing(raw: RawRouting, p: &mut Problems<'_>) -> RoutingSettings {
             .as_ref()
             .map_or(d.max_attempts, |v| *v.get_ref()),
         deadline_ms: raw.deadline_ms.unwrap_or(d.deadline_ms),
+        admit_timeout_ms: raw
+            .admit_timeout_ms
+            .as_ref()
+            .map_or(d.admit_timeout_ms, |v| *v.get_ref()),
         route_factor: raw
             .route_factor
             .as_ref()
@@ -306,6 +311,11 @@ fn validate_routing(raw: RawRouting, p: &mut Problems<'_>) -> RoutingSettings {
     {
         p.at(v.span(), "routing.max_attempts must be at least 1".into());
         s.max_attempts = 1;
+    }
+    if let Some(v) = &raw.admit_timeout_ms
+        && *v.get_ref() == 0
+    {
+        p.at(v.span(), "routing.admit_timeout_ms must be at least 1".into());
     }
     if let Some(v) = &raw.route_factor
         && !(v.get_ref().is_finite() && *v.get_ref() >= 1.0)

@@ -163,6 +163,9 @@ pub struct RoutingSettings {
     pub max_attempts: u32,
     /// A request gives up failing over after this long.
     pub deadline_ms: u64,
+    /// One region gets this long to admit a request before the next is tried (a peer
+    /// that hangs must not eat the whole deadline).
+    pub admit_timeout_ms: u64,
     /// Real network routes are longer than great circles by this factor.
     pub route_factor: f64,
     /// How often a node pushes its load to its peers.
@@ -175,6 +178,7 @@ impl Default for RoutingSettings {
             stale_after_ms: 1500,
             max_attempts: 4,
             deadline_ms: 30_000,
+            admit_timeout_ms: 2_000,
             route_factor: 1.6,
             telemetry_interval_ms: 100,
         }

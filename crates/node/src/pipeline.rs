@@ -98,6 +98,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
     let settings = catalog.routing;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(settings.deadline_ms);
     let max_attempts = usize::try_from(settings.max_attempts).unwrap_or(usize::MAX);
+    let admit_timeout = Duration::from_millis(settings.admit_timeout_ms);
     let mut attempts: Vec<Attempt> = Vec::new();
     let mut skipped: Vec<Attempt> = decision
         .excluded
@@ -128,7 +129,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
             break;
         }
         let result = tokio::time::timeout(
-            deadline - now,
+            (deadline - now).min(admit_timeout),
             try_region(
                 node,
                 &req,
