@@ -315,7 +315,10 @@ fn validate_routing(raw: RawRouting, p: &mut Problems<'_>) -> RoutingSettings {
     if let Some(v) = &raw.admit_timeout_ms
         && *v.get_ref() == 0
     {
-        p.at(v.span(), "routing.admit_timeout_ms must be at least 1".into());
+        p.at(
+            v.span(),
+            "routing.admit_timeout_ms must be at least 1".into(),
+        );
     }
     if let Some(v) = &raw.route_factor
         && !(v.get_ref().is_finite() && *v.get_ref() >= 1.0)

@@ -60,6 +60,12 @@ pub fn tls_for(ca: &Ca, region: &str) -> Arc<TlsStore> {
 pub struct Federation {
     pub nodes: Vec<RunningNode>,
     pub http: reqwest::Client,
+    pub ca: Ca,
+    pub catalog: crisp_catalog::Catalog,
+    /// Listeners of regions the test runs itself (fakes), by region code.
+    pub external: Vec<(String, Listeners)>,
+    /// Regions the mesh wait does not expect to hear.
+    silent: Vec<String>,
 }
 
 /// The configuration text of a test federation, with the given addresses.
@@ -68,8 +74,9 @@ pub fn config_text(
     addrs: &[(String, String)],
     serving: &[&str],
     backend: &str,
+    routing_extra: &str,
 ) -> String {
-    let mut s = String::from(
+    let mut s = format!(
         r#"version = 1
 [deployment]
 name = "test"
@@ -77,6 +84,7 @@ name = "test"
 stale_after_ms = 1000
 telemetry_interval_ms = 50
 max_attempts = 6
+{routing_extra}
 [limits]
 max_body_bytes = 4096
 [[geography]]
@@ -85,7 +93,7 @@ countries = ["US"]
 [[geography]]
 name = "eu"
 tags = ["eu"]
-"#,
+"#
     );
     for ((code, country, eu, lat, lon), (client, peer)) in regions.iter().zip(addrs) {
         let tags = if *eu { "[\"eu\"]" } else { "[]" };
@@ -104,27 +112,75 @@ tags = ["eu"]
     s
 }
 
-impl Federation {
-    /// Starts one node per region; each engine has 2 slots and no queue, and decodes 50
-    /// tokens a second, so a long answer holds its slot for as long as the test wants.
-    pub async fn start() -> Federation {
-        Federation::start_with(REGIONS, "slots = 2\nqueue_limit = 0\ndecode_tokens_per_s = 50\nttft_ms = 5\nmax_tokens = 4000\ncontext_tokens = 100000").await
+/// Engines with 2 slots and no queue, decoding 50 tokens a second, so a long answer holds
+/// its slot for as long as the test wants.
+pub const HOLDING_ENGINE: &str = "slots = 2\nqueue_limit = 0\ndecode_tokens_per_s = 50\nttft_ms = 5\nmax_tokens = 4000\ncontext_tokens = 100000";
+
+type TlsFn = Box<dyn Fn(&Ca, &str) -> Arc<TlsStore>>;
+
+/// How to build a test federation.
+pub struct Setup {
+    regions: Vec<RegionDef>,
+    serving: Option<Vec<String>>,
+    backend: String,
+    routing_extra: String,
+    tls: TlsFn,
+    external: Vec<String>,
+    silent: Vec<String>,
+}
+
+impl Setup {
+    pub fn new(regions: &[RegionDef]) -> Setup {
+        Setup {
+            regions: regions.to_vec(),
+            serving: None,
+            backend: HOLDING_ENGINE.to_owned(),
+            routing_extra: String::new(),
+            tls: Box::new(tls_for),
+            external: Vec::new(),
+            silent: Vec::new(),
+        }
     }
 
-    pub async fn start_with(regions: &[RegionDef], backend: &str) -> Federation {
-        let all: Vec<&str> = regions.iter().map(|r| r.0).collect();
-        Federation::start_serving(regions, &all, backend).await
+    /// Only these regions run the model (default: all).
+    pub fn serving(mut self, regions: &[&str]) -> Setup {
+        self.serving = Some(regions.iter().map(|r| (*r).to_owned()).collect());
+        self
     }
 
-    /// Starts one node per region; only the `serving` regions run the model.
-    pub async fn start_serving(
-        regions: &[RegionDef],
-        serving: &[&str],
-        backend: &str,
-    ) -> Federation {
+    pub fn backend(mut self, backend: &str) -> Setup {
+        self.backend = backend.to_owned();
+        self
+    }
+
+    /// Extra lines in the [routing] section.
+    pub fn routing(mut self, extra: &str) -> Setup {
+        self.routing_extra = extra.to_owned();
+        self
+    }
+
+    /// How each node gets its certificates (default: issued by the federation's CA).
+    pub fn tls(mut self, f: impl Fn(&Ca, &str) -> Arc<TlsStore> + 'static) -> Setup {
+        self.tls = Box::new(f);
+        self
+    }
+
+    /// Regions the test serves itself from the returned listeners (fake peers).
+    pub fn external(mut self, regions: &[&str]) -> Setup {
+        self.external = regions.iter().map(|r| (*r).to_owned()).collect();
+        self
+    }
+
+    /// Regions the others are not expected to hear before the test begins.
+    pub fn silent(mut self, regions: &[&str]) -> Setup {
+        self.silent = regions.iter().map(|r| (*r).to_owned()).collect();
+        self
+    }
+
+    pub async fn start(self) -> Federation {
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
-        for _ in regions {
+        for _ in &self.regions {
             let client = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let peer = TcpListener::bind("127.0.0.1:0").await.unwrap();
             addrs.push((
@@ -133,35 +189,88 @@ impl Federation {
             ));
             listeners.push(Listeners { client, peer });
         }
-        let catalog = parse_config(&config_text(regions, &addrs, serving, backend)).unwrap();
+        let all: Vec<String> = self.regions.iter().map(|r| r.0.to_owned()).collect();
+        let serving = self.serving.unwrap_or(all);
+        let serving: Vec<&str> = serving.iter().map(String::as_str).collect();
+        let text = config_text(
+            &self.regions,
+            &addrs,
+            &serving,
+            &self.backend,
+            &self.routing_extra,
+        );
+        let catalog = parse_config(&text).unwrap();
         let lock = Plan::new(&catalog, &Lock::default()).apply(&Lock::default());
         let ca = test_ca();
         let mut nodes = Vec::new();
-        for ((code, ..), l) in regions.iter().zip(listeners) {
-            let node = Node::new(catalog.clone(), &lock, code, tls_for(&ca, code)).unwrap();
+        let mut external = Vec::new();
+        for ((code, ..), l) in self.regions.iter().zip(listeners) {
+            if self.external.iter().any(|e| e == code) {
+                external.push(((*code).to_owned(), l));
+                continue;
+            }
+            let node = Node::new(catalog.clone(), &lock, code, (self.tls)(&ca, code)).unwrap();
             let options = ServeOptions {
                 grace: Duration::from_secs(1),
+                reload_interval: Duration::from_millis(100),
                 ..ServeOptions::default()
             };
             nodes.push(RunningNode::start(node, l, options).unwrap());
         }
+        let mut silent = self.silent;
+        silent.extend(self.external.iter().cloned());
         let f = Federation {
             nodes,
             http: reqwest::Client::new(),
+            ca,
+            catalog,
+            external,
+            silent,
         };
         f.wait_for_mesh().await;
         f
+    }
+}
+
+impl Federation {
+    /// The standard test federation: every region a node with [`HOLDING_ENGINE`]s.
+    pub async fn start() -> Federation {
+        Setup::new(REGIONS).start().await
+    }
+
+    pub async fn start_with(regions: &[RegionDef], backend: &str) -> Federation {
+        Setup::new(regions).backend(backend).start().await
+    }
+
+    /// Starts one node per region; only the `serving` regions run the model.
+    pub async fn start_serving(
+        regions: &[RegionDef],
+        serving: &[&str],
+        backend: &str,
+    ) -> Federation {
+        Setup::new(regions)
+            .serving(serving)
+            .backend(backend)
+            .start()
+            .await
     }
 
     pub async fn wait_for_mesh(&self) {
         let start = Instant::now();
         loop {
-            let all = self.nodes.iter().all(|n| {
-                (0..n.node.catalog.regions.len()).all(|i| {
-                    let ix = u16::try_from(i).unwrap();
-                    ix == n.node.region || n.node.fleet.summary(ix).unwrap().reachable
-                })
-            });
+            let all = self
+                .nodes
+                .iter()
+                .filter(|n| !self.silent.iter().any(|s| s == n.node.region_code()))
+                .all(|n| {
+                    (0..n.node.catalog.regions.len()).all(|i| {
+                        let ix = u16::try_from(i).unwrap();
+                        let code = n.node.catalog.region_code(ix);
+                        ix == n.node.region
+                            || self.silent.iter().any(|s| s == code)
+                            || n.node.fleet.summary(ix).unwrap().reachable
+                    })
+                });
             if all {
                 return;
             }
