@@ -117,6 +117,8 @@ struct RawRegion {
     global: bool,
     client: Spanned<String>,
     peer: Spanned<String>,
+    #[serde(default)]
+    admin: Option<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -425,7 +427,13 @@ fn validate_regions(raw: Vec<RawRegion>, p: &mut Problems<'_>) -> Vec<Region> {
         }
         check_host_port(&r.client, "client", &code, p);
         check_host_port(&r.peer, "peer", &code, p);
-        for a in [&r.client, &r.peer] {
+        if let Some(admin) = &r.admin {
+            check_host_port(admin, "admin", &code, p);
+        }
+        for a in [Some(&r.client), Some(&r.peer), r.admin.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             if let Some(other) = addrs.insert(a.get_ref().clone(), code.clone()) {
                 p.at(
                     a.span(),
@@ -446,6 +454,7 @@ fn validate_regions(raw: Vec<RawRegion>, p: &mut Problems<'_>) -> Vec<Region> {
             global: r.global,
             client_addr: r.client.into_inner(),
             peer_addr: r.peer.into_inner(),
+            admin_addr: r.admin.map(Spanned::into_inner),
         });
     }
     out

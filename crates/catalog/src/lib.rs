@@ -42,6 +42,8 @@ pub struct Region {
     pub client_addr: String,
     /// Where other nodes reach this region's node (`host:port`).
     pub peer_addr: String,
+    /// Where operators reach the node's metrics, health and reload endpoints (`host:port`).
+    pub admin_addr: Option<String>,
 }
 
 impl Region {

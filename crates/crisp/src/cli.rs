@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::observe::{LogFormat, init_logs, install_metrics};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use crisp_catalog::profiles::{Lock, Plan, Profiles};
@@ -19,6 +20,15 @@ use std::sync::Arc;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log line format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "CRISP_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -90,8 +100,9 @@ enum ProfilesCommand {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let format = cli.log_format;
     match cli.command {
-        Command::Up(args) => crate::up::run(args).await,
+        Command::Up(args) => crate::up::run(args, format).await,
         Command::Serve {
             config,
             region,
@@ -104,7 +115,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 (Some(c), Some(k)) => Some((c, k)),
                 _ => None,
             };
-            serve(&config, &region, lock, certs, client_tls).await
+            serve(&config, &region, lock, certs, client_tls, format).await
         }
         Command::Certs { command } => crate::certs::run(command),
         Command::Check { config } => {
@@ -120,15 +131,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Profiles { command } => profiles(command),
     }
-}
-
-pub fn init_logs(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 fn load_config(path: &Path) -> anyhow::Result<Catalog> {
@@ -236,8 +238,10 @@ async fn serve(
     lock: Option<PathBuf>,
     certs: Option<PathBuf>,
     client_tls: Option<(PathBuf, PathBuf)>,
+    format: LogFormat,
 ) -> anyhow::Result<()> {
-    init_logs("info");
+    init_logs("info", format);
+    let metrics = install_metrics()?;
     let catalog = load_config(config)?;
     let path = lock_path(config, lock);
     let lock = match read_lock(&path)? {
@@ -291,6 +295,7 @@ async fn serve(
         listeners,
         ServeOptions {
             client_tls,
+            metrics: Some(metrics),
             ..ServeOptions::default()
         },
     )?;
@@ -298,9 +303,24 @@ async fn serve(
         region,
         client = %running.client_addr,
         peer = %running.peer_addr,
+        admin = ?running.admin_addr,
         "node serving"
     );
+    let node = running.node.clone();
+    let reloads = tokio::spawn(async move {
+        #[cfg(unix)]
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading");
+                let _ = node.reload();
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = node;
+    });
     shutdown_signal().await;
+    reloads.abort();
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())

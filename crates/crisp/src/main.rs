@@ -7,6 +7,7 @@ use clap::Parser;
 
 mod certs;
 mod cli;
+mod observe;
 mod up;
 
 fn main() -> ExitCode {

@@ -10,6 +10,7 @@ use crisp_catalog::profiles::{Lock, Plan, Profiles};
 use crisp_catalog::{BackendSpec, Catalog, parse_config};
 use std::sync::Arc;
 
+use crate::observe::{LogFormat, init_logs, install_metrics};
 use crisp_node::{Listeners, Node, RunningNode, ServeOptions, bind, unix_ms};
 use crisp_transport::{RegionIdentity, TlsFiles, TlsStore};
 
@@ -52,13 +53,17 @@ fn load(args: &UpArgs) -> anyhow::Result<Catalog> {
         for r in &mut catalog.regions {
             r.client_addr = shift(&r.client_addr, offset)?;
             r.peer_addr = shift(&r.peer_addr, offset)?;
+            if let Some(a) = &r.admin_addr {
+                r.admin_addr = Some(shift(a, offset)?);
+            }
         }
     }
     Ok(catalog)
 }
 
-pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    crate::cli::init_logs("warn");
+pub async fn run(args: UpArgs, format: LogFormat) -> anyhow::Result<()> {
+    init_logs("warn", format);
+    let metrics = install_metrics()?;
     let catalog = load(&args)?;
     let lock = Plan::new(&catalog, &Lock::default()).apply(&Lock::default());
 
@@ -67,9 +72,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     for r in &catalog.regions {
         let client = bind("client", &r.client_addr).await;
         let peer = bind("peer", &r.peer_addr).await;
-        match (client, peer) {
-            (Ok(client), Ok(peer)) => listeners.push(Listeners { client, peer }),
-            (Err(e), _) | (_, Err(e)) => {
+        let admin = match &r.admin_addr {
+            Some(a) => bind("admin", a).await.map(Some),
+            None => Ok(None),
+        };
+        match (client, peer, admin) {
+            (Ok(client), Ok(peer), Ok(admin)) => listeners.push(Listeners {
+                client,
+                peer,
+                admin,
+            }),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                 bail!(
                     "{e}\nhint: another `crisp up` may be running; use `crisp up --port N` to move every port"
                 )
@@ -92,6 +105,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let node = Node::new(catalog.clone(), &lock, &r.code, Arc::new(tls))?;
         let options = ServeOptions {
             grace: Duration::from_secs(5),
+            metrics: Some(metrics.clone()),
             ..ServeOptions::default()
         };
         nodes.push(RunningNode::start(node, l, options)?);
@@ -178,9 +192,15 @@ raw = client.chat.completions.with_raw_response.create(
 print(raw.headers["x-crisp-inference-region"], raw.parse().choices[0].message.content)'
 
   curl -s http://{first}/crisp/v1/fleet     # this node's view of every region
+  curl -s http://{admin}/metrics          # Prometheus metrics (every node of this process)
   curl -s http://{first}/v1/models          # profiles and models
 
 Ctrl-C stops every node."#,
         region = catalog.regions.first().map_or("?", |r| r.code.as_str()),
+        admin = catalog
+            .regions
+            .first()
+            .and_then(|r| r.admin_addr.as_deref())
+            .unwrap_or("(no admin listener configured)"),
     );
 }

@@ -23,10 +23,12 @@ use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+pub mod admin;
 pub mod api;
 pub mod backbone;
 pub mod error;
 pub mod fleet;
+pub mod observe;
 pub mod pipeline;
 pub mod serve;
 
@@ -177,6 +179,30 @@ impl Node {
         self.backends.get(model_ix)?.as_ref()
     }
 
+    /// Whether the node has begun to shut down.
+    pub fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    /// Re-reads what can change without a restart (today: certificates), validating
+    /// before swapping; on error the current set stays.
+    pub fn reload(&self) -> ReloadReport {
+        let certificates = match self.tls.reload(unix_ms() / 1000) {
+            Ok(true) => {
+                tracing::info!("certificates reloaded");
+                Ok("reloaded")
+            }
+            Ok(false) => Ok("unchanged"),
+            Err(e) => {
+                tracing::warn!(error = %e, "new certificate files refused; keeping the current ones");
+                metrics::counter!("crisp_reload_failures_total", "what" => "certificates")
+                    .increment(1);
+                Err(e.to_string())
+            }
+        };
+        ReloadReport { certificates }
+    }
+
     /// Resolves when the node begins to shut down.
     pub async fn stopping(&self) {
         let mut rx = self.stopping.subscribe();
@@ -225,6 +251,26 @@ impl Node {
     }
 }
 
+/// The result of a reload, per kind of material.
+#[derive(Clone, Debug)]
+pub struct ReloadReport {
+    pub certificates: Result<&'static str, String>,
+}
+
+impl ReloadReport {
+    pub fn ok(&self) -> bool {
+        self.certificates.is_ok()
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let one = |r: &Result<&'static str, String>| match r {
+            Ok(s) => serde_json::json!({"status": s}),
+            Err(e) => serde_json::json!({"status": "refused", "error": e}),
+        };
+        serde_json::json!({"certificates": one(&self.certificates)})
+    }
+}
+
 /// What a receipt states besides the region and the tokens.
 #[derive(Clone, Debug)]
 pub struct ReceiptFacts {
@@ -249,6 +295,8 @@ pub struct ServeOptions {
     pub client_tls: Option<Arc<rustls::ServerConfig>>,
     /// How often certificate files are checked for rotation.
     pub reload_interval: Duration,
+    /// Renders `/metrics` on the admin listener.
+    pub metrics: Option<admin::MetricsRender>,
 }
 
 impl Default for ServeOptions {
@@ -257,6 +305,7 @@ impl Default for ServeOptions {
             grace: Duration::from_secs(10),
             client_tls: None,
             reload_interval: Duration::from_secs(10),
+            metrics: None,
         }
     }
 }
@@ -265,6 +314,8 @@ impl Default for ServeOptions {
 pub struct Listeners {
     pub client: TcpListener,
     pub peer: TcpListener,
+    /// Metrics, health and reload; optional.
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -274,9 +325,14 @@ impl Listeners {
             .region_ix(region)
             .and_then(|ix| catalog.region(ix))
             .ok_or_else(|| StartError::UnknownRegion(region.to_owned()))?;
+        let admin = match &r.admin_addr {
+            Some(addr) => Some(bind("admin", addr).await?),
+            None => None,
+        };
         Ok(Listeners {
             client: bind("client", &r.client_addr).await?,
             peer: bind("peer", &r.peer_addr).await?,
+            admin,
         })
     }
 }
@@ -296,6 +352,7 @@ pub struct RunningNode {
     pub node: Arc<Node>,
     pub client_addr: SocketAddr,
     pub peer_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -316,6 +373,19 @@ impl RunningNode {
         let rx = shutdown.subscribe();
         let mut tasks = JoinSet::new();
 
+        let admin_addr = match &listeners.admin {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
+        if let Some(admin) = listeners.admin {
+            tasks.spawn(serve::serve(
+                admin,
+                admin::router(node.clone(), options.metrics.clone()),
+                serve::Security::Plain,
+                rx.clone(),
+                grace,
+            ));
+        }
         let client_security = match options.client_tls {
             Some(config) => serve::Security::Tls(config),
             None => serve::Security::Plain,
@@ -344,11 +414,7 @@ impl RunningNode {
                     _ = tick.tick() => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                match watched.tls.reload(unix_ms() / 1000) {
-                    Ok(true) => tracing::info!("certificates reloaded"),
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "new certificate files refused; keeping the current ones"),
-                }
+                watched.reload();
             }
         });
 
@@ -373,6 +439,7 @@ impl RunningNode {
             node,
             client_addr,
             peer_addr,
+            admin_addr,
             shutdown,
             tasks,
         })

@@ -16,7 +16,7 @@ use futures::StreamExt;
 
 use crate::backbone::wire;
 use crate::error::{Attempt, PipelineError};
-use crate::{Node, ReceiptFacts};
+use crate::{Node, ReceiptFacts, observe};
 
 /// A request in the pipeline's own terms.
 #[derive(Clone, Debug)]
@@ -43,6 +43,8 @@ pub struct Admitted {
     pub scope: Scope,
     /// Regions that refused before the one that admitted.
     pub attempts: Vec<Attempt>,
+    /// Why the router placed the admitting region where it was.
+    pub reason: String,
     pub stream: ChunkStream,
 }
 
@@ -59,6 +61,79 @@ fn outcome(e: &BackendError) -> String {
     }
 }
 
+/// Records what happened to an admitted request as its answer streams: time to first
+/// token, tokens and cost at the end, and the outcome (also when the client goes away).
+struct Watch {
+    source: String,
+    profile: String,
+    scope: &'static str,
+    region: String,
+    model: String,
+    price: crisp_catalog::Price,
+    started: std::time::Instant,
+    first_token: bool,
+    finished: bool,
+}
+
+impl Watch {
+    fn finish(&mut self, outcome: &str) {
+        self.finished = true;
+        observe::request(&observe::RequestOutcome {
+            source: &self.source,
+            profile: &self.profile,
+            scope: self.scope,
+            inference_region: &self.region,
+            outcome,
+            duration: self.started.elapsed(),
+        });
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finish("client_disconnected");
+        }
+    }
+}
+
+fn watched(stream: ChunkStream, mut watch: Watch) -> ChunkStream {
+    Box::pin(stream.inspect(move |item| match item {
+        Ok(Chunk::Delta(_)) if !watch.first_token => {
+            watch.first_token = true;
+            observe::time_to_first_token(&watch.source, &watch.region, watch.started.elapsed());
+        }
+        Ok(Chunk::Delta(_)) => {}
+        Ok(Chunk::Done { usage, .. }) => {
+            let cost = watch.price.cost(
+                u64::from(usage.prompt_tokens),
+                u64::from(usage.completion_tokens),
+            );
+            observe::usage(
+                &watch.source,
+                &watch.region,
+                &watch.model,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                cost,
+            );
+            watch.finish("ok");
+        }
+        Err(_) => watch.finish("stream_error"),
+    }))
+}
+
+/// A bounded label for why a region did not take a request.
+fn cause(e: &BackendError) -> &'static str {
+    match e {
+        BackendError::Capacity { .. } => "capacity",
+        BackendError::Unavailable(_) => "unreachable",
+        BackendError::Timeout(_) => "timeout",
+        BackendError::BadRequest(_) => "rejected",
+        BackendError::Internal(_) => "error",
+    }
+}
+
 fn exclusion_text(why: Exclusion) -> &'static str {
     match why {
         Exclusion::Unreachable => "unreachable",
@@ -69,6 +144,7 @@ fn exclusion_text(why: Exclusion) -> &'static str {
 
 /// Runs a request up to admission.
 pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, PipelineError> {
+    let started = std::time::Instant::now();
     let catalog = &node.catalog;
     let target = node
         .profiles
@@ -151,6 +227,21 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                 if region == node.region {
                     node.count_admission(&target.model.id);
                 }
+                let price = match target.scope {
+                    Scope::Global => target.model.global_price,
+                    _ => target.model.price,
+                };
+                let watch = Watch {
+                    source: node.region_code().to_owned(),
+                    profile: target.id().to_owned(),
+                    scope: observe::scope_label(target.scope),
+                    region: code.clone(),
+                    model: target.model.id.clone(),
+                    price,
+                    started,
+                    first_token: false,
+                    finished: false,
+                };
                 return Ok(Admitted {
                     receipt,
                     inference_region: code,
@@ -158,7 +249,8 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                     model_id: target.model.id.clone(),
                     scope: target.scope,
                     attempts,
-                    stream,
+                    reason: candidate.reason.to_string(),
+                    stream: watched(stream, watch),
                 });
             }
             Err(e) => {
@@ -177,13 +269,17 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                         model_ix,
                         u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                     );
+                    observe::cooldown(node.region_code(), &code);
                 }
                 match e {
                     BackendError::BadRequest(m) => return Err(PipelineError::ModelRejected(m)),
-                    e => attempts.push(Attempt {
-                        region: code,
-                        outcome: outcome(&e),
-                    }),
+                    e => {
+                        observe::failover(node.region_code(), &code, cause(&e));
+                        attempts.push(Attempt {
+                            region: code,
+                            outcome: outcome(&e),
+                        });
+                    }
                 }
             }
         }

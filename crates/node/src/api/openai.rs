@@ -2,7 +2,7 @@
 //! `GET /v1/models`. The only place that knows OpenAI's JSON.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{INFERENCE_REGION_HEADER, REQUEST_ID_HEADER};
-use crate::Node;
 use crate::error::PipelineError;
 use crate::pipeline::{self, Admitted, InferRequest};
+use crate::{Node, observe};
 
 // ---- request ----
 
@@ -201,9 +201,13 @@ fn unix_now() -> u64 {
 
 // ---- errors ----
 
-/// OpenAI's error body for a pipeline error, with its status.
-pub fn error_response(err: &PipelineError, request_id: &str) -> Response {
-    let (status, kind, code) = match err {
+/// OpenAI's error code for a pipeline error (also the `outcome` metric label).
+pub fn error_code(err: &PipelineError) -> &'static str {
+    error_parts(err).2
+}
+
+fn error_parts(err: &PipelineError) -> (StatusCode, &'static str, &'static str) {
+    match err {
         PipelineError::InvalidRequest(_) => (
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -246,7 +250,12 @@ pub fn error_response(err: &PipelineError, request_id: &str) -> Response {
             "api_error",
             "internal_error",
         ),
-    };
+    }
+}
+
+/// OpenAI's error body for a pipeline error, with its status.
+pub fn error_response(err: &PipelineError, request_id: &str) -> Response {
+    let (status, kind, code) = error_parts(err);
     let param = match err {
         PipelineError::Resolve(_) => Some("model"),
         _ => None,
@@ -324,6 +333,14 @@ pub async fn chat_completions(State(node): State<Arc<Node>>, req: Request) -> Re
                 retryable = e.retryable(),
                 "request refused"
             );
+            observe::request(&observe::RequestOutcome {
+                source: node.region_code(),
+                profile: "-",
+                scope: "-",
+                inference_region: "-",
+                outcome: error_code(&e),
+                duration: Duration::ZERO,
+            });
             error_response(&e, &request_id)
         }
     }
@@ -351,6 +368,7 @@ async fn handle(
         profile = %admitted.profile_id,
         inference_region = %admitted.inference_region,
         failovers = admitted.attempts.len(),
+        reason = %admitted.reason,
         stream,
         "request admitted"
     );

@@ -1,6 +1,8 @@
 //! A federation of real nodes on loopback with ephemeral ports, for integration tests.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod fake;
+
 use std::time::{Duration, Instant};
 
 use crisp_catalog::parse_config;
@@ -127,6 +129,7 @@ pub struct Setup {
     tls: TlsFn,
     external: Vec<String>,
     silent: Vec<String>,
+    metrics: Option<crisp_node::admin::MetricsRender>,
 }
 
 impl Setup {
@@ -139,7 +142,14 @@ impl Setup {
             tls: Box::new(tls_for),
             external: Vec::new(),
             silent: Vec::new(),
+            metrics: None,
         }
+    }
+
+    /// Serve this renderer on every node's admin `/metrics`.
+    pub fn metrics(mut self, render: crisp_node::admin::MetricsRender) -> Setup {
+        self.metrics = Some(render);
+        self
     }
 
     /// Only these regions run the model (default: all).
@@ -187,7 +197,12 @@ impl Setup {
                 client.local_addr().unwrap().to_string(),
                 peer.local_addr().unwrap().to_string(),
             ));
-            listeners.push(Listeners { client, peer });
+            let admin = Some(TcpListener::bind("127.0.0.1:0").await.unwrap());
+            listeners.push(Listeners {
+                client,
+                peer,
+                admin,
+            });
         }
         let all: Vec<String> = self.regions.iter().map(|r| r.0.to_owned()).collect();
         let serving = self.serving.unwrap_or(all);
@@ -213,6 +228,7 @@ impl Setup {
             let options = ServeOptions {
                 grace: Duration::from_secs(1),
                 reload_interval: Duration::from_millis(100),
+                metrics: self.metrics.clone(),
                 ..ServeOptions::default()
             };
             nodes.push(RunningNode::start(node, l, options).unwrap());

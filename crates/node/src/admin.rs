@@ -1,0 +1,66 @@
+//! The admin listener: Prometheus metrics, liveness, readiness and reload. Kept off the
+//! client and peer listeners so it can be firewalled separately.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+
+use crate::{Node, observe};
+
+/// Renders the process's metrics in the Prometheus text format.
+pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
+
+#[derive(Clone)]
+struct Admin {
+    node: Arc<Node>,
+    render: Option<MetricsRender>,
+}
+
+pub fn router(node: Arc<Node>, render: Option<MetricsRender>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/admin/reload", post(reload))
+        .with_state(Admin { node, render })
+}
+
+async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
+    observe::fleet_gauges(&admin.node);
+    match &admin.render {
+        Some(render) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4")],
+            render(),
+        ),
+        None => (
+            StatusCode::NOT_FOUND,
+            [("content-type", "text/plain")],
+            "no metrics recorder is installed in this process\n".to_owned(),
+        ),
+    }
+}
+
+/// Ready while serving and not draining; a draining node tells its load balancer to stop
+/// sending it work before it stops accepting.
+async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
+    if admin.node.is_stopping() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else {
+        (StatusCode::OK, "ready\n")
+    }
+}
+
+async fn reload(State(admin): State<Admin>) -> impl IntoResponse {
+    let report = admin.node.reload();
+    let status = if report.ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    (status, axum::Json(report.to_json()))
+}
