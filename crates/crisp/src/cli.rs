@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::observe::{LogFormat, init_logs, install_metrics};
+use crate::observe::{LogFormat, install_metrics};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use crisp_catalog::profiles::{Lock, Plan, Profiles};
@@ -21,14 +21,22 @@ pub struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log line format.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value_t,
-        env = "CRISP_LOG_FORMAT"
-    )]
-    log_format: LogFormat,
+    #[arg(long, global = true, value_enum, default_value_t, env = "CRISP_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Export traces over OTLP/HTTP to this collector endpoint (off when unset), e.g.
+    /// http://127.0.0.1:4318/v1/traces.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Cli {
+    /// The default log level: quiet for the demo's table, informative for a node.
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Serve { .. } => "info",
+            _ => "warn",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -100,9 +108,8 @@ enum ProfilesCommand {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let format = cli.log_format;
     match cli.command {
-        Command::Up(args) => crate::up::run(args, format).await,
+        Command::Up(args) => crate::up::run(args).await,
         Command::Serve {
             config,
             region,
@@ -115,7 +122,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 (Some(c), Some(k)) => Some((c, k)),
                 _ => None,
             };
-            serve(&config, &region, lock, certs, client_tls, format).await
+            serve(&config, &region, lock, certs, client_tls).await
         }
         Command::Certs { command } => crate::certs::run(command),
         Command::Check { config } => {
@@ -238,9 +245,7 @@ async fn serve(
     lock: Option<PathBuf>,
     certs: Option<PathBuf>,
     client_tls: Option<(PathBuf, PathBuf)>,
-    format: LogFormat,
 ) -> anyhow::Result<()> {
-    init_logs("info", format);
     let metrics = install_metrics()?;
     let catalog = load_config(config)?;
     let path = lock_path(config, lock);

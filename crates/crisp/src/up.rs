@@ -10,7 +10,7 @@ use crisp_catalog::profiles::{Lock, Plan, Profiles};
 use crisp_catalog::{BackendSpec, Catalog, parse_config};
 use std::sync::Arc;
 
-use crate::observe::{LogFormat, init_logs, install_metrics};
+use crate::observe::install_metrics;
 use crisp_node::{Listeners, Node, RunningNode, ServeOptions, bind, unix_ms};
 use crisp_transport::{RegionIdentity, TlsFiles, TlsStore};
 
@@ -61,8 +61,7 @@ fn load(args: &UpArgs) -> anyhow::Result<Catalog> {
     Ok(catalog)
 }
 
-pub async fn run(args: UpArgs, format: LogFormat) -> anyhow::Result<()> {
-    init_logs("warn", format);
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let metrics = install_metrics()?;
     let catalog = load(&args)?;
     let lock = Plan::new(&catalog, &Lock::default()).apply(&Lock::default());

@@ -31,6 +31,7 @@ pub mod fleet;
 pub mod observe;
 pub mod pipeline;
 pub mod serve;
+pub mod trace;
 
 use backbone::client::PeerClient;
 use backbone::wire::{LoadReport, ModelLoad};

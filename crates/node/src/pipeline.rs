@@ -13,6 +13,7 @@ use crisp_engine::{BackendError, Chunk, ChunkStream, GenerateRequest, Message};
 use crisp_routing::{Decision, Exclusion, Load, Query, Scope, route};
 use crisp_transport::SignedReceipt;
 use futures::StreamExt;
+use tracing::Instrument;
 
 use crate::backbone::wire;
 use crate::error::{Attempt, PipelineError};
@@ -204,6 +205,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
             }));
             break;
         }
+        let attempt = tracing::info_span!("attempt", region = %code, reason = %candidate.reason);
         let result = tokio::time::timeout(
             (deadline - now).min(admit_timeout),
             try_region(
@@ -214,7 +216,8 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                 region,
                 &mut forwarded,
                 &receipt,
-            ),
+            )
+            .instrument(attempt),
         )
         .await
         .unwrap_or_else(|_| {

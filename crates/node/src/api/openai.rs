@@ -14,6 +14,7 @@ use crisp_engine::{BackendError, Chunk, FinishReason, Message, Usage};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tracing::Instrument;
 
 use super::{INFERENCE_REGION_HEADER, REQUEST_ID_HEADER};
 use crate::error::PipelineError;
@@ -323,7 +324,13 @@ async fn read_body(node: &Node, req: Request) -> Result<Bytes, PipelineError> {
 
 pub async fn chat_completions(State(node): State<Arc<Node>>, req: Request) -> Response {
     let request_id = uuid::Uuid::new_v4().simple().to_string();
-    match handle(&node, req, &request_id).await {
+    let span = tracing::info_span!(
+        "request",
+        otel.kind = "server",
+        request_id = %request_id,
+        source = node.region_code()
+    );
+    match handle(&node, req, &request_id).instrument(span).await {
         Ok(response) => response,
         Err(e) => {
             tracing::info!(

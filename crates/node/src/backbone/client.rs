@@ -128,10 +128,11 @@ impl PeerClient {
     ) -> Result<ChunkStream, BackendError> {
         let body = serde_json::to_vec(req)
             .map_err(|e| BackendError::Internal(format!("encoding a forwarded request: {e}")))?;
-        let request = Request::post(format!("https://{addr}{}", wire::GENERATE_PATH))
+        let mut request = Request::post(format!("https://{addr}{}", wire::GENERATE_PATH))
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| BackendError::Internal(format!("building a forwarded request: {e}")))?;
+        crate::trace::inject(request.headers_mut());
         let response = self
             .client()
             .request(request)

@@ -8,11 +8,12 @@ use axum::Extension;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use crisp_engine::{BackendError, Chunk, GenerateRequest, Message};
 use futures::StreamExt;
+use tracing::Instrument;
 
 use super::wire::{self, LoadReport, PeerError, PeerErrorKind, StreamEvent, WireUsage};
 use crate::serve::PeerIdentity;
@@ -63,6 +64,22 @@ fn line(event: &StreamEvent) -> Bytes {
 async fn generate(
     State(node): State<Arc<Node>>,
     Extension(PeerIdentity(peer)): Extension<PeerIdentity>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let span = tracing::info_span!(
+        "forwarded",
+        otel.kind = "server",
+        peer = %peer.region,
+        region = node.region_code()
+    );
+    crate::trace::set_parent(&span, &headers);
+    run_forwarded(node, peer, body).instrument(span).await
+}
+
+async fn run_forwarded(
+    node: Arc<Node>,
+    peer: crisp_transport::RegionIdentity,
     body: Bytes,
 ) -> Response {
     let req: wire::GenerateRequest = match serde_json::from_slice(&body) {
