@@ -21,7 +21,13 @@ pub struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log line format.
-    #[arg(long, global = true, value_enum, default_value_t, env = "CRISP_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "CRISP_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     /// Export traces over OTLP/HTTP to this collector endpoint (off when unset), e.g.
     /// http://127.0.0.1:4318/v1/traces.

@@ -4,6 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::ValueEnum;
+use crisp_node::admin::MetricsRender;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
@@ -12,8 +14,6 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use crisp_node::admin::MetricsRender;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 /// How log lines look.
 #[derive(Clone, Copy, Debug, Default, ValueEnum)]

@@ -11,12 +11,16 @@ use crisp_catalog::{BackendSpec, Catalog, parse_config};
 use std::sync::Arc;
 
 use crate::observe::install_metrics;
+use crisp_node::api::bedrock::sigv4::SigV4Keys;
 use crisp_node::{Listeners, Node, RunningNode, ServeOptions, bind, unix_ms};
 use crisp_transport::{RegionIdentity, TlsFiles, TlsStore};
 
 /// The embedded demo federation.
 pub const DEMO_CONFIG: &str = include_str!("../../../examples/demo.toml");
 const DEMO_BASE_PORT: u16 = 8080;
+/// Demo SigV4 credentials for the Bedrock API: well known, loopback only.
+pub const DEMO_ACCESS_KEY: &str = "AKIACRISPDEMO0000001";
+pub const DEMO_SECRET_KEY: &str = "crisp-demo-secret-loopback-only";
 
 #[derive(Args)]
 pub struct UpArgs {
@@ -101,7 +105,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             RegionIdentity::new(&catalog.deployment.name, &r.code),
             unix_ms() / 1000,
         )?;
-        let node = Node::new(catalog.clone(), &lock, &r.code, Arc::new(tls))?;
+        let node = Node::new(catalog.clone(), &lock, &r.code, Arc::new(tls))?.with_sigv4(
+            SigV4Keys::new([(DEMO_ACCESS_KEY.to_owned(), DEMO_SECRET_KEY.to_owned())]),
+        );
         let options = ServeOptions {
             grace: Duration::from_secs(5),
             metrics: Some(metrics.clone()),
@@ -190,12 +196,21 @@ raw = client.chat.completions.with_raw_response.create(
     model="eu.amazon.nova-lite-v1:0", messages=[{{"role": "user", "content": "Hello"}}])
 print(raw.headers["x-crisp-inference-region"], raw.parse().choices[0].message.content)'
 
+  python3 -c '
+import boto3
+rt = boto3.client("bedrock-runtime", endpoint_url="http://{first}", region_name="{region}",
+                  aws_access_key_id="{akid}", aws_secret_access_key="{secret}")
+r = rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=[{{"role": "user", "content": [{{"text": "Hello"}}]}}])
+print(r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"], r["output"]["message"]["content"][0]["text"])'
+
   curl -s http://{first}/crisp/v1/fleet     # this node's view of every region
   curl -s http://{admin}/metrics          # Prometheus metrics (every node of this process)
   curl -s http://{first}/v1/models          # profiles and models
 
 Ctrl-C stops every node."#,
         region = catalog.regions.first().map_or("?", |r| r.code.as_str()),
+        akid = DEMO_ACCESS_KEY,
+        secret = DEMO_SECRET_KEY,
         admin = catalog
             .regions
             .first()

@@ -53,6 +53,8 @@ pub struct Node {
     pub tls: Arc<TlsStore>,
     /// Generations admitted by this region's engines, per model index.
     admitted: Vec<AtomicU64>,
+    /// SigV4 credentials for the Bedrock API; `None` runs it without authentication.
+    sigv4: Option<api::bedrock::sigv4::SigV4Keys>,
     /// Turns true when the node begins to shut down; endless streams end on it.
     stopping: tokio::sync::watch::Sender<bool>,
 }
@@ -143,12 +145,23 @@ impl Node {
             peers,
             tls,
             admitted,
+            sigv4: None,
             stopping: tokio::sync::watch::Sender::new(false),
         })
     }
 
     pub fn region_code(&self) -> &str {
         self.catalog.region_code(self.region)
+    }
+
+    /// Requires SigV4 signatures from these credentials on the Bedrock API.
+    pub fn with_sigv4(mut self, keys: api::bedrock::sigv4::SigV4Keys) -> Node {
+        self.sigv4 = Some(keys);
+        self
+    }
+
+    pub fn sigv4_keys(&self) -> Option<&api::bedrock::sigv4::SigV4Keys> {
+        self.sigv4.as_ref()
     }
 
     pub fn deployment(&self) -> &str {

@@ -8,6 +8,7 @@ use axum::routing::{get, post};
 
 use crate::Node;
 
+pub mod bedrock;
 pub mod openai;
 pub mod ops;
 
@@ -22,6 +23,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/models", get(openai::list_models))
         .route("/healthz", get(ops::healthz))
         .route("/crisp/v1/fleet", get(ops::fleet))
+        .merge(bedrock::routes())
         .fallback(openai::not_found)
         .with_state(node)
 }

@@ -1,0 +1,679 @@
+//! The Bedrock-compatible API: Converse, ConverseStream, InvokeModel (Amazon Nova's native
+//! body), InvokeModelWithResponseStream, and the inference-profile control plane, signed
+//! with SigV4 so `boto3` works with `endpoint_url=` pointed at a node. The only place that
+//! knows Bedrock's JSON and error shapes; the request pipeline is the OpenAI API's.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use crisp_catalog::profiles::{Profile, ProfileKind, ResolveError, profile_arn};
+use crisp_engine::{BackendError, Chunk, FinishReason, Message, Usage};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{INFERENCE_REGION_HEADER, REQUEST_ID_HEADER};
+use crate::Node;
+use crate::error::PipelineError;
+use crate::pipeline::{self, Admitted, InferRequest};
+
+pub mod eventstream;
+pub mod sigv4;
+
+pub fn routes() -> Router<Arc<Node>> {
+    Router::new()
+        .route("/model/{model_id}/converse", post(converse))
+        .route("/model/{model_id}/converse-stream", post(converse_stream))
+        .route("/model/{model_id}/invoke", post(invoke))
+        .route(
+            "/model/{model_id}/invoke-with-response-stream",
+            post(invoke_stream),
+        )
+        .route("/inference-profiles", get(list_profiles))
+        .route("/inference-profiles/{id}", get(get_profile))
+        .route("/foundation-models", get(list_foundation_models))
+}
+
+// ---- errors ----
+
+/// A Bedrock error: status, `x-amzn-ErrorType` and `{"message": ...}`.
+pub fn error(status: StatusCode, kind: &str, message: &str, request_id: &str) -> Response {
+    let mut r = (status, axum::Json(json!({ "message": message }))).into_response();
+    if let Ok(v) = HeaderValue::from_str(kind) {
+        r.headers_mut().insert("x-amzn-errortype", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        r.headers_mut().insert("x-amzn-requestid", v.clone());
+        r.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    r
+}
+
+fn pipeline_error(err: &PipelineError, request_id: &str) -> Response {
+    let (status, kind) = match err {
+        PipelineError::InvalidRequest(_)
+        | PipelineError::TooLarge { .. }
+        | PipelineError::ModelRejected(_) => (StatusCode::BAD_REQUEST, "ValidationException"),
+        PipelineError::Resolve(ResolveError::Unknown { .. }) => {
+            (StatusCode::NOT_FOUND, "ResourceNotFoundException")
+        }
+        PipelineError::Resolve(_) => (StatusCode::BAD_REQUEST, "ValidationException"),
+        PipelineError::Exhausted { .. } => (StatusCode::TOO_MANY_REQUESTS, "ThrottlingException"),
+        PipelineError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "ModelTimeoutException"),
+        PipelineError::ModelFailed(_) => (StatusCode::FAILED_DEPENDENCY, "ModelErrorException"),
+        PipelineError::Internal(_) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerException")
+        }
+    };
+    let message = match err {
+        // The managed service's wording, which clients and docs search for.
+        PipelineError::Resolve(ResolveError::NotServedHere {
+            model, profiles, ..
+        }) => format!(
+            "Invocation of model ID {model} with on-demand throughput isn't supported. Retry your request with the ID or ARN of an inference profile that contains this model{}",
+            if profiles.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", profiles.join(", "))
+            }
+        ),
+        other => other.to_string(),
+    };
+    let mut r = error(status, kind, &message, request_id);
+    if let Some(after) = err.retry_after() {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    r
+}
+
+fn stream_exception(e: &BackendError) -> (&'static str, String) {
+    match e {
+        BackendError::Capacity { message, .. } => ("throttlingException", message.clone()),
+        BackendError::Timeout(m) => ("modelTimeoutException", m.clone()),
+        BackendError::BadRequest(m) => ("validationException", m.clone()),
+        other => ("modelStreamErrorException", other.to_string()),
+    }
+}
+
+// ---- authentication ----
+
+/// Checks the SigV4 signature when the node has credentials configured; returns the
+/// access key that signed, if any.
+fn authenticate(
+    node: &Node,
+    parts: &http::request::Parts,
+    body: &[u8],
+) -> Result<Option<String>, sigv4::SigV4Error> {
+    let Some(keys) = node.sigv4_keys() else {
+        return Ok(None);
+    };
+    // HTTP/1.1 carries the authority in Host, HTTP/2 in the URI.
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "localhost".to_owned());
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    sigv4::verify(
+        keys,
+        parts.method.as_str(),
+        &authority,
+        path,
+        &parts.headers,
+        body,
+        node.region_code(),
+        SystemTime::now(),
+    )
+    .map(Some)
+}
+
+async fn read(
+    node: &Node,
+    req: Request,
+    request_id: &str,
+) -> Result<(http::request::Parts, Bytes), Response> {
+    let (parts, body) = req.into_parts();
+    let limit = node.catalog.limits.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            &format!("the request body is larger than this node's limit of {limit} bytes"),
+            request_id,
+        )
+    })?;
+    authenticate(node, &parts, &bytes).map_err(|e| {
+        metrics::counter!("crisp_auth_failures_total", "api" => "bedrock", "reason" => e.exception())
+            .increment(1);
+        error(StatusCode::FORBIDDEN, e.exception(), &e.to_string(), request_id)
+    })?;
+    Ok((parts, bytes))
+}
+
+// ---- Converse ----
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConverseRequest {
+    #[serde(default)]
+    messages: Vec<ConverseMessage>,
+    #[serde(default)]
+    system: Vec<ContentBlock>,
+    #[serde(default)]
+    inference_config: Option<InferenceConfig>,
+}
+
+#[derive(Deserialize)]
+struct ConverseMessage {
+    role: String,
+    content: Vec<ContentBlock>,
+}
+
+#[derive(Deserialize)]
+struct ContentBlock {
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct InferenceConfig {
+    #[serde(default, alias = "max_new_tokens")]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    stop_sequences: Vec<String>,
+}
+
+fn to_pipeline(
+    model_id: String,
+    request_id: &str,
+    body: &[u8],
+) -> Result<InferRequest, PipelineError> {
+    let req: ConverseRequest = serde_json::from_slice(body).map_err(|e| {
+        PipelineError::InvalidRequest(format!(
+            "the request body is not valid: {e}. Send {{\"messages\": [{{\"role\": \"user\", \"content\": [{{\"text\": \"Hello\"}}]}}]}}"
+        ))
+    })?;
+    if req.messages.is_empty() {
+        return Err(PipelineError::InvalidRequest(
+            "messages must contain at least one message".into(),
+        ));
+    }
+    let text = |blocks: Vec<ContentBlock>, at: &str| -> Result<String, PipelineError> {
+        let mut out = String::new();
+        for (i, b) in blocks.into_iter().enumerate() {
+            match b.text {
+                Some(t) => out.push_str(&t),
+                None => {
+                    return Err(PipelineError::InvalidRequest(format!(
+                        "{at}.content[{i}] is not a text block; only text content is supported"
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    };
+    let mut messages = Vec::with_capacity(req.messages.len() + 1);
+    if !req.system.is_empty() {
+        messages.push(Message {
+            role: "system".into(),
+            content: text(req.system, "system")?,
+        });
+    }
+    for (i, m) in req.messages.into_iter().enumerate() {
+        if m.role != "user" && m.role != "assistant" {
+            return Err(PipelineError::InvalidRequest(format!(
+                "messages[{i}].role must be user or assistant, not {:?}",
+                m.role
+            )));
+        }
+        messages.push(Message {
+            content: text(m.content, &format!("messages[{i}]"))?,
+            role: m.role,
+        });
+    }
+    let config = req.inference_config.unwrap_or_default();
+    if config.max_tokens == Some(0) {
+        return Err(PipelineError::InvalidRequest(
+            "inferenceConfig.maxTokens must be at least 1".into(),
+        ));
+    }
+    Ok(InferRequest {
+        request_id: request_id.to_owned(),
+        requested: model_id,
+        messages,
+        max_tokens: config.max_tokens,
+        temperature: config.temperature,
+        stop: config.stop_sequences,
+    })
+}
+
+fn stop_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "end_turn",
+        FinishReason::Length => "max_tokens",
+    }
+}
+
+fn usage_json(u: Usage) -> Value {
+    json!({
+        "inputTokens": u.prompt_tokens,
+        "outputTokens": u.completion_tokens,
+        "totalTokens": u.prompt_tokens.saturating_add(u.completion_tokens),
+    })
+}
+
+fn admitted_headers(admitted: &Admitted, request_id: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&admitted.inference_region) {
+        h.insert(INFERENCE_REGION_HEADER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert(REQUEST_ID_HEADER, v.clone());
+        h.insert("x-amzn-requestid", v);
+    }
+    h
+}
+
+/// Runs a request to admission; the dialect decides what to do with the answer.
+async fn admit(
+    node: &Arc<Node>,
+    model_id: String,
+    req: Request,
+    request_id: &str,
+) -> Result<Admitted, Response> {
+    let (_, body) = read(node, req, request_id).await?;
+    let infer =
+        to_pipeline(model_id, request_id, &body).map_err(|e| pipeline_error(&e, request_id))?;
+    let admitted = pipeline::run(node, infer)
+        .await
+        .map_err(|e| pipeline_error(&e, request_id))?;
+    tracing::info!(
+        request_id,
+        source = node.region_code(),
+        profile = %admitted.profile_id,
+        inference_region = %admitted.inference_region,
+        reason = %admitted.reason,
+        api = "bedrock",
+        "request admitted"
+    );
+    Ok(admitted)
+}
+
+fn new_request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+async fn complete(admitted: Admitted) -> Result<(String, FinishReason, Usage), BackendError> {
+    let mut stream = admitted.stream;
+    let mut text = String::new();
+    while let Some(item) = stream.next().await {
+        match item? {
+            Chunk::Delta(t) => text.push_str(&t),
+            Chunk::Done {
+                finish_reason,
+                usage,
+            } => return Ok((text, finish_reason, usage)),
+        }
+    }
+    Err(BackendError::Internal(
+        "the engine ended the answer without finishing it".into(),
+    ))
+}
+
+fn model_error(e: &BackendError, request_id: &str) -> Response {
+    let err = match e {
+        BackendError::Timeout(m) => PipelineError::Timeout(m.clone()),
+        BackendError::BadRequest(m) => PipelineError::ModelRejected(m.clone()),
+        other => PipelineError::ModelFailed(other.to_string()),
+    };
+    pipeline_error(&err, request_id)
+}
+
+async fn converse(
+    State(node): State<Arc<Node>>,
+    Path(model_id): Path<String>,
+    req: Request,
+) -> Response {
+    let request_id = new_request_id();
+    let started = Instant::now();
+    let admitted = match admit(&node, model_id, req, &request_id).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let headers = admitted_headers(&admitted, &request_id);
+    match complete(admitted).await {
+        Ok((text, finish, usage)) => (
+            headers,
+            axum::Json(json!({
+                "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+                "stopReason": stop_reason(finish),
+                "usage": usage_json(usage),
+                "metrics": {"latencyMs": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)},
+            })),
+        )
+            .into_response(),
+        Err(e) => model_error(&e, &request_id),
+    }
+}
+
+async fn invoke(
+    State(node): State<Arc<Node>>,
+    Path(model_id): Path<String>,
+    req: Request,
+) -> Response {
+    let request_id = new_request_id();
+    let admitted = match admit(&node, model_id, req, &request_id).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let headers = admitted_headers(&admitted, &request_id);
+    match complete(admitted).await {
+        Ok((text, finish, usage)) => (
+            headers,
+            axum::Json(json!({
+                "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+                "stopReason": stop_reason(finish),
+                "usage": usage_json(usage),
+            })),
+        )
+            .into_response(),
+        Err(e) => model_error(&e, &request_id),
+    }
+}
+
+fn stream_response(
+    headers: HeaderMap,
+    frames: impl futures::Stream<Item = Bytes> + Send + 'static,
+) -> Response {
+    let mut headers = headers;
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(eventstream::CONTENT_TYPE),
+    );
+    (
+        headers,
+        Body::from_stream(frames.map(Ok::<_, std::convert::Infallible>)),
+    )
+        .into_response()
+}
+
+async fn converse_stream(
+    State(node): State<Arc<Node>>,
+    Path(model_id): Path<String>,
+    req: Request,
+) -> Response {
+    let request_id = new_request_id();
+    let started = Instant::now();
+    let admitted = match admit(&node, model_id, req, &request_id).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let headers = admitted_headers(&admitted, &request_id);
+    let start = eventstream::event("messageStart", &json!({"role": "assistant"}));
+    let frames = admitted.stream.flat_map(move |item| {
+        let out = match item {
+            Ok(Chunk::Delta(text)) => vec![eventstream::event(
+                "contentBlockDelta",
+                &json!({"contentBlockIndex": 0, "delta": {"text": text}}),
+            )],
+            Ok(Chunk::Done {
+                finish_reason,
+                usage,
+            }) => vec![
+                eventstream::event("contentBlockStop", &json!({"contentBlockIndex": 0})),
+                eventstream::event("messageStop", &json!({"stopReason": stop_reason(finish_reason)})),
+                eventstream::event(
+                    "metadata",
+                    &json!({
+                        "usage": usage_json(usage),
+                        "metrics": {"latencyMs": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)},
+                    }),
+                ),
+            ],
+            Err(e) => {
+                let (kind, message) = stream_exception(&e);
+                vec![eventstream::exception(kind, &message)]
+            }
+        };
+        futures::stream::iter(out)
+    });
+    stream_response(
+        headers,
+        futures::stream::once(async move { start }).chain(frames),
+    )
+}
+
+async fn invoke_stream(
+    State(node): State<Arc<Node>>,
+    Path(model_id): Path<String>,
+    req: Request,
+) -> Response {
+    use base64::Engine;
+    let request_id = new_request_id();
+    let started = Instant::now();
+    let admitted = match admit(&node, model_id, req, &request_id).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let headers = admitted_headers(&admitted, &request_id);
+    // Nova's native stream: each `chunk` event carries one JSON event, base64-encoded.
+    let chunk = |v: Value| {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .encode(serde_json::to_vec(&v).unwrap_or_default());
+        eventstream::event("chunk", &json!({ "bytes": bytes }))
+    };
+    let start = chunk(json!({"messageStart": {"role": "assistant"}}));
+    let frames = admitted.stream.flat_map(move |item| {
+        let out = match item {
+            Ok(Chunk::Delta(text)) => vec![chunk(
+                json!({"contentBlockDelta": {"delta": {"text": text}, "contentBlockIndex": 0}}),
+            )],
+            Ok(Chunk::Done {
+                finish_reason,
+                usage,
+            }) => vec![
+                chunk(json!({"contentBlockStop": {"contentBlockIndex": 0}})),
+                chunk(json!({"messageStop": {"stopReason": stop_reason(finish_reason)}})),
+                chunk(json!({
+                    "metadata": {"usage": usage_json(usage)},
+                    "amazon-bedrock-invocationMetrics": {
+                        "inputTokenCount": usage.prompt_tokens,
+                        "outputTokenCount": usage.completion_tokens,
+                        "invocationLatency": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    },
+                })),
+            ],
+            Err(e) => {
+                let (kind, message) = stream_exception(&e);
+                vec![eventstream::exception(kind, &message)]
+            }
+        };
+        futures::stream::iter(out)
+    });
+    stream_response(
+        headers,
+        futures::stream::once(async move { start }).chain(frames),
+    )
+}
+
+// ---- control plane ----
+
+const CREATED_AT: &str = "2026-01-01T00:00:00Z";
+
+fn model_arns(node: &Node, p: &Profile) -> Vec<Value> {
+    match p.kind {
+        ProfileKind::Global => {
+            vec![json!({"modelArn": format!("arn:aws:bedrock:::foundation-model/{}", p.model)})]
+        }
+        ProfileKind::Geographic { .. } => p
+            .destinations
+            .iter()
+            .map(|&r| {
+                json!({"modelArn": format!(
+                    "arn:aws:bedrock:{}::foundation-model/{}",
+                    node.catalog.region_code(r),
+                    p.model
+                )})
+            })
+            .collect(),
+    }
+}
+
+fn profile_json(node: &Node, p: &Profile) -> Value {
+    let description = match &p.kind {
+        ProfileKind::Global => format!("Routes {} to any region that serves it", p.model),
+        ProfileKind::Geographic { geography, version } => format!(
+            "Routes {} inside geography {geography} (version {version}, frozen destination set){}",
+            p.model,
+            p.superseded_by
+                .as_ref()
+                .map(|n| format!("; superseded by {n}"))
+                .unwrap_or_default()
+        ),
+    };
+    json!({
+        "inferenceProfileName": p.id,
+        "inferenceProfileId": p.id,
+        "inferenceProfileArn": profile_arn(&node.catalog, node.region, &p.id),
+        "description": description,
+        "createdAt": CREATED_AT,
+        "updatedAt": CREATED_AT,
+        "models": model_arns(node, p),
+        "status": "ACTIVE",
+        "type": "SYSTEM_DEFINED",
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListQuery {
+    max_results: Option<usize>,
+    next_token: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+async fn list_profiles(
+    State(node): State<Arc<Node>>,
+    Query(q): Query<ListQuery>,
+    req: Request,
+) -> Response {
+    let request_id = new_request_id();
+    if let Err(r) = read(&node, req, &request_id).await {
+        return r;
+    }
+    let max = q.max_results.unwrap_or(100);
+    if !(1..=1000).contains(&max) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            "maxResults must be between 1 and 1000",
+            &request_id,
+        );
+    }
+    let start = match q.next_token.as_deref().map(str::parse::<usize>) {
+        None => 0,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "ValidationException",
+                "nextToken is not a token this API returned; start again without it",
+                &request_id,
+            );
+        }
+    };
+    let all: Vec<&Profile> = match q.kind.as_deref() {
+        None | Some("SYSTEM_DEFINED") => node.profiles.iter().collect(),
+        Some("APPLICATION") => Vec::new(),
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "ValidationException",
+                &format!("type must be SYSTEM_DEFINED or APPLICATION, not {other:?}"),
+                &request_id,
+            );
+        }
+    };
+    let page: Vec<Value> = all
+        .iter()
+        .skip(start)
+        .take(max)
+        .map(|p| profile_json(&node, p))
+        .collect();
+    let mut body = json!({ "inferenceProfileSummaries": page });
+    if start + max < all.len() {
+        body["nextToken"] = json!((start + max).to_string());
+    }
+    axum::Json(body).into_response()
+}
+
+async fn get_profile(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let request_id = new_request_id();
+    if let Err(r) = read(&node, req, &request_id).await {
+        return r;
+    }
+    let key = id
+        .rsplit_once("inference-profile/")
+        .map_or(id.as_str(), |(_, k)| k);
+    match node.profiles.get(key) {
+        Some(p) => axum::Json(profile_json(&node, p)).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            &format!(
+                "inference profile {id:?} does not exist; ListInferenceProfiles shows the available ones"
+            ),
+            &request_id,
+        ),
+    }
+}
+
+async fn list_foundation_models(State(node): State<Arc<Node>>, req: Request) -> Response {
+    let request_id = new_request_id();
+    if let Err(r) = read(&node, req, &request_id).await {
+        return r;
+    }
+    let summaries: Vec<Value> = node
+        .catalog
+        .models
+        .iter()
+        .map(|m| {
+            let here = m.serves(node.region);
+            json!({
+                "modelArn": format!("arn:aws:bedrock:{}::foundation-model/{}", node.region_code(), m.id),
+                "modelId": m.id,
+                "modelName": m.name,
+                "providerName": m.id.split('.').next().unwrap_or_default(),
+                "inputModalities": ["TEXT"],
+                "outputModalities": ["TEXT"],
+                "responseStreamingSupported": true,
+                "inferenceTypesSupported": if here { json!(["ON_DEMAND", "INFERENCE_PROFILE"]) } else { json!(["INFERENCE_PROFILE"]) },
+                "modelLifecycle": {"status": "ACTIVE"},
+            })
+        })
+        .collect();
+    axum::Json(json!({ "modelSummaries": summaries })).into_response()
+}

@@ -1,0 +1,126 @@
+"""boto3, as Bedrock users already call it, pointed at a real `crisp up` with SigV4."""
+
+import botocore
+import boto3
+import pytest
+from botocore.config import Config
+
+from test_openai_sdk import EU, EU_CENTRAL_1, EU_WEST_2, US_EAST_1, federation, region_port  # noqa: F401
+
+AKID = "AKIACRISPDEMO0000001"
+SECRET = "crisp-demo-secret-loopback-only"
+REGIONS = ["us-east-1", "us-east-2", "us-west-2", "eu-central-1", "eu-west-1", "eu-west-3",
+           "eu-north-1", "eu-west-2", "ap-northeast-1", "ap-southeast-1", "ap-southeast-2"]
+NO_RETRY = Config(retries={"max_attempts": 1, "mode": "standard"})
+
+
+def client(fed, service, index=US_EAST_1, secret=SECRET, akid=AKID, region=None):
+    return boto3.client(
+        service,
+        endpoint_url=f"http://127.0.0.1:{region_port(fed, index)}",
+        region_name=region or REGIONS[index],
+        aws_access_key_id=akid,
+        aws_secret_access_key=secret,
+        config=NO_RETRY,
+    )
+
+
+def test_converse_eu_profile_from_the_us(federation):
+    rt = client(federation, "bedrock-runtime")
+    r = rt.converse(
+        modelId="eu.amazon.nova-lite-v1:0",
+        messages=[{"role": "user", "content": [{"text": "Hello"}]}],
+        inferenceConfig={"maxTokens": 6},
+    )
+    assert r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"] in EU
+    assert r["output"]["message"]["content"][0]["text"]
+    assert r["usage"]["outputTokens"] <= 6
+    assert r["stopReason"] in ("end_turn", "max_tokens")
+
+
+def test_converse_with_a_profile_arn(federation):
+    rt = client(federation, "bedrock-runtime")
+    arn = "arn:aws:bedrock:us-east-1:000000000000:inference-profile/us.amazon.nova-lite-v1:0"
+    r = rt.converse(modelId=arn, messages=[{"role": "user", "content": [{"text": "Hi"}]}])
+    assert r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"].startswith("us-")
+
+
+def test_converse_stream(federation):
+    rt = client(federation, "bedrock-runtime", EU_WEST_2)
+    r = rt.converse_stream(
+        modelId="global.amazon.nova-lite-v1:0",
+        messages=[{"role": "user", "content": [{"text": "Tell me"}]}],
+        inferenceConfig={"maxTokens": 8},
+    )
+    kinds, text, usage = [], "", None
+    for event in r["stream"]:
+        (kind, body), = event.items()
+        kinds.append(kind)
+        if kind == "contentBlockDelta":
+            text += body["delta"]["text"]
+        if kind == "metadata":
+            usage = body["usage"]
+    assert kinds[0] == "messageStart" and kinds[-1] == "metadata"
+    assert "messageStop" in kinds and "contentBlockStop" in kinds
+    assert usage["outputTokens"] == len(text.split())
+
+
+def test_invoke_model_nova_native_body(federation):
+    import json
+    rt = client(federation, "bedrock-runtime")
+    body = {"messages": [{"role": "user", "content": [{"text": "Hello"}]}], "inferenceConfig": {"maxTokens": 5}}
+    r = rt.invoke_model(modelId="us.amazon.nova-lite-v1:0", body=json.dumps(body))
+    out = json.loads(r["body"].read())
+    assert out["output"]["message"]["content"][0]["text"]
+    assert out["usage"]["outputTokens"] <= 5
+    s = rt.invoke_model_with_response_stream(modelId="us.amazon.nova-lite-v1:0", body=json.dumps(body))
+    chunks = [json.loads(e["chunk"]["bytes"]) for e in s["body"]]
+    assert "messageStart" in chunks[0] and any("messageStop" in c for c in chunks)
+
+
+def test_sdk_exceptions(federation):
+    rt = client(federation, "bedrock-runtime", EU_WEST_2)
+    msgs = [{"role": "user", "content": [{"text": "x"}]}]
+    with pytest.raises(rt.exceptions.ResourceNotFoundException):
+        rt.converse(modelId="eu.amazon.nova-lite-v1", messages=msgs)
+    with pytest.raises(rt.exceptions.ValidationException) as e:
+        rt.converse(modelId="anthropic.claude-sonnet-4-5-20250929-v1:0", messages=msgs)
+    assert "on-demand throughput isn't supported" in str(e.value)
+    assert "eu.anthropic.claude-sonnet-4-5-20250929-v1:0" in str(e.value)
+    bad = client(federation, "bedrock-runtime", EU_WEST_2, secret="wrong-secret")
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        bad.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)
+    assert e.value.response["Error"]["Code"] == "InvalidSignatureException"
+    unknown = client(federation, "bedrock-runtime", EU_WEST_2, akid="AKIAUNKNOWN000000000")
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        unknown.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)
+    assert e.value.response["Error"]["Code"] == "UnrecognizedClientException"
+    wrong_region = client(federation, "bedrock-runtime", EU_WEST_2, region="us-east-1")
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        wrong_region.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)
+    assert e.value.response["Error"]["Code"] == "InvalidSignatureException"
+
+
+def test_control_plane_lists_and_gets_profiles(federation):
+    bedrock = client(federation, "bedrock", EU_CENTRAL_1)
+    ids, token, pages = [], None, 0
+    while True:
+        kwargs = {"maxResults": 3}
+        if token:
+            kwargs["nextToken"] = token
+        page = bedrock.list_inference_profiles(**kwargs)
+        pages += 1
+        ids += [p["inferenceProfileId"] for p in page["inferenceProfileSummaries"]]
+        token = page.get("nextToken")
+        if not token:
+            break
+    assert pages >= 3
+    assert "eu.amazon.nova-lite-v1:0" in ids and "global.amazon.nova-lite-v1:0" in ids
+    eu = bedrock.get_inference_profile(inferenceProfileIdentifier="eu.amazon.nova-lite-v1:0")
+    regions = sorted(m["modelArn"].split(":")[3] for m in eu["models"])
+    assert regions == ["eu-central-1", "eu-north-1", "eu-west-1", "eu-west-3"]
+    assert eu["type"] == "SYSTEM_DEFINED" and eu["status"] == "ACTIVE"
+    with pytest.raises(bedrock.exceptions.ResourceNotFoundException):
+        bedrock.get_inference_profile(inferenceProfileIdentifier="eu.nope")
+    models = bedrock.list_foundation_models()["modelSummaries"]
+    assert any(m["modelId"] == "amazon.nova-lite-v1:0" for m in models)
