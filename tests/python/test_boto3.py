@@ -124,3 +124,54 @@ def test_control_plane_lists_and_gets_profiles(federation):
         bedrock.get_inference_profile(inferenceProfileIdentifier="eu.nope")
     models = bedrock.list_foundation_models()["modelSummaries"]
     assert any(m["modelId"] == "amazon.nova-lite-v1:0" for m in models)
+
+
+def test_application_profiles_route_like_their_source_and_are_shared(federation):
+    us = client(federation, "bedrock", US_EAST_1)
+    source = "arn:aws:bedrock:us-east-1:000000000000:inference-profile/eu.amazon.nova-lite-v1:0"
+    created = us.create_inference_profile(
+        inferenceProfileName="search-team-eu",
+        description="EU traffic of the search team",
+        clientRequestToken="token-1",
+        modelSource={"copyFrom": source},
+        tags=[{"key": "team", "value": "search"}],
+    )
+    arn = created["inferenceProfileArn"]
+    assert ":application-inference-profile/" in arn
+    # A retry with the same token is the same profile; another request for the name conflicts.
+    again = us.create_inference_profile(
+        inferenceProfileName="search-team-eu", clientRequestToken="token-1", modelSource={"copyFrom": source}
+    )
+    assert again["inferenceProfileArn"].split("/")[-1] == arn.split("/")[-1]
+    with pytest.raises(us.exceptions.ConflictException):
+        us.create_inference_profile(
+            inferenceProfileName="search-team-eu", clientRequestToken="token-2", modelSource={"copyFrom": source}
+        )
+    with pytest.raises(us.exceptions.ValidationException):
+        us.create_inference_profile(inferenceProfileName="bad  name", modelSource={"copyFrom": source})
+    with pytest.raises(us.exceptions.ValidationException):
+        us.create_inference_profile(inferenceProfileName="x" * 65, modelSource={"copyFrom": source})
+    got = us.get_inference_profile(inferenceProfileIdentifier=arn)
+    assert got["type"] == "APPLICATION"
+    assert sorted(m["modelArn"].split(":")[3] for m in got["models"]) == sorted(EU)
+
+    # Another node sees it (it re-reads the shared store) and routes it inside the EU.
+    import time
+    rt = client(federation, "bedrock-runtime", EU_WEST_2)
+    deadline = time.time() + 10
+    while True:
+        try:
+            r = rt.converse(modelId=arn, messages=[{"role": "user", "content": [{"text": "Hi"}]}])
+            break
+        except rt.exceptions.ResourceNotFoundException:
+            assert time.time() < deadline, "the profile never became visible on eu-west-2"
+            time.sleep(0.3)
+    assert r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"] in EU
+    apps = client(federation, "bedrock", EU_WEST_2).list_inference_profiles(typeEquals="APPLICATION")
+    assert [p["inferenceProfileName"] for p in apps["inferenceProfileSummaries"]] == ["search-team-eu"]
+
+    us.delete_inference_profile(inferenceProfileIdentifier=arn)
+    with pytest.raises(us.exceptions.ResourceNotFoundException):
+        us.get_inference_profile(inferenceProfileIdentifier=arn)
+    with pytest.raises(us.exceptions.ValidationException):
+        us.delete_inference_profile(inferenceProfileIdentifier="eu.amazon.nova-lite-v1:0")

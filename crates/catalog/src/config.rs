@@ -79,6 +79,8 @@ struct RawDeployment {
     name: Spanned<String>,
     #[serde(default = "default_account")]
     account: Spanned<String>,
+    #[serde(default)]
+    profile_store: Option<Spanned<String>>,
 }
 
 fn default_account() -> Spanned<String> {
@@ -280,9 +282,21 @@ fn validate_deployment(raw: RawDeployment, p: &mut Problems<'_>) -> Deployment {
             format!("account {account:?} must be exactly 12 digits (it appears in ARNs)"),
         );
     }
+    if let Some(store) = &raw.profile_store {
+        let v = store.get_ref();
+        if !(v.starts_with("s3://") || v.starts_with("file:///") || v.starts_with("memory://")) {
+            p.at(
+                store.span(),
+                format!(
+                    "profile_store {v:?} must be an s3://bucket/prefix or file:///absolute/path URL"
+                ),
+            );
+        }
+    }
     Deployment {
         name: raw.name.into_inner(),
         account: raw.account.into_inner(),
+        profile_store: raw.profile_store.map(Spanned::into_inner),
     }
 }
 

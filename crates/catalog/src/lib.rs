@@ -23,6 +23,9 @@ pub struct Deployment {
     pub name: String,
     /// Twelve digits, used in ARNs the way an AWS account ID is.
     pub account: String,
+    /// Where application inference profiles live, shared by every node (`s3://...` or
+    /// `file://...`); `None` lets each node choose a local directory.
+    pub profile_store: Option<String>,
 }
 
 /// One region of the fleet, and the node that runs in it.

@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use crisp_catalog::profiles::{Lock, Plan, Profiles};
 use crisp_catalog::{Catalog, parse_config};
+use crisp_node::app_profiles::AppProfiles;
 use crisp_node::{Listeners, Node, RunningNode, ServeOptions, unix_ms};
 use crisp_transport::{RegionIdentity, TlsFiles, TlsStore};
 use std::sync::Arc;
@@ -300,7 +301,25 @@ async fn serve(
         None => None,
     };
     let listeners = Listeners::bind_catalog(&catalog, region).await?;
-    let node = Node::new(catalog, &lock, region, Arc::new(tls))?;
+    let profile_url = match &catalog.deployment.profile_store {
+        Some(url) => url.clone(),
+        None => {
+            let dir = config.with_file_name("application-profiles");
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let dir = dir.canonicalize()?;
+            tracing::warn!(
+                dir = %dir.display(),
+                "no [deployment] profile_store: application inference profiles are kept in a local directory and seen only by this node"
+            );
+            format!("file://{}", dir.display())
+        }
+    };
+    let app_profiles = Arc::new(AppProfiles::from_url(&profile_url)?);
+    if let Err(e) = app_profiles.refresh().await {
+        tracing::warn!(error = %e, "cannot read application inference profiles yet; will retry");
+    }
+    let node = Node::new(catalog, &lock, region, Arc::new(tls))?.with_app_profiles(app_profiles);
     let running = RunningNode::start(
         node,
         listeners,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::observe::install_metrics;
 use crisp_node::api::bedrock::sigv4::SigV4Keys;
+use crisp_node::app_profiles::AppProfiles;
 use crisp_node::{Listeners, Node, RunningNode, ServeOptions, bind, unix_ms};
 use crisp_transport::{RegionIdentity, TlsFiles, TlsStore};
 
@@ -97,17 +98,29 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .prefix("crisp-up-certs-")
         .tempdir()?;
     let ca = crate::certs::init(&catalog.deployment.name, certs.path(), 1)?;
+    // One store of application profiles shared by every node, as a bucket would be.
+    let profile_dir = tempfile::Builder::new()
+        .prefix("crisp-up-profiles-")
+        .tempdir()?;
+    let profile_url = match &catalog.deployment.profile_store {
+        Some(url) => url.clone(),
+        None => format!("file://{}", profile_dir.path().display()),
+    };
     let mut nodes = Vec::with_capacity(listeners.len());
     for (r, l) in catalog.regions.iter().zip(listeners) {
+        let app_profiles = Arc::new(AppProfiles::from_url(&profile_url)?);
         crate::certs::issue(&ca, &r.code, certs.path(), 1)?;
         let tls = TlsStore::load(
             TlsFiles::in_dir(certs.path(), &r.code),
             RegionIdentity::new(&catalog.deployment.name, &r.code),
             unix_ms() / 1000,
         )?;
-        let node = Node::new(catalog.clone(), &lock, &r.code, Arc::new(tls))?.with_sigv4(
-            SigV4Keys::new([(DEMO_ACCESS_KEY.to_owned(), DEMO_SECRET_KEY.to_owned())]),
-        );
+        let node = Node::new(catalog.clone(), &lock, &r.code, Arc::new(tls))?
+            .with_sigv4(SigV4Keys::new([(
+                DEMO_ACCESS_KEY.to_owned(),
+                DEMO_SECRET_KEY.to_owned(),
+            )]))
+            .with_app_profiles(app_profiles);
         let options = ServeOptions {
             grace: Duration::from_secs(5),
             metrics: Some(metrics.clone()),

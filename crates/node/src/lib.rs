@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 
 pub mod admin;
 pub mod api;
+pub mod app_profiles;
 pub mod backbone;
 pub mod error;
 pub mod fleet;
@@ -53,6 +54,8 @@ pub struct Node {
     pub tls: Arc<TlsStore>,
     /// Generations admitted by this region's engines, per model index.
     admitted: Vec<AtomicU64>,
+    /// Application inference profiles of the deployment, when a store is configured.
+    pub app_profiles: Option<Arc<app_profiles::AppProfiles>>,
     /// SigV4 credentials for the Bedrock API; `None` runs it without authentication.
     sigv4: Option<api::bedrock::sigv4::SigV4Keys>,
     /// Turns true when the node begins to shut down; endless streams end on it.
@@ -146,12 +149,19 @@ impl Node {
             tls,
             admitted,
             sigv4: None,
+            app_profiles: None,
             stopping: tokio::sync::watch::Sender::new(false),
         })
     }
 
     pub fn region_code(&self) -> &str {
         self.catalog.region_code(self.region)
+    }
+
+    /// Serves application inference profiles from this store.
+    pub fn with_app_profiles(mut self, store: Arc<app_profiles::AppProfiles>) -> Node {
+        self.app_profiles = Some(store);
+        self
     }
 
     /// Requires SigV4 signatures from these credentials on the Bedrock API.
@@ -399,6 +409,22 @@ impl RunningNode {
                 rx.clone(),
                 grace,
             ));
+        }
+        if let Some(store) = node.app_profiles.clone() {
+            let mut stop = rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(2));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                    if let Err(e) = store.refresh().await {
+                        tracing::warn!(error = %e, "cannot refresh application inference profiles");
+                    }
+                }
+            });
         }
         let client_security = match options.client_tls {
             Some(config) => serve::Security::Tls(config),

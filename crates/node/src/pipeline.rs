@@ -46,6 +46,8 @@ pub struct Admitted {
     pub attempts: Vec<Attempt>,
     /// Why the router placed the admitting region where it was.
     pub reason: String,
+    /// The application profile the request came through, for cost tracking by tag.
+    pub application: Option<crate::app_profiles::AppProfile>,
     pub stream: ChunkStream,
 }
 
@@ -147,9 +149,23 @@ fn exclusion_text(why: Exclusion) -> &'static str {
 pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, PipelineError> {
     let started = std::time::Instant::now();
     let catalog = &node.catalog;
-    let target = node
-        .profiles
-        .resolve(catalog, &req.requested, node.region)?;
+    // An application profile routes exactly like the profile or model it copies.
+    let application = node
+        .app_profiles
+        .as_ref()
+        .and_then(|store| store.get(crate::app_profiles::app_profile_id(&req.requested)));
+    if application.is_none() && req.requested.contains(":application-inference-profile/") {
+        return Err(PipelineError::Resolve(
+            crisp_catalog::profiles::ResolveError::Unknown {
+                requested: req.requested.clone(),
+                suggestion: None,
+            },
+        ));
+    }
+    let requested = application
+        .as_ref()
+        .map_or(req.requested.as_str(), |a| a.copy_from.as_str());
+    let target = node.profiles.resolve(catalog, requested, node.region)?;
     let model_ix = catalog
         .model_ix(&target.model.id)
         .ok_or_else(|| PipelineError::Internal("resolved model missing".into()))?;
@@ -253,6 +269,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                     scope: target.scope,
                     attempts,
                     reason: candidate.reason.to_string(),
+                    application: application.clone(),
                     stream: watched(stream, watch),
                 });
             }

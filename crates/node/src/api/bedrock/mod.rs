@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 
 use super::{INFERENCE_REGION_HEADER, REQUEST_ID_HEADER};
 use crate::Node;
+use crate::app_profiles::{AppProfile, AppProfileError, NewAppProfile};
 use crate::error::PipelineError;
 use crate::pipeline::{self, Admitted, InferRequest};
 
@@ -35,8 +36,14 @@ pub fn routes() -> Router<Arc<Node>> {
             "/model/{model_id}/invoke-with-response-stream",
             post(invoke_stream),
         )
-        .route("/inference-profiles", get(list_profiles))
-        .route("/inference-profiles/{id}", get(get_profile))
+        .route(
+            "/inference-profiles",
+            get(list_profiles).post(create_profile),
+        )
+        .route(
+            "/inference-profiles/{id}",
+            get(get_profile).delete(delete_profile),
+        )
         .route("/foundation-models", get(list_foundation_models))
 }
 
@@ -601,9 +608,18 @@ async fn list_profiles(
             );
         }
     };
-    let all: Vec<&Profile> = match q.kind.as_deref() {
-        None | Some("SYSTEM_DEFINED") => node.profiles.iter().collect(),
-        Some("APPLICATION") => Vec::new(),
+    let system = || node.profiles.iter().map(|p| profile_json(&node, p));
+    let application = || {
+        node.app_profiles
+            .iter()
+            .flat_map(|s| s.list())
+            .map(|a| app_profile_json(&node, &a))
+            .collect::<Vec<Value>>()
+    };
+    let all: Vec<Value> = match q.kind.as_deref() {
+        None => system().chain(application()).collect(),
+        Some("SYSTEM_DEFINED") => system().collect(),
+        Some("APPLICATION") => application(),
         Some(other) => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -613,12 +629,7 @@ async fn list_profiles(
             );
         }
     };
-    let page: Vec<Value> = all
-        .iter()
-        .skip(start)
-        .take(max)
-        .map(|p| profile_json(&node, p))
-        .collect();
+    let page: Vec<Value> = all.iter().skip(start).take(max).cloned().collect();
     let mut body = json!({ "inferenceProfileSummaries": page });
     if start + max < all.len() {
         body["nextToken"] = json!((start + max).to_string());
@@ -638,6 +649,13 @@ async fn get_profile(
     let key = id
         .rsplit_once("inference-profile/")
         .map_or(id.as_str(), |(_, k)| k);
+    if let Some(a) = node
+        .app_profiles
+        .as_ref()
+        .and_then(|s| s.get(crate::app_profiles::app_profile_id(&id)))
+    {
+        return axum::Json(app_profile_json(&node, &a)).into_response();
+    }
     match node.profiles.get(key) {
         Some(p) => axum::Json(profile_json(&node, p)).into_response(),
         None => error(
@@ -676,4 +694,161 @@ async fn list_foundation_models(State(node): State<Arc<Node>>, req: Request) -> 
         })
         .collect();
     axum::Json(json!({ "modelSummaries": summaries })).into_response()
+}
+
+// ---- application inference profiles ----
+
+fn app_arn(node: &Node, id: &str) -> String {
+    format!(
+        "arn:aws:bedrock:{}:{}:application-inference-profile/{id}",
+        node.region_code(),
+        node.catalog.deployment.account
+    )
+}
+
+fn app_profile_json(node: &Node, a: &AppProfile) -> Value {
+    // The models are those of the profile it copies, so clients see where it may run.
+    let models = match node.profiles.get(&a.copy_from) {
+        Some(p) => model_arns(node, p),
+        None => vec![json!({"modelArn": format!(
+            "arn:aws:bedrock:{}::foundation-model/{}",
+            node.region_code(),
+            a.copy_from
+        )})],
+    };
+    json!({
+        "inferenceProfileName": a.name,
+        "inferenceProfileId": a.id,
+        "inferenceProfileArn": app_arn(node, &a.id),
+        "description": a.description,
+        "createdAt": a.created_at,
+        "updatedAt": a.created_at,
+        "models": models,
+        "status": "ACTIVE",
+        "type": "APPLICATION",
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateProfile {
+    inference_profile_name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    client_request_token: Option<String>,
+    model_source: ModelSource,
+    #[serde(default)]
+    tags: Vec<Tag>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ModelSource {
+    copy_from: String,
+}
+
+#[derive(Deserialize)]
+struct Tag {
+    key: String,
+    value: String,
+}
+
+fn app_error(e: &AppProfileError, request_id: &str) -> Response {
+    let (status, kind) = match e {
+        AppProfileError::Invalid(_) => (StatusCode::BAD_REQUEST, "ValidationException"),
+        AppProfileError::Conflict(_) => (StatusCode::CONFLICT, "ConflictException"),
+        AppProfileError::NotFound(_) => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
+        AppProfileError::Store(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailableException",
+        ),
+    };
+    error(status, kind, &e.to_string(), request_id)
+}
+
+async fn create_profile(State(node): State<Arc<Node>>, req: Request) -> Response {
+    let request_id = new_request_id();
+    let (_, body) = match read(&node, req, &request_id).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Some(store) = node.app_profiles.clone() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            "application inference profiles are not enabled on this deployment: set [deployment] profile_store",
+            &request_id,
+        );
+    };
+    let create: CreateProfile = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "ValidationException",
+                &format!("the request body is not valid: {e}"),
+                &request_id,
+            );
+        }
+    };
+    // copyFrom must name something this deployment can route: resolve it now, and keep
+    // the ID it resolves to (a model or a system profile).
+    let copy_from =
+        match node
+            .profiles
+            .resolve(&node.catalog, &create.model_source.copy_from, node.region)
+        {
+            Ok(t) => t.id().to_owned(),
+            Err(ResolveError::NotServedHere { model, .. }) => model,
+            Err(e) => {
+                return pipeline_error(&PipelineError::Resolve(e), &request_id);
+            }
+        };
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let new = NewAppProfile {
+        name: create.inference_profile_name,
+        description: create.description,
+        copy_from,
+        tags: create.tags.into_iter().map(|t| (t.key, t.value)).collect(),
+        client_request_token: create.client_request_token,
+    };
+    match store.create(new, &now).await {
+        Ok(p) => (
+            StatusCode::CREATED,
+            axum::Json(json!({"inferenceProfileArn": app_arn(&node, &p.id), "status": "ACTIVE"})),
+        )
+            .into_response(),
+        Err(e) => app_error(&e, &request_id),
+    }
+}
+
+async fn delete_profile(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let request_id = new_request_id();
+    if let Err(r) = read(&node, req, &request_id).await {
+        return r;
+    }
+    if node.profiles.get(&id).is_some() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            &format!(
+                "{id} is a system-defined inference profile; only application profiles can be deleted"
+            ),
+            &request_id,
+        );
+    }
+    let Some(store) = node.app_profiles.clone() else {
+        return app_error(&AppProfileError::NotFound(id), &request_id);
+    };
+    match store.delete(crate::app_profiles::app_profile_id(&id)).await {
+        Ok(()) => axum::Json(json!({})).into_response(),
+        Err(e) => app_error(&e, &request_id),
+    }
 }
