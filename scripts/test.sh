@@ -12,6 +12,16 @@ cargo fmt --all -- --check
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "llama.cpp server for the backend conformance tests (cached in ~/.cache/crisp)"
+LLAMA_VENV="${CRISP_LLAMA_VENV:-$HOME/.cache/crisp/llama-venv}"
+if ! "$LLAMA_VENV/bin/python" -c 'import llama_cpp.server, gguf' 2>/dev/null; then
+  # Compiles llama.cpp the first time (a few minutes on 2 cores); reused afterwards.
+  python3 -m venv "$LLAMA_VENV"
+  "$LLAMA_VENV/bin/pip" install --quiet --disable-pip-version-check \
+    'llama-cpp-python[server]==0.3.16' 'gguf==0.19.0' 'numpy<3'
+fi
+export CRISP_LLAMA_PYTHON="$LLAMA_VENV/bin/python"
+
 step "cargo test"
 cargo test --workspace --locked
 

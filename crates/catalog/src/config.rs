@@ -11,8 +11,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    BackendSpec, Catalog, Deployment, Geography, Limits, Model, Price, Region, RegionIx,
-    RoutingSettings, SimulatedSpec, is_valid_id,
+    BackendSpec, Catalog, Deployment, Geography, Limits, Model, OpenAiSpec, Price, Region,
+    RegionIx, RoutingSettings, SimulatedSpec, is_valid_id,
 };
 
 /// The format version this build reads.
@@ -176,6 +176,14 @@ struct RawBackend {
     context_tokens: Option<u32>,
     retry_after_ms: Option<u64>,
     time_scale: Option<Spanned<f64>>,
+    base_url: Option<Spanned<String>>,
+    api_key_env: Option<String>,
+    upstream_model: Option<String>,
+    connect_timeout_ms: Option<u64>,
+    first_token_timeout_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    max_concurrency: Option<Spanned<u32>>,
+    metrics_url: Option<Spanned<String>>,
 }
 
 /// Collects problems with their positions in the source text.
@@ -616,26 +624,28 @@ fn validate_models(
                 );
                 continue;
             };
-            if backends.iter().any(|(r, _)| *r == ix) {
-                p.at(
-                    b.region.span(),
-                    format!(
-                        "model {id}: region {code} has two backends; give each region one backend"
-                    ),
-                );
-                continue;
-            }
             let spec = match b.kind.get_ref().as_str() {
                 "simulated" => BackendSpec::Simulated(validate_simulated(&b, &id, code, p)),
+                "openai" => BackendSpec::OpenAi(vec![validate_openai(&b, &id, code, p)]),
                 other => {
                     p.at(
                         b.kind.span(),
-                        format!("model {id} in {code}: unknown backend kind {other:?}; known kinds: simulated"),
+                        format!("model {id} in {code}: unknown backend kind {other:?}; known kinds: simulated, openai"),
                     );
                     continue;
                 }
             };
-            backends.push((ix, spec));
+            // Several `openai` tables for one region are replicas of one pool.
+            match (backends.iter_mut().find(|(r, _)| *r == ix), spec) {
+                (None, spec) => backends.push((ix, spec)),
+                (Some((_, BackendSpec::OpenAi(replicas))), BackendSpec::OpenAi(more)) => {
+                    replicas.extend(more);
+                }
+                (Some(_), _) => p.at(
+                    b.region.span(),
+                    format!("model {id}: region {code} has two backends; several backends in one region must all be kind \"openai\" (replicas)"),
+                ),
+            }
         }
         backends.sort_by_key(|(r, _)| *r);
         let price = Price {
@@ -659,6 +669,69 @@ fn validate_models(
         });
     }
     out
+}
+
+fn validate_openai(s: &RawBackend, model: &str, region: &str, p: &mut Problems<'_>) -> OpenAiSpec {
+    let base_url = match &s.base_url {
+        Some(u) => {
+            let v = u.get_ref();
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                p.at(
+                    u.span(),
+                    format!("model {model} in {region}: base_url {v:?} must start with http:// or https:// (e.g. \"http://10.0.0.5:8000/v1\")"),
+                );
+            }
+            v.trim_end_matches('/').to_owned()
+        }
+        None => {
+            p.at(
+                s.kind.span(),
+                format!("model {model} in {region}: an openai backend needs base_url, e.g. \"http://10.0.0.5:8000/v1\""),
+            );
+            String::new()
+        }
+    };
+    if let Some(v) = &s.max_concurrency
+        && *v.get_ref() == 0
+    {
+        p.at(
+            v.span(),
+            format!("model {model} in {region}: max_concurrency must be at least 1"),
+        );
+    }
+    if let Some(u) = &s.metrics_url
+        && !u.get_ref().starts_with("http")
+    {
+        p.at(
+            u.span(),
+            format!("model {model} in {region}: metrics_url must be an http(s) URL"),
+        );
+    }
+    for (set, name) in [
+        (s.slots.is_some(), "slots"),
+        (s.decode_tokens_per_s.is_some(), "decode_tokens_per_s"),
+        (s.prefill_tokens_per_s.is_some(), "prefill_tokens_per_s"),
+        (s.ttft_ms.is_some(), "ttft_ms"),
+        (s.time_scale.is_some(), "time_scale"),
+    ] {
+        if set {
+            p.at(
+                s.kind.span(),
+                format!("model {model} in {region}: {name} is a setting of simulated backends; openai backends use max_concurrency and timeouts"),
+            );
+        }
+    }
+    OpenAiSpec {
+        base_url,
+        api_key_env: s.api_key_env.clone(),
+        upstream_model: s.upstream_model.clone().unwrap_or_else(|| model.to_owned()),
+        connect_timeout_ms: s.connect_timeout_ms.unwrap_or(2_000),
+        first_token_timeout_ms: s.first_token_timeout_ms.unwrap_or(30_000),
+        timeout_ms: s.timeout_ms.unwrap_or(300_000),
+        max_concurrency: s.max_concurrency.as_ref().map_or(16, |v| *v.get_ref()),
+        queue_limit: s.queue_limit.unwrap_or(16),
+        metrics_url: s.metrics_url.as_ref().map(|u| u.get_ref().clone()),
+    }
 }
 
 fn validate_simulated(

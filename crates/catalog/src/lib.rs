@@ -96,6 +96,29 @@ impl Price {
 pub enum BackendSpec {
     /// The simulated engine: a stand-in for a GPU model server with realistic timing.
     Simulated(SimulatedSpec),
+    /// OpenAI-compatible servers (vLLM, SGLang, llama.cpp, TGI, Ollama, a provider
+    /// endpoint): one or more replicas of the model in the region.
+    OpenAi(Vec<OpenAiSpec>),
+}
+
+/// One OpenAI-compatible server.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpenAiSpec {
+    /// Up to `/v1`, e.g. `http://10.0.0.5:8000/v1`.
+    pub base_url: String,
+    /// The environment variable holding the API key (the key itself never sits in the
+    /// configuration).
+    pub api_key_env: Option<String>,
+    /// The model name the server knows.
+    pub upstream_model: String,
+    pub connect_timeout_ms: u64,
+    pub first_token_timeout_ms: u64,
+    pub timeout_ms: u64,
+    /// Sequences the server runs at once.
+    pub max_concurrency: u32,
+    pub queue_limit: u32,
+    /// The server's Prometheus metrics (vLLM, SGLang and llama.cpp's server export them).
+    pub metrics_url: Option<String>,
 }
 
 /// Parameters of a simulated engine (see `crisp-engine`).

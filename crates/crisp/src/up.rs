@@ -173,9 +173,15 @@ fn print_banner(catalog: &Catalog, lock: &Lock) {
             .models
             .iter()
             .filter_map(|m| {
-                let BackendSpec::Simulated(s) = m.backend(ix)?;
                 let short = m.id.split(['.', '-']).nth(1).unwrap_or(&m.id);
-                Some(format!("{short} {}+{}", s.slots, s.queue_limit))
+                Some(match m.backend(ix)? {
+                    BackendSpec::Simulated(s) => format!("{short} {}+{}", s.slots, s.queue_limit),
+                    BackendSpec::OpenAi(r) => format!(
+                        "{short} {}x{}",
+                        r.len(),
+                        r.first().map_or(0, |x| x.max_concurrency)
+                    ),
+                })
             })
             .collect();
         let peer_port = r.peer_addr.rsplit_once(':').map_or("", |(_, p)| p);

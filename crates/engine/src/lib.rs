@@ -10,6 +10,9 @@ use std::time::Duration;
 use futures::Stream;
 use futures::future::BoxFuture;
 
+pub mod metrics;
+pub mod openai;
+pub mod pool;
 pub mod sim;
 
 /// One chat message.

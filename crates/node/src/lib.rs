@@ -16,6 +16,8 @@ use std::time::Duration;
 use crisp_catalog::profiles::{Lock, Profiles};
 use crisp_catalog::{BackendSpec, Catalog, RegionIx};
 use crisp_engine::Backend;
+use crisp_engine::openai::{OpenAiBackend, OpenAiConfig};
+use crisp_engine::pool::Pool;
 use crisp_engine::sim::{SimConfig, SimEngine};
 use crisp_routing::{RouterConfig, Topology};
 use crisp_transport::{Receipt, RegionIdentity, SignedReceipt, TlsStore};
@@ -71,6 +73,8 @@ pub enum StartError {
         "the certificates are for {have}, but this node is {want}; issue them with `crisp certs issue --region <code>`"
     )]
     Identity { have: String, want: String },
+    #[error("{0}")]
+    Backend(String),
     #[error("cannot listen on {addr} ({what}): {source}; is another process using it?")]
     Bind {
         what: &'static str,
@@ -112,29 +116,13 @@ impl Node {
             stale_after_ms: catalog.routing.stale_after_ms,
             ..RouterConfig::default()
         };
-        let backends = catalog
-            .models
-            .iter()
-            .map(|m| {
-                m.backend(ix).map(|spec| match spec {
-                    BackendSpec::Simulated(s) => Arc::new(SimEngine::new(
-                        &m.id,
-                        region,
-                        SimConfig {
-                            slots: s.slots,
-                            queue_limit: s.queue_limit,
-                            prefill_tokens_per_s: s.prefill_tokens_per_s,
-                            decode_tokens_per_s: s.decode_tokens_per_s,
-                            base_ttft_ms: s.ttft_ms,
-                            default_max_tokens: s.max_tokens,
-                            retry_after: Duration::from_millis(s.retry_after_ms),
-                            time_scale: s.time_scale,
-                            context_tokens: s.context_tokens,
-                        },
-                    )) as Arc<dyn Backend>,
-                })
-            })
-            .collect();
+        let mut backends = Vec::with_capacity(catalog.models.len());
+        for m in &catalog.models {
+            backends.push(match m.backend(ix) {
+                None => None,
+                Some(spec) => Some(build_backend(&m.id, region, spec)?),
+            });
+        }
         let fleet = FleetView::new(catalog.regions.len(), catalog.models.len());
         let admitted = catalog.models.iter().map(|_| AtomicU64::new(0)).collect();
         Ok(Node {
@@ -332,6 +320,69 @@ impl Default for ServeOptions {
             metrics: None,
         }
     }
+}
+
+/// The engine(s) of one model in this region.
+fn build_backend(
+    model: &str,
+    region: &str,
+    spec: &BackendSpec,
+) -> Result<Arc<dyn Backend>, StartError> {
+    Ok(match spec {
+        BackendSpec::Simulated(s) => Arc::new(SimEngine::new(
+            model,
+            region,
+            SimConfig {
+                slots: s.slots,
+                queue_limit: s.queue_limit,
+                prefill_tokens_per_s: s.prefill_tokens_per_s,
+                decode_tokens_per_s: s.decode_tokens_per_s,
+                base_ttft_ms: s.ttft_ms,
+                default_max_tokens: s.max_tokens,
+                retry_after: Duration::from_millis(s.retry_after_ms),
+                time_scale: s.time_scale,
+                context_tokens: s.context_tokens,
+            },
+        )),
+        BackendSpec::OpenAi(replicas) => {
+            let mut built: Vec<Box<dyn Backend>> = Vec::with_capacity(replicas.len());
+            for r in replicas {
+                let api_key = match &r.api_key_env {
+                    Some(var) => Some(std::env::var(var).map_err(|_| {
+                        StartError::Backend(format!(
+                            "model {model}: the API key variable {var} for {} is not set",
+                            r.base_url
+                        ))
+                    })?),
+                    None => None,
+                };
+                let backend = OpenAiBackend::new(OpenAiConfig {
+                    base_url: r.base_url.clone(),
+                    api_key,
+                    upstream_model: r.upstream_model.clone(),
+                    connect_timeout: Duration::from_millis(r.connect_timeout_ms),
+                    first_token_timeout: Duration::from_millis(r.first_token_timeout_ms),
+                    total_timeout: Duration::from_millis(r.timeout_ms),
+                    max_concurrency: r.max_concurrency,
+                    queue_limit: r.queue_limit,
+                    metrics_url: r.metrics_url.clone(),
+                    default_retry_after: Duration::from_secs(1),
+                })
+                .map_err(|e| StartError::Backend(format!("model {model}: {e}")))?;
+                // Engines' own load signals, read once a second.
+                let _ = backend.spawn_scraper(Duration::from_secs(1));
+                built.push(Box::new(backend));
+            }
+            if built.len() == 1 {
+                match built.pop() {
+                    Some(one) => Arc::from(one),
+                    None => return Err(StartError::Backend(format!("model {model}: no replica"))),
+                }
+            } else {
+                Arc::new(Pool::new(built))
+            }
+        }
+    })
 }
 
 /// Listeners for a node; bind them first to learn ephemeral ports.

@@ -1,0 +1,564 @@
+//! A backend that is any OpenAI-compatible server: vLLM, SGLang, llama.cpp's server, TGI,
+//! Ollama, or a provider's regional endpoint.
+//!
+//! Requests always stream upstream (with `stream_options.include_usage`), so tokens pass
+//! through as they come and usage is known at the end; when the server reports no usage,
+//! tokens are counted here. Admission is the upstream's `200`: a `429`/`503` is a capacity
+//! refusal (its `Retry-After` honoured), other `5xx`, timeouts and broken connections make
+//! the engine unavailable, and other `4xx` (a prompt too long, say) reject the request
+//! without saying anything about the engine's health.
+//!
+//! The engine's own load is read from its Prometheus `/metrics` when it has one, combined
+//! with the requests in flight through this backend.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::metrics::EngineMetrics;
+use crate::{
+    Backend, BackendError, Chunk, ChunkStream, EngineLoad, FinishReason, GenerateRequest, Usage,
+    count_tokens,
+};
+
+/// How to reach one OpenAI-compatible server.
+#[derive(Clone)]
+pub struct OpenAiConfig {
+    /// Base URL up to `/v1`, e.g. `http://10.0.0.5:8000/v1`.
+    pub base_url: String,
+    /// Sent as a bearer token; never logged.
+    pub api_key: Option<String>,
+    /// The model name the server knows.
+    pub upstream_model: String,
+    pub connect_timeout: Duration,
+    /// Time allowed until the first token arrives.
+    pub first_token_timeout: Duration,
+    /// Time allowed for the whole answer.
+    pub total_timeout: Duration,
+    /// Sequences this server runs at once (its scheduler's limit); the headroom basis.
+    pub max_concurrency: u32,
+    /// Requests it will queue beyond that before crisp treats it as full.
+    pub queue_limit: u32,
+    /// Where its Prometheus metrics are, if it has them.
+    pub metrics_url: Option<String>,
+    /// Cool-down when a 429/503 carries no Retry-After.
+    pub default_retry_after: Duration,
+}
+
+impl std::fmt::Debug for OpenAiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiConfig")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("upstream_model", &self.upstream_model)
+            .field("max_concurrency", &self.max_concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    cfg: OpenAiConfig,
+    client: reqwest::Client,
+    in_flight: AtomicU32,
+    scraped: Mutex<Option<EngineMetrics>>,
+}
+
+/// One OpenAI-compatible server.
+#[derive(Clone)]
+pub struct OpenAiBackend {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for OpenAiBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("OpenAiBackend")
+            .field(&self.shared.cfg)
+            .finish()
+    }
+}
+
+impl OpenAiBackend {
+    pub fn new(cfg: OpenAiConfig) -> Result<OpenAiBackend, BackendError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| BackendError::Internal(format!("HTTP client: {e}")))?;
+        Ok(OpenAiBackend {
+            shared: Arc::new(Shared {
+                cfg,
+                client,
+                in_flight: AtomicU32::new(0),
+                scraped: Mutex::new(None),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &OpenAiConfig {
+        &self.shared.cfg
+    }
+
+    /// Reads the engine's `/metrics` once and keeps what it says about load.
+    pub async fn scrape(&self) -> Result<EngineMetrics, String> {
+        let Some(url) = &self.shared.cfg.metrics_url else {
+            return Err("no metrics URL configured".into());
+        };
+        let text = self
+            .shared
+            .client
+            .get(url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())?;
+        let m = EngineMetrics::parse(&text);
+        if let Ok(mut g) = self.shared.scraped.lock() {
+            *g = Some(m);
+        }
+        Ok(m)
+    }
+
+    /// Scrapes every `interval` for as long as the returned task runs.
+    pub fn spawn_scraper(&self, interval: Duration) -> Option<tokio::task::JoinHandle<()>> {
+        self.shared.cfg.metrics_url.as_ref()?;
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        let me = self.clone();
+        Some(handle.spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = me.scrape().await {
+                    tracing::debug!(url = ?me.shared.cfg.metrics_url, error = %e, "engine metrics unavailable");
+                    if let Ok(mut g) = me.shared.scraped.lock() {
+                        *g = None;
+                    }
+                }
+            }
+        }))
+    }
+}
+
+/// Keeps the in-flight count right whatever way a request ends.
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn new(shared: &Arc<Shared>) -> InFlight {
+        shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap, default: Duration) -> Duration {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(default, Duration::from_secs)
+}
+
+fn classify(
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    body: &str,
+    cfg: &OpenAiConfig,
+) -> BackendError {
+    let message = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .or_else(|| v.get("message"))
+                .or_else(|| v.get("error"))
+                .and_then(|m| m.as_str().map(str::to_owned))
+        })
+        .unwrap_or_else(|| body.chars().take(300).collect());
+    let what = format!("{} answered {status}: {message}", cfg.base_url);
+    match status.as_u16() {
+        429 | 503 => BackendError::Capacity {
+            retry_after: Some(retry_after(headers, cfg.default_retry_after)),
+            message: what,
+        },
+        408 | 504 => BackendError::Timeout(what),
+        s if s >= 500 => BackendError::Unavailable(what),
+        _ => BackendError::BadRequest(what),
+    }
+}
+
+#[derive(Deserialize)]
+struct StreamChunk {
+    #[serde(default)]
+    choices: Vec<StreamChoice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct StreamChoice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+struct WireUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+/// Turns an SSE byte stream into `data:` payloads.
+fn sse_events<S>(body: S) -> impl Stream<Item = Result<Bytes, String>>
+where
+    S: Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin,
+{
+    futures::stream::unfold(
+        (body, BytesMut::new(), false),
+        |(mut body, mut buf, mut done)| async move {
+            loop {
+                if let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
+                    let event = buf.split_to(pos + 2);
+                    let data: Vec<u8> = event[..]
+                        .split(|&b| b == b'\n')
+                        .filter_map(|l| l.strip_prefix(b"data:"))
+                        .flat_map(|l| l.strip_prefix(b" ").unwrap_or(l).iter().copied())
+                        .collect();
+                    if data.is_empty() {
+                        continue;
+                    }
+                    return Some((Ok(Bytes::from(data)), (body, buf, done)));
+                }
+                if done {
+                    return None;
+                }
+                match body.next().await {
+                    Some(Ok(chunk)) => {
+                        // Normalise CRLF so event boundaries are found either way.
+                        if chunk.contains(&b'\r') {
+                            buf.extend(chunk.iter().copied().filter(|&b| b != b'\r'));
+                        } else {
+                            buf.extend_from_slice(&chunk);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        return Some((Err(e.to_string()), (body, BytesMut::new(), true)));
+                    }
+                    None => {
+                        done = true;
+                        if !buf.is_empty() {
+                            buf.extend_from_slice(b"\n\n");
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+impl Backend for OpenAiBackend {
+    fn generate(
+        &self,
+        req: GenerateRequest,
+    ) -> BoxFuture<'static, Result<ChunkStream, BackendError>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            if req.messages.is_empty() {
+                return Err(BackendError::BadRequest(
+                    "messages must not be empty".into(),
+                ));
+            }
+            let cfg = &shared.cfg;
+            let guard = InFlight::new(&shared);
+            let prompt_tokens: u32 = req
+                .messages
+                .iter()
+                .map(|m| count_tokens(&m.content).saturating_add(4))
+                .sum();
+            let mut body = json!({
+                "model": cfg.upstream_model,
+                "messages": req.messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
+                "stream": true,
+                "stream_options": {"include_usage": true},
+            });
+            if let Some(n) = req.max_tokens {
+                body["max_tokens"] = json!(n);
+            }
+            if let Some(t) = req.temperature {
+                body["temperature"] = json!(t);
+            }
+            if !req.stop.is_empty() {
+                body["stop"] = json!(req.stop);
+            }
+            let mut request = shared
+                .client
+                .post(format!(
+                    "{}/chat/completions",
+                    cfg.base_url.trim_end_matches('/')
+                ))
+                .json(&body);
+            if let Some(key) = &cfg.api_key {
+                request = request.bearer_auth(key);
+            }
+            let response = tokio::time::timeout(cfg.first_token_timeout, request.send())
+                .await
+                .map_err(|_| {
+                    BackendError::Timeout(format!(
+                        "{} did not answer in {:?}",
+                        cfg.base_url, cfg.first_token_timeout
+                    ))
+                })?
+                .map_err(|e| {
+                    if e.is_timeout() {
+                        BackendError::Timeout(format!("{}: {e}", cfg.base_url))
+                    } else {
+                        BackendError::Unavailable(format!("{} unreachable: {e}", cfg.base_url))
+                    }
+                })?;
+            let status = response.status();
+            if !status.is_success() {
+                let headers = response.headers().clone();
+                let text = response.text().await.unwrap_or_default();
+                return Err(classify(status, &headers, &text, cfg));
+            }
+            let first_token_timeout = cfg.first_token_timeout;
+            let deadline = tokio::time::Instant::now() + cfg.total_timeout;
+            let events = Box::pin(sse_events(response.bytes_stream()));
+            let state = Relay {
+                events,
+                guard: Some(guard),
+                usage: None,
+                finish: None,
+                completion_counted: 0,
+                prompt_tokens,
+                first: true,
+                done: false,
+                first_token_timeout,
+                deadline,
+            };
+            let stream = futures::stream::unfold(state, |mut s| async move {
+                let item = s.next().await?;
+                Some((item, s))
+            });
+            Ok(Box::pin(stream) as ChunkStream)
+        })
+    }
+
+    fn load(&self) -> EngineLoad {
+        let cfg = &self.shared.cfg;
+        let in_flight = self.shared.in_flight.load(Ordering::Relaxed);
+        let scraped = self.shared.scraped.lock().ok().and_then(|g| *g);
+        // The engine's own view counts requests from every crisp node in the region; ours
+        // counts only this node's. Take the larger of each.
+        let (running, waiting) = match scraped {
+            Some(m) => (
+                m.running.max(in_flight.min(cfg.max_concurrency)),
+                m.waiting.max(in_flight.saturating_sub(cfg.max_concurrency)),
+            ),
+            None => (
+                in_flight.min(cfg.max_concurrency),
+                in_flight.saturating_sub(cfg.max_concurrency),
+            ),
+        };
+        EngineLoad {
+            slots: cfg.max_concurrency,
+            running,
+            queue_limit: cfg.queue_limit,
+            waiting,
+        }
+    }
+}
+
+struct Relay {
+    events: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>,
+    guard: Option<InFlight>,
+    usage: Option<WireUsage>,
+    finish: Option<FinishReason>,
+    completion_counted: u32,
+    prompt_tokens: u32,
+    first: bool,
+    done: bool,
+    first_token_timeout: Duration,
+    deadline: tokio::time::Instant,
+}
+
+impl Relay {
+    async fn next(&mut self) -> Option<Result<Chunk, BackendError>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let wait = if self.first {
+                self.first_token_timeout.min(
+                    self.deadline
+                        .saturating_duration_since(tokio::time::Instant::now()),
+                )
+            } else {
+                self.deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
+            };
+            let event = match tokio::time::timeout(wait, self.events.next()).await {
+                Err(_) => {
+                    self.done = true;
+                    self.guard = None;
+                    return Some(Err(BackendError::Timeout(
+                        "the engine stopped producing tokens in time".into(),
+                    )));
+                }
+                Ok(None) if self.finish.is_none() => {
+                    // No [DONE] and no finish reason: the server gave up mid-answer (some
+                    // report errors only this way once they have sent 200).
+                    self.done = true;
+                    self.guard = None;
+                    return Some(Err(BackendError::Unavailable(
+                        "the engine ended the answer without finishing it".into(),
+                    )));
+                }
+                Ok(None) => return self.finish(),
+                Ok(Some(Err(e))) => {
+                    self.done = true;
+                    self.guard = None;
+                    return Some(Err(BackendError::Unavailable(format!(
+                        "the engine's stream broke: {e}"
+                    ))));
+                }
+                Ok(Some(Ok(data))) => data,
+            };
+            if event.as_ref() == b"[DONE]" {
+                return self.finish();
+            }
+            let chunk: StreamChunk = match serde_json::from_slice(&event) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.done = true;
+                    self.guard = None;
+                    return Some(Err(BackendError::Internal(format!(
+                        "unreadable event from the engine: {e}"
+                    ))));
+                }
+            };
+            if let Some(u) = chunk.usage {
+                self.usage = Some(u);
+            }
+            let mut text = String::new();
+            for c in chunk.choices {
+                if let Some(d) = c.delta.and_then(|d| d.content) {
+                    text.push_str(&d);
+                }
+                if let Some(f) = c.finish_reason {
+                    self.finish = Some(if f == "length" {
+                        FinishReason::Length
+                    } else {
+                        FinishReason::Stop
+                    });
+                }
+            }
+            if !text.is_empty() {
+                self.first = false;
+                self.completion_counted = self
+                    .completion_counted
+                    .saturating_add(count_tokens(&text).max(1));
+                return Some(Ok(Chunk::Delta(text)));
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Option<Result<Chunk, BackendError>> {
+        if self.done {
+            return None;
+        }
+        self.done = true;
+        self.guard = None;
+        let usage = match self.usage {
+            Some(u) => Usage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+            },
+            None => Usage {
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: self.completion_counted,
+            },
+        };
+        Some(Ok(Chunk::Done {
+            finish_reason: self.finish.unwrap_or(FinishReason::Stop),
+            usage,
+        }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> OpenAiConfig {
+        OpenAiConfig {
+            base_url: "http://engine/v1".into(),
+            api_key: Some("sk-secret".into()),
+            upstream_model: "m".into(),
+            connect_timeout: Duration::from_secs(1),
+            first_token_timeout: Duration::from_secs(1),
+            total_timeout: Duration::from_secs(1),
+            max_concurrency: 4,
+            queue_limit: 4,
+            metrics_url: None,
+            default_retry_after: Duration::from_secs(3),
+        }
+    }
+
+    #[test]
+    fn upstream_statuses_map_to_who_failed() {
+        let mut h = reqwest::header::HeaderMap::new();
+        let body = r#"{"error": {"message": "This model's maximum context length is 512 tokens"}}"#;
+        let e = classify(reqwest::StatusCode::BAD_REQUEST, &h, body, &cfg());
+        assert!(matches!(&e, BackendError::BadRequest(m) if m.contains("maximum context length")));
+        assert!(!e.trips_cooldown());
+        let e = classify(reqwest::StatusCode::TOO_MANY_REQUESTS, &h, "", &cfg());
+        assert_eq!(
+            e,
+            BackendError::Capacity {
+                retry_after: Some(Duration::from_secs(3)),
+                message: "http://engine/v1 answered 429 Too Many Requests: ".into()
+            }
+        );
+        h.insert(reqwest::header::RETRY_AFTER, "7".parse().unwrap());
+        assert!(matches!(
+            classify(reqwest::StatusCode::SERVICE_UNAVAILABLE, &h, "", &cfg()),
+            BackendError::Capacity { retry_after: Some(d), .. } if d == Duration::from_secs(7)
+        ));
+        assert!(matches!(
+            classify(reqwest::StatusCode::BAD_GATEWAY, &h, "", &cfg()),
+            BackendError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(reqwest::StatusCode::GATEWAY_TIMEOUT, &h, "", &cfg()),
+            BackendError::Timeout(_)
+        ));
+    }
+
+    #[test]
+    fn the_api_key_never_shows_in_debug_output() {
+        assert!(!format!("{:?}", cfg()).contains("sk-secret"));
+    }
+}
