@@ -160,4 +160,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The backend's load now.
     fn load(&self) -> EngineLoad;
+
+    /// An active health check (e.g. the server's model list). Engines that live in this
+    /// process are always healthy.
+    fn health(&self) -> BoxFuture<'static, Result<(), BackendError>> {
+        Box::pin(async { Ok(()) })
+    }
 }

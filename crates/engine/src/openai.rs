@@ -365,6 +365,32 @@ impl Backend for OpenAiBackend {
         })
     }
 
+    fn health(&self) -> BoxFuture<'static, Result<(), BackendError>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let cfg = &shared.cfg;
+            let mut req = shared
+                .client
+                .get(format!("{}/models", cfg.base_url.trim_end_matches('/')))
+                .timeout(Duration::from_secs(2));
+            if let Some(key) = &cfg.api_key {
+                req = req.bearer_auth(key);
+            }
+            match req.send().await {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(BackendError::Unavailable(format!(
+                    "{} health check answered {}",
+                    cfg.base_url,
+                    r.status()
+                ))),
+                Err(e) => Err(BackendError::Unavailable(format!(
+                    "{} health check failed: {e}",
+                    cfg.base_url
+                ))),
+            }
+        })
+    }
+
     fn load(&self) -> EngineLoad {
         let cfg = &self.shared.cfg;
         let in_flight = self.shared.in_flight.load(Ordering::Relaxed);

@@ -71,6 +71,24 @@ impl Pool {
         }
     }
 
+    /// Probes every replica once: a failing one is ejected, an ejected one that answers
+    /// again returns to service.
+    pub async fn check_health(&self) {
+        for r in &self.replicas {
+            match r.backend.health().await {
+                Ok(()) => {
+                    if let Ok(mut g) = r.ejected_until.lock() {
+                        *g = None;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "replica failed its health check");
+                    r.eject(Instant::now() + DEFAULT_EJECTION);
+                }
+            }
+        }
+    }
+
     /// Replicas currently in service.
     pub fn in_service(&self) -> usize {
         let now = Instant::now();

@@ -279,6 +279,17 @@ async fn a_pool_of_real_servers_survives_losing_a_replica() {
     }
     assert_eq!(pool.in_service(), 1);
     assert_eq!(pool.load().slots, 4);
+    // Active health checks find the same without any request, and bring a replica back.
+    let c = start_llama();
+    let pool = Pool::new(vec![
+        Box::new(openai(a.port, None)),
+        Box::new(openai(c.port, None)),
+    ]);
+    pool.check_health().await;
+    assert_eq!(pool.in_service(), 2);
+    drop(c);
+    pool.check_health().await;
+    assert_eq!(pool.in_service(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

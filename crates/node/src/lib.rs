@@ -379,7 +379,21 @@ fn build_backend(
                     None => return Err(StartError::Backend(format!("model {model}: no replica"))),
                 }
             } else {
-                Arc::new(Pool::new(built))
+                let pool = Arc::new(Pool::new(built));
+                // Active health checks, so a dead replica leaves the region's capacity
+                // even when no request has hit it.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let weak = Arc::downgrade(&pool);
+                    rt.spawn(async move {
+                        let mut tick = tokio::time::interval(Duration::from_secs(5));
+                        loop {
+                            tick.tick().await;
+                            let Some(pool) = weak.upgrade() else { return };
+                            pool.check_health().await;
+                        }
+                    });
+                }
+                pool
             }
         }
     })
