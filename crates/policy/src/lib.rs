@@ -293,7 +293,6 @@ const IMPLICIT_PERMIT: &str = "crisp-guardrails-default-permit";
 /// Validated policies and the entities they speak about, for one catalog and principal
 /// set. Rebuilt whole on reload.
 pub struct PolicyEngine {
-    schema: Schema,
     team: PolicySet,
     guardrails: PolicySet,
     entities: Entities,
@@ -404,7 +403,6 @@ impl PolicyEngine {
             }])
         })?;
         Ok(PolicyEngine {
-            schema,
             team,
             guardrails,
             entities,
