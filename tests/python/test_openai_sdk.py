@@ -76,8 +76,12 @@ def region_port(fed, index):
     return fed["base"] + index
 
 
-def client(fed, index=0):
-    return OpenAI(base_url=f"http://127.0.0.1:{region_port(fed, index)}/v1", api_key="unused", max_retries=0)
+DEMO_KEY = "crisp-demo-key-loopback-only"
+EU_KEY = "crisp-eu-search-key-loopback-only"
+
+
+def client(fed, index=0, key=DEMO_KEY):
+    return OpenAI(base_url=f"http://127.0.0.1:{region_port(fed, index)}/v1", api_key=key, max_retries=0)
 
 
 # Region order of the embedded demo.
@@ -140,7 +144,8 @@ def test_saturated_region_profile_keeps_answering_bare_model_gets_429(federation
         # Long streams hold engine slots (8 slots + 8 queued in the demo).
         body = json.dumps({"model": NOVA, "stream": True, "max_tokens": 48,
                            "messages": [{"role": "user", "content": "long answer please"}]}).encode()
-        req = urllib.request.Request(url, body, {"content-type": "application/json"})
+        req = urllib.request.Request(url, body, {"content-type": "application/json",
+                                                 "authorization": f"Bearer {DEMO_KEY}"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 return r.status, r.read()
@@ -159,3 +164,22 @@ def test_saturated_region_profile_keeps_answering_bare_model_gets_429(federation
         assert raw.headers["x-crisp-inference-region"] in EU - {"eu-central-1"}
         statuses = [f.result()[0] for f in held]
     assert statuses.count(200) == 16 and statuses.count(429) == 8, statuses
+
+
+def test_keys_and_policies(federation):
+    """Access control in the demo: keys are required, and the EU team's guardrail holds."""
+    with pytest.raises(openai.AuthenticationError) as e:
+        client(federation, key="crisp-wrong").chat.completions.create(
+            model="eu.amazon.nova-lite-v1:0", messages=[{"role": "user", "content": "x"}])
+    assert "not known" in str(e.value)
+    eu = client(federation, US_EAST_1, key=EU_KEY)
+    raw = eu.chat.completions.with_raw_response.create(
+        model="eu.amazon.nova-lite-v1:0", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    assert raw.headers["x-crisp-inference-region"] in EU
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        eu.chat.completions.create(
+            model="global.amazon.nova-lite-v1:0", messages=[{"role": "user", "content": "x"}])
+    assert "guardrail" in str(e.value) and "global.amazon.nova-lite-v1:0" in str(e.value)
+    # A bare model ID in the US is outside the EU too.
+    with pytest.raises(openai.PermissionDeniedError):
+        eu.chat.completions.create(model=NOVA, messages=[{"role": "user", "content": "x"}])

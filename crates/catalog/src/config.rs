@@ -11,8 +11,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    BackendSpec, Catalog, Deployment, Geography, Limits, Model, OpenAiSpec, Price, Region,
-    RegionIx, RoutingSettings, SimulatedSpec, is_valid_id,
+    AccessSettings, BackendSpec, Catalog, Deployment, Geography, Limits, Model, OpenAiSpec, Price,
+    Region, RegionIx, RoutingSettings, SimulatedSpec, is_valid_id,
 };
 
 /// The format version this build reads.
@@ -65,6 +65,8 @@ struct RawConfig {
     routing: RawRouting,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    access: Option<RawAccess>,
     #[serde(default, rename = "region")]
     regions: Vec<RawRegion>,
     #[serde(default, rename = "geography")]
@@ -96,6 +98,17 @@ struct RawRouting {
     admit_timeout_ms: Option<Spanned<u64>>,
     route_factor: Option<Spanned<f64>>,
     telemetry_interval_ms: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    principals: String,
+    keys: String,
+    #[serde(default)]
+    policies: Vec<String>,
+    #[serde(default)]
+    guardrails: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -268,7 +281,14 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> Catalog {
         .collect();
     let geographies = validate_geographies(raw.geographies, &region_index, p);
     let models = validate_models(raw.models, &region_index, p);
-    Catalog::new(deployment, regions, geographies, models, routing, limits)
+    let mut catalog = Catalog::new(deployment, regions, geographies, models, routing, limits);
+    catalog.access = raw.access.map(|a| AccessSettings {
+        principals: a.principals,
+        keys: a.keys,
+        policies: a.policies,
+        guardrails: a.guardrails,
+    });
+    catalog
 }
 
 fn validate_deployment(raw: RawDeployment, p: &mut Problems<'_>) -> Deployment {

@@ -213,6 +213,15 @@ impl Default for RoutingSettings {
     }
 }
 
+/// Where access control lives; paths as written in the config (relative to it).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AccessSettings {
+    pub principals: String,
+    pub keys: String,
+    pub policies: Vec<String>,
+    pub guardrails: Vec<String>,
+}
+
 /// Limits on client input.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
@@ -237,6 +246,8 @@ pub struct Catalog {
     pub models: Vec<Model>,
     pub routing: RoutingSettings,
     pub limits: Limits,
+    /// `None`: no authentication or authorization (say so loudly at start).
+    pub access: Option<AccessSettings>,
     region_index: HashMap<String, RegionIx>,
     model_index: HashMap<String, usize>,
 }
@@ -267,6 +278,7 @@ impl Catalog {
             models,
             routing,
             limits,
+            access: None,
             region_index,
             model_index,
         }

@@ -77,6 +77,16 @@ enum Command {
         #[command(subcommand)]
         command: crate::certs::CertsCommand,
     },
+    /// Create, list and revoke API keys and SigV4 credentials of principals.
+    Keys {
+        #[command(subcommand)]
+        command: crate::access::KeysCommand,
+    },
+    /// Explain an authorization decision: which policies decided it and why.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Inspect and update inference profiles and the lock file that freezes them.
     Profiles {
         #[command(subcommand)]
@@ -86,6 +96,25 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Would PRINCIPAL be allowed ACTION through PROFILE from SOURCE?
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        principal: String,
+        /// InvokeModel, InvokeModelWithResponseStream, GetInferenceProfile, ...
+        #[arg(long, default_value = "InvokeModel")]
+        action: String,
+        #[arg(long)]
+        profile: String,
+        /// The region the request arrives in [default: the first region].
+        #[arg(long)]
+        source: Option<String>,
     },
 }
 
@@ -132,6 +161,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             serve(&config, &region, lock, certs, client_tls).await
         }
         Command::Certs { command } => crate::certs::run(command),
+        Command::Keys { command } => crate::access::run_keys(command),
+        Command::Policy {
+            command:
+                PolicyCommand::Check {
+                    config,
+                    principal,
+                    action,
+                    profile,
+                    source,
+                },
+        } => {
+            if crate::access::check(&config, &principal, &action, &profile, source.as_deref())? {
+                Ok(())
+            } else {
+                std::process::exit(2)
+            }
+        }
         Command::Check { config } => {
             let catalog = load_config(&config)?;
             println!(
@@ -147,17 +193,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn load_config(path: &Path) -> anyhow::Result<Catalog> {
+pub fn load_config(path: &Path) -> anyhow::Result<Catalog> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the configuration {}", path.display()))?;
     parse_config(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-fn lock_path(config: &Path, lock: Option<PathBuf>) -> PathBuf {
+pub fn lock_path(config: &Path, lock: Option<PathBuf>) -> PathBuf {
     lock.unwrap_or_else(|| config.with_file_name("crisp.lock"))
 }
 
-fn read_lock(path: &Path) -> anyhow::Result<Option<Lock>> {
+pub fn read_lock(path: &Path) -> anyhow::Result<Option<Lock>> {
     match std::fs::read_to_string(path) {
         Ok(text) => Lock::parse(&text)
             .map(Some)
@@ -319,7 +365,20 @@ async fn serve(
     if let Err(e) = app_profiles.refresh().await {
         tracing::warn!(error = %e, "cannot read application inference profiles yet; will retry");
     }
-    let node = Node::new(catalog, &lock, region, Arc::new(tls))?.with_app_profiles(app_profiles);
+    let access_files = crate::access::files(config, &catalog)?;
+    let mut node =
+        Node::new(catalog, &lock, region, Arc::new(tls))?.with_app_profiles(app_profiles);
+    match access_files {
+        Some(files) => {
+            let access =
+                crisp_node::access::Access::load(files, &node.catalog, &node.profiles, node.region)
+                    .map_err(|e| anyhow::anyhow!("access control: {e}"))?;
+            node = node.with_access(Arc::new(access));
+        }
+        None => tracing::warn!(
+            "no [access] section: every client may call every profile without a key; add one before exposing this node"
+        ),
+    }
     let running = RunningNode::start(
         node,
         listeners,

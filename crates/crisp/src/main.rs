@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod access;
 mod certs;
 mod cli;
 mod observe;

@@ -11,9 +11,10 @@ use crisp_catalog::{BackendSpec, Catalog, parse_config};
 use std::sync::Arc;
 
 use crate::observe::install_metrics;
-use crisp_node::api::bedrock::sigv4::SigV4Keys;
+use crisp_node::access::{Access, AccessFiles};
 use crisp_node::app_profiles::AppProfiles;
 use crisp_node::{Listeners, Node, RunningNode, ServeOptions, bind, unix_ms};
+use crisp_policy::keys::{ApiKey, KeyStore, SigV4Credential, hash_key};
 use crisp_transport::{RegionIdentity, TlsFiles, TlsStore};
 
 /// The embedded demo federation.
@@ -22,6 +23,53 @@ const DEMO_BASE_PORT: u16 = 8080;
 /// Demo SigV4 credentials for the Bedrock API: well known, loopback only.
 pub const DEMO_ACCESS_KEY: &str = "AKIACRISPDEMO0000001";
 pub const DEMO_SECRET_KEY: &str = "crisp-demo-secret-loopback-only";
+/// Demo API keys (well known, loopback only): the platform team, and an EU-resident team
+/// under the residency guardrail.
+pub const DEMO_API_KEY: &str = "crisp-demo-key-loopback-only";
+pub const EU_API_KEY: &str = "crisp-eu-search-key-loopback-only";
+
+/// Writes the demo's principals, keys and policies into `dir`.
+fn demo_access(dir: &std::path::Path) -> anyhow::Result<AccessFiles> {
+    let files = AccessFiles {
+        principals: dir.join("principals.toml"),
+        keys: dir.join("keys.toml"),
+        policies: vec![dir.join("teams.cedar")],
+        guardrails: vec![dir.join("guardrails.cedar")],
+    };
+    std::fs::write(
+        &files.principals,
+        include_str!("../../../examples/principals.toml"),
+    )?;
+    std::fs::write(
+        &files.policies[0],
+        include_str!("../../../examples/policies/teams.cedar"),
+    )?;
+    std::fs::write(
+        &files.guardrails[0],
+        include_str!("../../../examples/policies/guardrails.cedar"),
+    )?;
+    let key = |id: &str, principal: &str, plain: &str| ApiKey {
+        id: id.into(),
+        principal: principal.into(),
+        sha256: hash_key(plain),
+        created: "demo".into(),
+        revoked: false,
+    };
+    let store = KeyStore {
+        keys: vec![
+            key("k-demo", "demo", DEMO_API_KEY),
+            key("k-eu-search", "eu-search", EU_API_KEY),
+        ],
+        sigv4: vec![SigV4Credential {
+            access_key_id: DEMO_ACCESS_KEY.into(),
+            secret: DEMO_SECRET_KEY.into(),
+            principal: "demo".into(),
+            revoked: false,
+        }],
+    };
+    crate::access::write_store(&files.keys, &store)?;
+    Ok(files)
+}
 
 #[derive(Args)]
 pub struct UpArgs {
@@ -106,6 +154,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Some(url) => url.clone(),
         None => format!("file://{}", profile_dir.path().display()),
     };
+    let access_dir = tempfile::Builder::new()
+        .prefix("crisp-up-access-")
+        .tempdir()?;
+    // The embedded demo runs with its demo principals; a given configuration with its own
+    // [access] section, or open when it has none.
+    let access_files = match &args.config {
+        None => Some(demo_access(access_dir.path())?),
+        Some(path) => crate::access::files(path, &catalog)?,
+    };
     let mut nodes = Vec::with_capacity(listeners.len());
     for (r, l) in catalog.regions.iter().zip(listeners) {
         let app_profiles = Arc::new(AppProfiles::from_url(&profile_url)?);
@@ -116,11 +173,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             unix_ms() / 1000,
         )?;
         let node = Node::new(catalog.clone(), &lock, &r.code, Arc::new(tls))?
-            .with_sigv4(SigV4Keys::new([(
-                DEMO_ACCESS_KEY.to_owned(),
-                DEMO_SECRET_KEY.to_owned(),
-            )]))
             .with_app_profiles(app_profiles);
+        let node = match &access_files {
+            Some(files) => {
+                let access =
+                    Access::load(files.clone(), &node.catalog, &node.profiles, node.region)
+                        .map_err(|e| anyhow::anyhow!("access control: {e}"))?;
+                node.with_access(Arc::new(access))
+            }
+            None => node,
+        };
         let options = ServeOptions {
             grace: Duration::from_secs(5),
             metrics: Some(metrics.clone()),
@@ -203,14 +265,19 @@ fn print_banner(catalog: &Catalog, lock: &Lock) {
         .map_or("127.0.0.1:8080", |r| r.client_addr.as_str());
     println!(
         r#"
+API keys (loopback only): {demo_key} (team platform)
+                          {eu_key} (team search, residency=eu: EU profiles only)
+SigV4 for boto3: {akid} / {secret}
+
 try it (an EU profile called in {region}; the answer says where it ran):
 
   curl -si http://{first}/v1/chat/completions -H 'content-type: application/json' \
+    -H 'authorization: Bearer {demo_key}' \
     -d '{{"model": "eu.amazon.nova-lite-v1:0", "messages": [{{"role": "user", "content": "Hello"}}]}}'
 
   python3 -c '
 from openai import OpenAI
-client = OpenAI(base_url="http://{first}/v1", api_key="unused")
+client = OpenAI(base_url="http://{first}/v1", api_key="{demo_key}")
 raw = client.chat.completions.with_raw_response.create(
     model="eu.amazon.nova-lite-v1:0", messages=[{{"role": "user", "content": "Hello"}}])
 print(raw.headers["x-crisp-inference-region"], raw.parse().choices[0].message.content)'
@@ -229,6 +296,8 @@ print(r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"], r["outpu
 Ctrl-C stops every node."#,
         region = catalog.regions.first().map_or("?", |r| r.code.as_str()),
         akid = DEMO_ACCESS_KEY,
+        demo_key = DEMO_API_KEY,
+        eu_key = EU_API_KEY,
         secret = DEMO_SECRET_KEY,
         admin = catalog
             .regions

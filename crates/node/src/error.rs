@@ -36,6 +36,12 @@ pub enum PipelineError {
     TooLarge { limit: usize },
     #[error(transparent)]
     Resolve(#[from] ResolveError),
+    /// Who is calling could not be established.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller may not do this; the reason is a category, never policy text.
+    #[error("access to {profile} is denied: {reason}")]
+    Denied { profile: String, reason: String },
     /// No region of the boundary could take the request.
     #[error("{}", exhausted_message(.profile, .attempts, .skipped, .boundary))]
     Exhausted {
@@ -94,6 +100,8 @@ impl PipelineError {
             PipelineError::InvalidRequest(_)
             | PipelineError::TooLarge { .. }
             | PipelineError::Resolve(_)
+            | PipelineError::Unauthenticated(_)
+            | PipelineError::Denied { .. }
             | PipelineError::ModelRejected(_) => Culprit::Client,
             PipelineError::Exhausted { .. } => Culprit::Capacity,
             PipelineError::Timeout(_) | PipelineError::ModelFailed(_) => Culprit::Upstream,

@@ -25,6 +25,7 @@ use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod app_profiles;
@@ -56,6 +57,8 @@ pub struct Node {
     pub tls: Arc<TlsStore>,
     /// Generations admitted by this region's engines, per model index.
     admitted: Vec<AtomicU64>,
+    /// Principals, keys and policies; `None` runs without authentication.
+    pub access: Option<Arc<access::Access>>,
     /// Application inference profiles of the deployment, when a store is configured.
     pub app_profiles: Option<Arc<app_profiles::AppProfiles>>,
     /// SigV4 credentials for the Bedrock API; `None` runs it without authentication.
@@ -138,12 +141,19 @@ impl Node {
             admitted,
             sigv4: None,
             app_profiles: None,
+            access: None,
             stopping: tokio::sync::watch::Sender::new(false),
         })
     }
 
     pub fn region_code(&self) -> &str {
         self.catalog.region_code(self.region)
+    }
+
+    /// Requires authentication and authorization with this access control.
+    pub fn with_access(mut self, access: Arc<access::Access>) -> Node {
+        self.access = Some(access);
+        self
     }
 
     /// Serves application inference profiles from this store.
@@ -212,7 +222,26 @@ impl Node {
                 Err(e.to_string())
             }
         };
-        ReloadReport { certificates }
+        let access = match &self.access {
+            None => Ok("not configured"),
+            Some(a) => match a.reload(&self.catalog, &self.profiles, self.region) {
+                Ok(true) => {
+                    tracing::info!("principals, keys and policies reloaded");
+                    Ok("reloaded")
+                }
+                Ok(false) => Ok("unchanged"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "new access files refused; keeping the current ones");
+                    metrics::counter!("crisp_reload_failures_total", "what" => "access")
+                        .increment(1);
+                    Err(e)
+                }
+            },
+        };
+        ReloadReport {
+            certificates,
+            access,
+        }
     }
 
     /// Resolves when the node begins to shut down.
@@ -267,11 +296,12 @@ impl Node {
 #[derive(Clone, Debug)]
 pub struct ReloadReport {
     pub certificates: Result<&'static str, String>,
+    pub access: Result<&'static str, String>,
 }
 
 impl ReloadReport {
     pub fn ok(&self) -> bool {
-        self.certificates.is_ok()
+        self.certificates.is_ok() && self.access.is_ok()
     }
 
     pub fn to_json(&self) -> serde_json::Value {
@@ -279,7 +309,7 @@ impl ReloadReport {
             Ok(s) => serde_json::json!({"status": s}),
             Err(e) => serde_json::json!({"status": "refused", "error": e}),
         };
-        serde_json::json!({"certificates": one(&self.certificates)})
+        serde_json::json!({"certificates": one(&self.certificates), "access": one(&self.access)})
     }
 }
 
@@ -474,6 +504,22 @@ impl RunningNode {
                 rx.clone(),
                 grace,
             ));
+        }
+        if node.access.is_some() {
+            let watched = node.clone();
+            let mut stop = rx.clone();
+            tasks.spawn(async move {
+                // Keys and policies change more often than certificates: look every 2 s.
+                let mut tick = tokio::time::interval(Duration::from_secs(2));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                    let _ = watched.reload();
+                }
+            });
         }
         if let Some(store) = node.app_profiles.clone() {
             let mut stop = rx.clone();

@@ -29,6 +29,10 @@ pub struct InferRequest {
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
     pub stop: Vec<String>,
+    /// The authenticated caller, when access control is on.
+    pub principal: Option<String>,
+    /// What the caller is doing (streamed answers are their own action).
+    pub action: crisp_policy::Action,
 }
 
 /// Filled with the destination's verified receipt when the answer completes.
@@ -166,6 +170,25 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
         .as_ref()
         .map_or(req.requested.as_str(), |a| a.copy_from.as_str());
     let target = node.profiles.resolve(catalog, requested, node.region)?;
+    if let Some(access) = &node.access {
+        let principal = req
+            .principal
+            .as_deref()
+            .ok_or_else(|| PipelineError::Unauthenticated("no credentials".into()))?;
+        let verdict =
+            access
+                .snapshot()
+                .authorize(principal, req.action, target.id(), node.region_code());
+        if let crisp_policy::Verdict::Deny(reason) = verdict {
+            metrics::counter!("crisp_authorization_denials_total", "source" => node.region_code().to_owned(), "reason" => reason.label())
+                .increment(1);
+            tracing::info!(request_id = %req.request_id, principal, profile = target.id(), reason = ?reason, "request denied");
+            return Err(PipelineError::Denied {
+                profile: target.id().to_owned(),
+                reason: reason.category(),
+            });
+        }
+    }
     let model_ix = catalog
         .model_ix(&target.model.id)
         .ok_or_else(|| PipelineError::Internal("resolved model missing".into()))?;

@@ -141,6 +141,12 @@ impl ChatRequest {
             InferRequest {
                 request_id,
                 requested: self.model,
+                principal: None,
+                action: if self.stream {
+                    crisp_policy::Action::InvokeModelWithResponseStream
+                } else {
+                    crisp_policy::Action::InvokeModel
+                },
                 messages,
                 max_tokens: self.max_completion_tokens.or(self.max_tokens),
                 temperature: self.temperature,
@@ -244,6 +250,14 @@ fn error_parts(err: &PipelineError) -> (StatusCode, &'static str, &'static str) 
             "invalid_request_error",
             "model_rejected",
         ),
+        PipelineError::Unauthenticated(_) => (
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+        ),
+        PipelineError::Denied { .. } => {
+            (StatusCode::FORBIDDEN, "permission_error", "access_denied")
+        }
         PipelineError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "api_error", "timeout"),
         PipelineError::ModelFailed(_) => (StatusCode::BAD_GATEWAY, "api_error", "upstream_error"),
         PipelineError::Internal(_) => (
@@ -358,6 +372,24 @@ async fn handle(
     req: Request,
     request_id: &str,
 ) -> Result<Response, PipelineError> {
+    // Who is calling, before anything else is read.
+    let principal = match &node.access {
+        None => None,
+        Some(access) => {
+            let header = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            match access.snapshot().authenticate(header) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    metrics::counter!("crisp_auth_failures_total", "api" => "openai", "reason" => "api_key")
+                        .increment(1);
+                    return Err(PipelineError::Unauthenticated(e.to_string()));
+                }
+            }
+        }
+    };
     let body = read_body(node, req).await?;
     let chat: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
         PipelineError::InvalidRequest(format!(
@@ -365,9 +397,10 @@ async fn handle(
         ))
     })?;
     let requested = chat.model.clone();
-    let (infer, stream, include_usage) = chat
+    let (mut infer, stream, include_usage) = chat
         .into_pipeline(request_id.to_owned())
         .map_err(PipelineError::InvalidRequest)?;
+    infer.principal = principal;
     let admitted = pipeline::run(node, infer).await?;
     tracing::info!(
         request_id = %request_id,

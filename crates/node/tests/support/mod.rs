@@ -130,6 +130,7 @@ pub struct Setup {
     external: Vec<String>,
     silent: Vec<String>,
     metrics: Option<crisp_node::admin::MetricsRender>,
+    access: Vec<(String, crisp_node::access::AccessFiles)>,
 }
 
 impl Setup {
@@ -143,7 +144,14 @@ impl Setup {
             external: Vec::new(),
             silent: Vec::new(),
             metrics: None,
+            access: Vec::new(),
         }
+    }
+
+    /// Access control on one region's node.
+    pub fn access(mut self, region: &str, files: crisp_node::access::AccessFiles) -> Setup {
+        self.access.push((region.to_owned(), files));
+        self
     }
 
     /// Serve this renderer on every node's admin `/metrics`.
@@ -224,7 +232,17 @@ impl Setup {
                 external.push(((*code).to_owned(), l));
                 continue;
             }
-            let node = Node::new(catalog.clone(), &lock, code, (self.tls)(&ca, code)).unwrap();
+            let mut node = Node::new(catalog.clone(), &lock, code, (self.tls)(&ca, code)).unwrap();
+            if let Some((_, files)) = self.access.iter().find(|(r, _)| r == code) {
+                let access = crisp_node::access::Access::load(
+                    files.clone(),
+                    &node.catalog,
+                    &node.profiles,
+                    node.region,
+                )
+                .unwrap();
+                node = node.with_access(Arc::new(access));
+            }
             let options = ServeOptions {
                 grace: Duration::from_secs(1),
                 reload_interval: Duration::from_millis(100),

@@ -67,6 +67,8 @@ fn pipeline_error(err: &PipelineError, request_id: &str) -> Response {
         PipelineError::InvalidRequest(_)
         | PipelineError::TooLarge { .. }
         | PipelineError::ModelRejected(_) => (StatusCode::BAD_REQUEST, "ValidationException"),
+        PipelineError::Unauthenticated(_) => (StatusCode::FORBIDDEN, "UnrecognizedClientException"),
+        PipelineError::Denied { .. } => (StatusCode::FORBIDDEN, "AccessDeniedException"),
         PipelineError::Resolve(ResolveError::Unknown { .. }) => {
             (StatusCode::NOT_FOUND, "ResourceNotFoundException")
         }
@@ -119,8 +121,23 @@ fn authenticate(
     parts: &http::request::Parts,
     body: &[u8],
 ) -> Result<Option<String>, sigv4::SigV4Error> {
-    let Some(keys) = node.sigv4_keys() else {
+    let snapshot = node.access.as_ref().map(|a| a.snapshot());
+    if snapshot.is_none() && node.sigv4_keys().is_none() {
         return Ok(None);
+    }
+    // Credentials of principals first, then the node's own (demo) keys.
+    let lookup = |akid: &str| -> Option<String> {
+        snapshot
+            .as_ref()
+            .and_then(|s| {
+                s.sigv4()
+                    .find(|(k, _)| k.as_str() == akid)
+                    .map(|(_, (secret, _))| secret.clone())
+            })
+            .or_else(|| {
+                node.sigv4_keys()
+                    .and_then(|k| k.secret(akid).map(str::to_owned))
+            })
     };
     // HTTP/1.1 carries the authority in Host, HTTP/2 in the URI.
     let authority = parts
@@ -136,8 +153,8 @@ fn authenticate(
         })
         .unwrap_or_else(|| "localhost".to_owned());
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    sigv4::verify(
-        keys,
+    let akid = sigv4::verify(
+        &lookup,
         parts.method.as_str(),
         &authority,
         path,
@@ -145,15 +162,20 @@ fn authenticate(
         body,
         node.region_code(),
         SystemTime::now(),
-    )
-    .map(Some)
+    )?;
+    // The principal the access key belongs to (none for keys outside access control).
+    Ok(snapshot.and_then(|s| {
+        s.sigv4()
+            .find(|(k, _)| **k == akid)
+            .map(|(_, (_, principal))| principal.clone())
+    }))
 }
 
 async fn read(
     node: &Node,
     req: Request,
     request_id: &str,
-) -> Result<(http::request::Parts, Bytes), Response> {
+) -> Result<(http::request::Parts, Bytes, Option<String>), Response> {
     let (parts, body) = req.into_parts();
     let limit = node.catalog.limits.max_body_bytes;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
@@ -164,12 +186,12 @@ async fn read(
             request_id,
         )
     })?;
-    authenticate(node, &parts, &bytes).map_err(|e| {
+    let principal = authenticate(node, &parts, &bytes).map_err(|e| {
         metrics::counter!("crisp_auth_failures_total", "api" => "bedrock", "reason" => e.exception())
             .increment(1);
         error(StatusCode::FORBIDDEN, e.exception(), &e.to_string(), request_id)
     })?;
-    Ok((parts, bytes))
+    Ok((parts, bytes, principal))
 }
 
 // ---- Converse ----
@@ -269,6 +291,8 @@ fn to_pipeline(
         max_tokens: config.max_tokens,
         temperature: config.temperature,
         stop: config.stop_sequences,
+        principal: None,
+        action: crisp_policy::Action::InvokeModel,
     })
 }
 
@@ -305,10 +329,13 @@ async fn admit(
     model_id: String,
     req: Request,
     request_id: &str,
+    action: crisp_policy::Action,
 ) -> Result<Admitted, Response> {
-    let (_, body) = read(node, req, request_id).await?;
-    let infer =
+    let (_, body, principal) = read(node, req, request_id).await?;
+    let mut infer =
         to_pipeline(model_id, request_id, &body).map_err(|e| pipeline_error(&e, request_id))?;
+    infer.principal = principal;
+    infer.action = action;
     let admitted = pipeline::run(node, infer)
         .await
         .map_err(|e| pipeline_error(&e, request_id))?;
@@ -361,7 +388,15 @@ async fn converse(
 ) -> Response {
     let request_id = new_request_id();
     let started = Instant::now();
-    let admitted = match admit(&node, model_id, req, &request_id).await {
+    let admitted = match admit(
+        &node,
+        model_id,
+        req,
+        &request_id,
+        crisp_policy::Action::InvokeModel,
+    )
+    .await
+    {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -387,7 +422,15 @@ async fn invoke(
     req: Request,
 ) -> Response {
     let request_id = new_request_id();
-    let admitted = match admit(&node, model_id, req, &request_id).await {
+    let admitted = match admit(
+        &node,
+        model_id,
+        req,
+        &request_id,
+        crisp_policy::Action::InvokeModel,
+    )
+    .await
+    {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -429,7 +472,15 @@ async fn converse_stream(
 ) -> Response {
     let request_id = new_request_id();
     let started = Instant::now();
-    let admitted = match admit(&node, model_id, req, &request_id).await {
+    let admitted = match admit(
+        &node,
+        model_id,
+        req,
+        &request_id,
+        crisp_policy::Action::InvokeModelWithResponseStream,
+    )
+    .await
+    {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -476,7 +527,15 @@ async fn invoke_stream(
     use base64::Engine;
     let request_id = new_request_id();
     let started = Instant::now();
-    let admitted = match admit(&node, model_id, req, &request_id).await {
+    let admitted = match admit(
+        &node,
+        model_id,
+        req,
+        &request_id,
+        crisp_policy::Action::InvokeModelWithResponseStream,
+    )
+    .await
+    {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -769,7 +828,7 @@ fn app_error(e: &AppProfileError, request_id: &str) -> Response {
 
 async fn create_profile(State(node): State<Arc<Node>>, req: Request) -> Response {
     let request_id = new_request_id();
-    let (_, body) = match read(&node, req, &request_id).await {
+    let (_, body, _principal) = match read(&node, req, &request_id).await {
         Ok(b) => b,
         Err(r) => return r,
     };

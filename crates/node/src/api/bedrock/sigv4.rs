@@ -36,7 +36,7 @@ impl SigV4Keys {
         }
     }
 
-    fn secret(&self, access_key: &str) -> Option<&str> {
+    pub fn secret(&self, access_key: &str) -> Option<&str> {
         self.keys.get(access_key).map(String::as_str)
     }
 }
@@ -127,7 +127,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// Checks a request's SigV4 signature; returns the access key ID that signed it.
 #[allow(clippy::too_many_arguments)]
 pub fn verify(
-    keys: &SigV4Keys,
+    secret_of: &dyn Fn(&str) -> Option<String>,
     method: &str,
     authority: &str,
     path_and_query: &str,
@@ -144,7 +144,7 @@ pub fn verify(
             "the Authorization header is not a valid AWS4-HMAC-SHA256 signature".into(),
         )
     })?;
-    let secret = keys.secret(auth.access_key).ok_or_else(|| {
+    let secret = secret_of(auth.access_key).ok_or_else(|| {
         SigV4Error::Unrecognized(format!(
             "The security token included in the request is invalid: access key {} is not known to this deployment",
             auth.access_key
@@ -191,7 +191,7 @@ pub fn verify(
         };
         signed.push((name, value));
     }
-    let identity: Identity = Credentials::from_keys(auth.access_key, secret, None).into();
+    let identity: Identity = Credentials::from_keys(auth.access_key, &secret, None).into();
     let mut settings = SigningSettings::default();
     settings.excluded_headers = None;
     let params = v4::SigningParams::builder()
@@ -278,7 +278,7 @@ mod tests {
     fn check(headers: &HeaderMap, body: &[u8], now: SystemTime) -> Result<String, SigV4Error> {
         let keys = SigV4Keys::new([(AKID.to_owned(), SECRET.to_owned())]);
         verify(
-            &keys,
+            &|k: &str| keys.secret(k).map(str::to_owned),
             "POST",
             "node.example",
             "/model/eu.amazon.nova-lite-v1%3A0/converse",

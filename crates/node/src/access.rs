@@ -1,0 +1,213 @@
+//! Access control at the node: the current principals, keys and policies, loaded from
+//! files, swapped atomically on reload, and the checks the APIs and the pipeline call.
+//! A broken file keeps the last good set.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use crisp_catalog::Catalog;
+use crisp_catalog::profiles::{ProfileKind, Profiles};
+use crisp_policy::keys::{KeyError, KeyIndex, KeyStore, parse_principals};
+use crisp_policy::{Action, PolicyEngine, ProfileFacts, RegionFacts, Verdict};
+
+/// The files access control is read from (absolute paths).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessFiles {
+    pub principals: PathBuf,
+    pub keys: PathBuf,
+    pub policies: Vec<PathBuf>,
+    pub guardrails: Vec<PathBuf>,
+}
+
+impl AccessFiles {
+    fn read_all(&self) -> Result<Vec<(PathBuf, String)>, String> {
+        std::iter::once(&self.principals)
+            .chain(std::iter::once(&self.keys))
+            .chain(&self.policies)
+            .chain(&self.guardrails)
+            .map(|p| {
+                std::fs::read_to_string(p)
+                    .map(|t| (p.clone(), t))
+                    .map_err(|e| format!("cannot read {}: {e}", p.display()))
+            })
+            .collect()
+    }
+}
+
+/// One consistent set of principals, keys and policies.
+pub struct AccessSnapshot {
+    pub engine: PolicyEngine,
+    pub keys: KeyIndex,
+    /// The facts policies see for each profile ID and, for bare models, model ID.
+    facts: HashMap<String, ProfileFacts>,
+}
+
+/// Access control of a node.
+pub struct Access {
+    files: AccessFiles,
+    current: ArcSwap<AccessSnapshot>,
+    last: Mutex<Vec<(PathBuf, String)>>,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+fn scope(kind: &ProfileKind) -> &'static str {
+    match kind {
+        ProfileKind::Global => "global",
+        ProfileKind::Geographic { .. } => "geographic",
+    }
+}
+
+/// The facts of every profile and of each model served in `source`.
+pub fn profile_facts(catalog: &Catalog, profiles: &Profiles, source: u16) -> Vec<ProfileFacts> {
+    let codes = |d: &[u16]| {
+        d.iter()
+            .map(|&r| catalog.region_code(r).to_owned())
+            .collect()
+    };
+    let mut out: Vec<ProfileFacts> = profiles
+        .iter()
+        .map(|p| ProfileFacts {
+            id: p.id.clone(),
+            scope: scope(&p.kind).into(),
+            geography: match &p.kind {
+                ProfileKind::Geographic { geography, .. } => geography.clone(),
+                ProfileKind::Global => String::new(),
+            },
+            model: p.model.clone(),
+            destinations: codes(&p.destinations),
+        })
+        .collect();
+    for m in &catalog.models {
+        if m.serves(source) {
+            out.push(ProfileFacts {
+                id: m.id.clone(),
+                scope: "model".into(),
+                geography: String::new(),
+                model: m.id.clone(),
+                destinations: vec![catalog.region_code(source).to_owned()],
+            });
+        }
+    }
+    out
+}
+
+/// Regions as the policies see them: EU membership comes from the `eu` tag.
+pub fn region_facts(catalog: &Catalog) -> Vec<RegionFacts> {
+    catalog
+        .regions
+        .iter()
+        .map(|r| RegionFacts {
+            code: r.code.clone(),
+            country: r.country.clone(),
+            jurisdictions: r.tags.clone(),
+        })
+        .collect()
+}
+
+fn build(
+    texts: &[(PathBuf, String)],
+    files: &AccessFiles,
+    catalog: &Catalog,
+    profiles: &Profiles,
+    source: u16,
+) -> Result<AccessSnapshot, String> {
+    let text = |p: &PathBuf| {
+        texts
+            .iter()
+            .find(|(q, _)| q == p)
+            .map(|(_, t)| t.as_str())
+            .unwrap_or("")
+    };
+    let principals = parse_principals(text(&files.principals))
+        .map_err(|e| format!("{}: {}", files.principals.display(), e.join("; ")))?;
+    let keys =
+        KeyStore::parse(text(&files.keys)).map_err(|e| format!("{}: {e}", files.keys.display()))?;
+    let named = |paths: &[PathBuf]| -> Vec<(String, String)> {
+        paths
+            .iter()
+            .map(|p| (p.display().to_string(), text(p).to_owned()))
+            .collect()
+    };
+    let facts = profile_facts(catalog, profiles, source);
+    let engine = PolicyEngine::new(
+        &named(&files.policies),
+        &named(&files.guardrails),
+        &principals,
+        &region_facts(catalog),
+        &facts,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(AccessSnapshot {
+        engine,
+        keys: keys.index(),
+        facts: facts.into_iter().map(|f| (f.id.clone(), f)).collect(),
+    })
+}
+
+impl Access {
+    /// Loads the files; every problem in them is reported.
+    pub fn load(
+        files: AccessFiles,
+        catalog: &Catalog,
+        profiles: &Profiles,
+        source: u16,
+    ) -> Result<Access, String> {
+        let texts = files.read_all()?;
+        let snapshot = build(&texts, &files, catalog, profiles, source)?;
+        Ok(Access {
+            files,
+            current: ArcSwap::from_pointee(snapshot),
+            last: Mutex::new(texts),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<AccessSnapshot> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the files; swaps in a new set if they changed and are valid.
+    pub fn reload(
+        &self,
+        catalog: &Catalog,
+        profiles: &Profiles,
+        source: u16,
+    ) -> Result<bool, String> {
+        let texts = self.files.read_all()?;
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == texts {
+            return Ok(false);
+        }
+        let snapshot = build(&texts, &self.files, catalog, profiles, source)?;
+        self.current.store(Arc::new(snapshot));
+        *last = texts;
+        Ok(true)
+    }
+}
+
+impl AccessSnapshot {
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<String, KeyError> {
+        self.keys.authenticate(authorization)
+    }
+
+    /// Authorizes a request through `id` (a profile ID, or a model ID for a bare model).
+    pub fn authorize(&self, principal: &str, action: Action, id: &str, source: &str) -> Verdict {
+        match self.facts.get(id) {
+            Some(f) => self.engine.authorize(principal, action, f, source),
+            None => Verdict::Deny(crisp_policy::DenyReason::NoPermit),
+        }
+    }
+
+    /// SigV4 credentials: access key ID → (secret, principal).
+    pub fn sigv4(&self) -> impl Iterator<Item = (&String, &(String, String))> {
+        self.keys.sigv4()
+    }
+}

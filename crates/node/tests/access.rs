@@ -1,0 +1,171 @@
+//! Access control on real nodes: keys, guardrails, revocation and reload without a
+//! restart, and a broken policy file that keeps the last good set.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use crisp_node::access::AccessFiles;
+use crisp_policy::keys::KeyStore;
+use support::{NOVA, REGIONS, Setup, ask, eventually};
+
+const TEAMS: &str = include_str!("../../../examples/policies/teams.cedar");
+const GUARDRAILS: &str = include_str!("../../../examples/policies/guardrails.cedar");
+const PRINCIPALS: &str = include_str!("../../../examples/principals.toml");
+
+struct Keys {
+    demo: String,
+    eu: String,
+    demo_id: String,
+}
+
+fn write_files(dir: &std::path::Path) -> (AccessFiles, Keys) {
+    let files = AccessFiles {
+        principals: dir.join("principals.toml"),
+        keys: dir.join("keys.toml"),
+        policies: vec![dir.join("teams.cedar")],
+        guardrails: vec![dir.join("guardrails.cedar")],
+    };
+    std::fs::write(&files.principals, PRINCIPALS).unwrap();
+    std::fs::write(&files.policies[0], TEAMS).unwrap();
+    std::fs::write(&files.guardrails[0], GUARDRAILS).unwrap();
+    let mut store = KeyStore::default();
+    let (demo_entry, demo) = store.create("demo", &[1; 16], "t");
+    let (_, eu) = store.create("eu-search", &[2; 16], "t");
+    std::fs::write(&files.keys, store.to_toml()).unwrap();
+    (
+        files,
+        Keys {
+            demo,
+            eu,
+            demo_id: demo_entry.id,
+        },
+    )
+}
+
+async fn call(
+    f: &support::Federation,
+    region: &str,
+    key: Option<&str>,
+    model: &str,
+) -> (u16, serde_json::Value) {
+    let mut r = f
+        .http
+        .post(f.url(region, "/v1/chat/completions"))
+        .json(&ask(model));
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    let r = r.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_guardrails_revocation_and_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let (files, keys) = write_files(dir.path());
+    let files2 = files.clone();
+    let f = Setup::new(REGIONS)
+        .access("eu-central-1", files2)
+        .start()
+        .await;
+    let (s, e) = call(&f, "eu-central-1", None, "eu.amazon.nova-lite-v1:0").await;
+    assert_eq!(s, 401);
+    assert_eq!(e["error"]["code"], "invalid_api_key");
+    let (s, _) = call(
+        &f,
+        "eu-central-1",
+        Some("crisp-nope"),
+        "eu.amazon.nova-lite-v1:0",
+    )
+    .await;
+    assert_eq!(s, 401);
+    let (s, _) = call(
+        &f,
+        "eu-central-1",
+        Some(&keys.demo),
+        "global.amazon.nova-lite-v1:0",
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = call(
+        &f,
+        "eu-central-1",
+        Some(&keys.eu),
+        "eu.amazon.nova-lite-v1:0",
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, e) = call(
+        &f,
+        "eu-central-1",
+        Some(&keys.eu),
+        "global.amazon.nova-lite-v1:0",
+    )
+    .await;
+    assert_eq!(s, 403);
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("global.amazon.nova-lite-v1:0") && msg.contains("guardrail"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("forbid ("),
+        "no policy text in client errors: {msg}"
+    );
+    // The bare model in Frankfurt is inside the EU: allowed.
+    let (s, _) = call(&f, "eu-central-1", Some(&keys.eu), NOVA).await;
+    assert_eq!(s, 200);
+
+    // Revoking a key takes effect without a restart.
+    let mut store = KeyStore::parse(&std::fs::read_to_string(&files.keys).unwrap()).unwrap();
+    assert!(store.revoke(&keys.demo_id));
+    std::fs::write(&files.keys, store.to_toml()).unwrap();
+    let node = f.node("eu-central-1").node.clone();
+    assert_eq!(node.reload().access, Ok("reloaded"));
+    let (s, e) = call(
+        &f,
+        "eu-central-1",
+        Some(&keys.demo),
+        "eu.amazon.nova-lite-v1:0",
+    )
+    .await;
+    assert_eq!(s, 401);
+    assert!(e["error"]["message"].as_str().unwrap().contains("revoked"));
+
+    // A broken policy file is refused; the last good set keeps serving.
+    std::fs::write(
+        &files.policies[0],
+        "permit (principal, action, resource) when { nonsense };",
+    )
+    .unwrap();
+    assert!(node.reload().access.is_err());
+    let (s, _) = call(
+        &f,
+        "eu-central-1",
+        Some(&keys.eu),
+        "eu.amazon.nova-lite-v1:0",
+    )
+    .await;
+    assert_eq!(s, 200);
+    // Fixing it is picked up by the node's own poll.
+    std::fs::write(&files.policies[0], "").unwrap();
+    eventually("the empty policy set is loaded", || {
+        node.reload().access.is_ok()
+    })
+    .await;
+    let (s, e) = call(
+        &f,
+        "eu-central-1",
+        Some(&keys.eu),
+        "eu.amazon.nova-lite-v1:0",
+    )
+    .await;
+    assert_eq!(s, 403, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no policy permits it")
+    );
+    f.stop().await;
+}
