@@ -25,10 +25,14 @@ export CRISP_LLAMA_PYTHON="$LLAMA_VENV/bin/python"
 step "cargo test"
 cargo test --workspace --locked
 
-step "Python SDK tests (openai) against crisp up"
+step "Python SDK tests (openai) against crisp up; Grafana dashboard"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 cargo build --locked --bin crisp
 .venv/bin/python -m pytest -q tests/python
+
+step "Deployment recipe: hadolint on deploy/Dockerfile; Helm chart rendered with Helm's engine, validated against Kubernetes schemas, and its pods run"
+.venv/bin/pip install --quiet --disable-pip-version-check -r tests/deploy/requirements.txt
+.venv/bin/python -m pytest -q tests/deploy

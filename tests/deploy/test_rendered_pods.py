@@ -1,0 +1,286 @@
+"""The chart's pods, run for real: two regions' rendered StatefulSets are started as the
+real `crisp` binary, each in a network namespace of its own standing in for a pod (its own
+address, the same ports), with /etc/hosts written from the rendered hostAliases and with
+the other region's names resolving to that region's address, as DNS would to its Service.
+
+This shows that what the chart renders works with crisp: the arguments and mounts, binding
+the configuration's own host names through the 0.0.0.0 alias, the backbone between the
+pods over mutual TLS, the probes and the scrape port.
+
+Needs root (network namespaces), as CI has. Only addresses inside the namespaces this test
+creates are used.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "deploy"))
+import validate  # noqa: E402
+
+CRISP = os.environ.get("CRISP_BIN", str(ROOT / "target" / "debug" / "crisp"))
+NOVA = "amazon.nova-lite-v1:0"
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="needs root and iproute2 for network namespaces",
+)
+
+CONFIG = """
+version = 1
+
+[deployment]
+name = "rehearsal"
+
+[routing]
+stale_after_ms = 1500
+telemetry_interval_ms = 100
+
+[[geography]]
+name = "eu"
+tags = ["eu"]
+
+[[region]]
+code = "eu-central-1"
+country = "DE"
+lat = 50.1
+lon = 8.7
+tags = ["eu"]
+client = "api.eu-central-1.crisp.test:8080"
+peer = "peer.eu-central-1.crisp.test:9080"
+admin = "admin.eu-central-1.crisp.test:10080"
+
+[[region]]
+code = "eu-west-1"
+country = "IE"
+lat = 53.3
+lon = -6.3
+tags = ["eu"]
+client = "api.eu-west-1.crisp.test:8080"
+peer = "peer.eu-west-1.crisp.test:9080"
+admin = "admin.eu-west-1.crisp.test:10080"
+
+[[model]]
+id = "amazon.nova-lite-v1:0"
+input_price_per_1k = 0.00006
+output_price_per_1k = 0.00024
+
+# Only Dublin runs the model: a request to Frankfurt must cross the backbone.
+[[model.backend]]
+region = "eu-west-1"
+kind = "simulated"
+slots = 4
+queue_limit = 4
+max_tokens = 8
+"""
+
+
+def run(*args, **kw):
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=60, **kw)
+
+
+def sh(*args):
+    r = run(*args)
+    assert r.returncode == 0, f"{' '.join(args)}: {r.stderr}"
+    return r.stdout
+
+
+class Pod:
+    """One rendered pod in a network namespace."""
+
+    def __init__(self, region, ns, ip, rendered, tmp):
+        self.region, self.ns, self.ip = region, ns, ip
+        sts = next(o for o in rendered if o["kind"] == "StatefulSet")
+        cm = next(o for o in rendered if o["kind"] == "ConfigMap")
+        spec = sts["spec"]["template"]["spec"]
+        (self.container,) = spec["containers"]
+        self.host_aliases = spec.get("hostAliases", [])
+        self.ports = {p["name"]: p["containerPort"] for p in self.container["ports"]}
+        self.annotations = sts["spec"]["template"]["metadata"]["annotations"]
+
+        # Lay out each mounted volume in a directory, as the kubelet would.
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        self.paths = {}
+        for mount in self.container["volumeMounts"]:
+            volume = volumes.get(mount["name"], {"emptyDir": {}})
+            local = tmp / region / mount["name"]
+            local.mkdir(parents=True)
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] == cm["metadata"]["name"]
+                for key, text in cm["data"].items():
+                    (local / key).write_text(text)
+            elif "secret" in volume:
+                for item in volume["secret"]["items"]:
+                    shutil.copy(tmp / "certs" / item["key"], local / item["path"])
+            self.paths[mount["mountPath"]] = str(local)
+
+    def argv(self):
+        out = [CRISP]
+        for arg in self.container["args"]:
+            flag, eq, path = arg.partition("=")
+            if eq and path.startswith("/"):
+                mount_path = max((m for m in self.paths if path == m or path.startswith(m + "/")),
+                                 key=len)
+                arg = f"{flag}={self.paths[mount_path]}{path[len(mount_path):]}"
+            out.append(arg)
+        return out
+
+    def env(self):
+        env = dict(os.environ)
+        env.update({e["name"]: e["value"] for e in self.container.get("env", [])})
+        return env
+
+    def hosts(self, other):
+        """/etc/hosts as the kubelet writes it, plus what DNS would answer for the other
+        region's names (its pod address, standing in for its Services)."""
+        lines = ["127.0.0.1 localhost"]
+        for alias in self.host_aliases:
+            lines.append(f"{alias['ip']} {' '.join(alias['hostnames'])}")
+        for alias in other.host_aliases:
+            lines.append(f"{other.ip} {' '.join(alias['hostnames'])}")
+        return "\n".join(lines) + "\n"
+
+
+def http(ns, url, *extra):
+    """curl from inside namespace `ns`: returns (status, headers, body)."""
+    r = run("ip", "netns", "exec", ns, "curl", "-s", "-m", "10", "-D", "-", *extra, url)
+    if r.returncode != 0:
+        return None, "", ""
+    # text mode has turned the header block's CRLFs into LFs
+    head, _, body = r.stdout.partition("\n\n")
+    status = int(head.split()[1])
+    return status, head.lower(), body
+
+
+def wait_for(predicate, what, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
+
+
+def metric(text, name, **labels):
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@pytest.fixture
+def pods(tmp_path):
+    tag = f"{os.getpid() % 100000}"
+    regions = [("eu-central-1", f"crt-{tag}-a", "10.213.0.1"),
+               ("eu-west-1", f"crt-{tag}-b", "10.213.0.2")]
+    (tmp_path / "crisp.toml").write_text(CONFIG)
+    sh(CRISP, "profiles", "lock", "--config", str(tmp_path / "crisp.toml"))
+    certs = tmp_path / "certs"
+    sh(CRISP, "certs", "init", "--deployment", "rehearsal", "--dir", str(certs))
+    for region, _, _ in regions:
+        sh(CRISP, "certs", "issue", "--deployment", "rehearsal", "--region", region,
+           "--dir", str(certs))
+    lock = (tmp_path / "crisp.lock").read_text()
+
+    made_ns, made_hosts, procs = [], [], []
+    veth = (f"crta{tag}", f"crtb{tag}")
+    try:
+        pods = []
+        for (region, ns, ip) in regions:
+            rendered = validate.render({"region": region, "config": CONFIG, "lock": lock})
+            validate.validate(rendered)
+            pods.append(Pod(region, ns, ip, rendered, tmp_path))
+            sh("ip", "netns", "add", ns)
+            made_ns.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", veth[0], "netns", regions[0][1], "type", "veth",
+           "peer", "name", veth[1], "netns", regions[1][1])
+        for (_, ns, ip), dev in zip(regions, veth):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        for pod, other in ((pods[0], pods[1]), (pods[1], pods[0])):
+            etc = Path("/etc/netns") / pod.ns
+            etc.mkdir(parents=True)
+            made_hosts.append(etc)
+            (etc / "hosts").write_text(pod.hosts(other))
+        for pod in pods:
+            log = open(tmp_path / f"{pod.region}.log", "w")
+            procs.append(subprocess.Popen(["ip", "netns", "exec", pod.ns, *pod.argv()],
+                                          env=pod.env(), stdout=log, stderr=log))
+        yield pods, procs, tmp_path
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+        for ns in made_ns:
+            run("ip", "netns", "del", ns)
+        for etc in made_hosts:
+            shutil.rmtree(etc, ignore_errors=True)
+        try:
+            os.rmdir("/etc/netns")
+        except OSError:
+            pass
+
+
+def test_rendered_pods_serve_and_forward_over_the_backbone(pods):
+    (frankfurt, dublin), procs, tmp = pods
+
+    def logs():
+        return "\n".join((tmp / f"{p.region}.log").read_text() for p in (frankfurt, dublin))
+
+    # The kubelet probes each pod's address on the ports the probes name.
+    for pod, prober in ((frankfurt, dublin), (dublin, frankfurt)):
+        probe = pod.container["readinessProbe"]["httpGet"]
+        url = f"http://{pod.ip}:{pod.ports[probe['port']]}{probe['path']}"
+
+        def ready():
+            assert all(p.poll() is None for p in procs), f"a node exited; logs:\n{logs()}"
+            return http(prober.ns, url)[0] == 200
+
+        wait_for(ready, lambda: f"{pod.region} ready; logs:\n{logs()}")
+        live = pod.container["livenessProbe"]["httpGet"]
+        assert http(prober.ns, f"http://{pod.ip}:{pod.ports[live['port']]}{live['path']}")[0] == 200
+
+    # Prometheus scrapes the annotated port; Frankfurt sees Dublin over the backbone.
+    scrape = (f"http://{frankfurt.ip}:{frankfurt.annotations['prometheus.io/port']}"
+              f"{frankfurt.annotations['prometheus.io/path']}")
+
+    last = {}
+
+    def dublin_reachable():
+        status, _, body = http(dublin.ns, scrape)
+        last["scrape"] = f"{status} {body}"
+        return status == 200 and metric(body, "crisp_region_reachable",
+                                         observer="eu-central-1", region="eu-west-1") == 1.0
+
+    wait_for(dublin_reachable, lambda: f"Frankfurt to reach Dublin's peer name; logs:\n{logs()}\nscrape: {last}")
+
+    # A client of Frankfurt calls the EU profile; only Dublin runs the model.
+    body = json.dumps({"model": f"eu.{NOVA}", "max_tokens": 4,
+                       "messages": [{"role": "user", "content": "hello"}]})
+    status, headers, answer = http(
+        dublin.ns, f"http://{frankfurt.ip}:{frankfurt.ports['client']}/v1/chat/completions",
+        "-H", "content-type: application/json", "-d", body)
+    assert status == 200, answer
+    assert "x-crisp-inference-region: eu-west-1" in headers
+    assert json.loads(answer)["choices"][0]["message"]["content"]
+
+    _, _, metrics = http(dublin.ns, scrape)
+    assert metric(metrics, "crisp_cross_region_requests_total",
+                  source="eu-central-1", inference_region="eu-west-1") == 1.0
+
+    # SIGTERM (after preStop): the node stops cleanly within the pod's grace period.
+    grace = validate.render({"region": "eu-central-1", "config": CONFIG, "lock": "version = 1\n"})
+    sts = next(o for o in grace if o["kind"] == "StatefulSet")
+    procs[0].terminate()
+    assert procs[0].wait(timeout=sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]) == 0
