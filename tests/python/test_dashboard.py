@@ -180,7 +180,8 @@ def scraped():
             body = json.dumps({"model": model, "max_tokens": 4,
                                "messages": [{"role": "user", "content": "hi"}]}).encode()
             req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                         headers={"content-type": "application/json"})
+                                         headers={"content-type": "application/json",
+                                                  "authorization": "Bearer crisp-demo-key-loopback-only"})
             try:
                 urllib.request.urlopen(req, timeout=30).read()
             except urllib.error.HTTPError as e:
