@@ -175,3 +175,21 @@ def test_application_profiles_route_like_their_source_and_are_shared(federation)
         us.get_inference_profile(inferenceProfileIdentifier=arn)
     with pytest.raises(us.exceptions.ValidationException):
         us.delete_inference_profile(inferenceProfileIdentifier="eu.amazon.nova-lite-v1:0")
+
+
+def test_bedrock_calls_are_authorized_per_principal(federation):
+    eu_akid, eu_secret = "AKIACRISPEUSEARCH001", "crisp-eu-search-secret-loopback-only"
+    rt = client(federation, "bedrock-runtime", US_EAST_1, akid=eu_akid, secret=eu_secret)
+    msgs = [{"role": "user", "content": [{"text": "x"}]}]
+    r = rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs, inferenceConfig={"maxTokens": 2})
+    assert r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"] in EU
+    with pytest.raises(rt.exceptions.AccessDeniedException) as e:
+        rt.converse(modelId="global.amazon.nova-lite-v1:0", messages=msgs)
+    assert "guardrail" in str(e.value)
+    bedrock = client(federation, "bedrock", US_EAST_1, akid=eu_akid, secret=eu_secret)
+    assert bedrock.get_inference_profile(inferenceProfileIdentifier="eu.amazon.nova-lite-v1:0")["status"] == "ACTIVE"
+    with pytest.raises(bedrock.exceptions.AccessDeniedException):
+        bedrock.create_inference_profile(
+            inferenceProfileName="not-allowed",
+            modelSource={"copyFrom": "eu.amazon.nova-lite-v1:0"},
+        )

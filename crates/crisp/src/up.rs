@@ -60,12 +60,20 @@ fn demo_access(dir: &std::path::Path) -> anyhow::Result<AccessFiles> {
             key("k-demo", "demo", DEMO_API_KEY),
             key("k-eu-search", "eu-search", EU_API_KEY),
         ],
-        sigv4: vec![SigV4Credential {
-            access_key_id: DEMO_ACCESS_KEY.into(),
-            secret: DEMO_SECRET_KEY.into(),
-            principal: "demo".into(),
-            revoked: false,
-        }],
+        sigv4: vec![
+            SigV4Credential {
+                access_key_id: DEMO_ACCESS_KEY.into(),
+                secret: DEMO_SECRET_KEY.into(),
+                principal: "demo".into(),
+                revoked: false,
+            },
+            SigV4Credential {
+                access_key_id: "AKIACRISPEUSEARCH001".into(),
+                secret: "crisp-eu-search-secret-loopback-only".into(),
+                principal: "eu-search".into(),
+                revoked: false,
+            },
+        ],
     };
     crate::access::write_store(&files.keys, &store)?;
     Ok(files)

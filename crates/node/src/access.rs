@@ -138,6 +138,15 @@ fn build(
             .collect()
     };
     let facts = profile_facts(catalog, profiles, source);
+    // Policies may name profiles that do not exist (a typo, or an ID from another
+    // deployment): they can never match, which is worth saying.
+    for path in files.policies.iter().chain(&files.guardrails) {
+        for id in referenced_profiles(text(path)) {
+            if !facts.iter().any(|f| f.id == id) {
+                tracing::warn!(file = %path.display(), profile = %id, "a policy names an inference profile this deployment does not have; it will never match");
+            }
+        }
+    }
     let engine = PolicyEngine::new(
         &named(&files.policies),
         &named(&files.guardrails),
@@ -151,6 +160,21 @@ fn build(
         keys: keys.index(),
         facts: facts.into_iter().map(|f| (f.id.clone(), f)).collect(),
     })
+}
+
+/// The profile IDs a policy text names literally (`InferenceProfile::"..."`).
+pub fn referenced_profiles(text: &str) -> Vec<String> {
+    const MARK: &str = "InferenceProfile::\"";
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(MARK) {
+        rest = &rest[i + MARK.len()..];
+        if let Some(end) = rest.find('"') {
+            out.push(rest[..end].to_owned());
+            rest = &rest[end..];
+        }
+    }
+    out
 }
 
 impl Access {
@@ -209,5 +233,14 @@ impl AccessSnapshot {
     /// SigV4 credentials: access key ID → (secret, principal).
     pub fn sigv4(&self) -> impl Iterator<Item = (&String, &(String, String))> {
         self.keys.sigv4()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_literal_profile_references() {
+        let text = r#"permit(principal, action, resource == Crisp::InferenceProfile::"eu.m") ; forbid(principal, action, resource in [Crisp::InferenceProfile::"typo.m"]);"#;
+        assert_eq!(super::referenced_profiles(text), ["eu.m", "typo.m"]);
     }
 }

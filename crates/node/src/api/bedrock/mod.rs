@@ -643,9 +643,12 @@ async fn list_profiles(
     req: Request,
 ) -> Response {
     let request_id = new_request_id();
-    if let Err(r) = read(&node, req, &request_id).await {
-        return r;
-    }
+    let principal = match read(&node, req, &request_id).await {
+        Ok((_, _, p)) => p,
+        Err(r) => return r,
+    };
+    let principal = principal.as_deref();
+    let list = crisp_policy::Action::ListInferenceProfiles;
     let max = q.max_results.unwrap_or(100);
     if !(1..=1000).contains(&max) {
         return error(
@@ -667,11 +670,18 @@ async fn list_profiles(
             );
         }
     };
-    let system = || node.profiles.iter().map(|p| profile_json(&node, p));
+    // Only what the caller may see.
+    let system = || {
+        node.profiles
+            .iter()
+            .filter(|p| permitted(&node, principal, list, &p.id))
+            .map(|p| profile_json(&node, p))
+    };
     let application = || {
         node.app_profiles
             .iter()
             .flat_map(|s| s.list())
+            .filter(|a| permitted(&node, principal, list, &a.copy_from))
             .map(|a| app_profile_json(&node, &a))
             .collect::<Vec<Value>>()
     };
@@ -702,9 +712,11 @@ async fn get_profile(
     req: Request,
 ) -> Response {
     let request_id = new_request_id();
-    if let Err(r) = read(&node, req, &request_id).await {
-        return r;
-    }
+    let principal = match read(&node, req, &request_id).await {
+        Ok((_, _, p)) => p,
+        Err(r) => return r,
+    };
+    let get = crisp_policy::Action::GetInferenceProfile;
     let key = id
         .rsplit_once("inference-profile/")
         .map_or(id.as_str(), |(_, k)| k);
@@ -713,10 +725,18 @@ async fn get_profile(
         .as_ref()
         .and_then(|s| s.get(crate::app_profiles::app_profile_id(&id)))
     {
+        if let Some(r) = denied(&node, principal.as_deref(), get, &a.copy_from, &request_id) {
+            return r;
+        }
         return axum::Json(app_profile_json(&node, &a)).into_response();
     }
     match node.profiles.get(key) {
-        Some(p) => axum::Json(profile_json(&node, p)).into_response(),
+        Some(p) => {
+            if let Some(r) = denied(&node, principal.as_deref(), get, &p.id, &request_id) {
+                return r;
+            }
+            axum::Json(profile_json(&node, p)).into_response()
+        }
         None => error(
             StatusCode::NOT_FOUND,
             "ResourceNotFoundException",
@@ -753,6 +773,46 @@ async fn list_foundation_models(State(node): State<Arc<Node>>, req: Request) -> 
         })
         .collect();
     axum::Json(json!({ "modelSummaries": summaries })).into_response()
+}
+
+// ---- authorization of control-plane calls ----
+
+/// Whether `principal` may do `action` on the profile (or model) `id`; always when the
+/// node runs without access control.
+fn permitted(node: &Node, principal: Option<&str>, action: crisp_policy::Action, id: &str) -> bool {
+    let Some(access) = &node.access else {
+        return true;
+    };
+    let Some(principal) = principal else {
+        return false;
+    };
+    access
+        .snapshot()
+        .authorize(principal, action, id, node.region_code())
+        .is_allowed()
+}
+
+fn denied(
+    node: &Node,
+    principal: Option<&str>,
+    action: crisp_policy::Action,
+    id: &str,
+    request_id: &str,
+) -> Option<Response> {
+    if permitted(node, principal, action, id) {
+        return None;
+    }
+    metrics::counter!("crisp_authorization_denials_total", "source" => node.region_code().to_owned(), "reason" => "control_plane")
+        .increment(1);
+    Some(error(
+        StatusCode::FORBIDDEN,
+        "AccessDeniedException",
+        &format!(
+            "{} on {id} is not allowed for this principal",
+            action.name()
+        ),
+        request_id,
+    ))
 }
 
 // ---- application inference profiles ----
@@ -828,7 +888,7 @@ fn app_error(e: &AppProfileError, request_id: &str) -> Response {
 
 async fn create_profile(State(node): State<Arc<Node>>, req: Request) -> Response {
     let request_id = new_request_id();
-    let (_, body, _principal) = match read(&node, req, &request_id).await {
+    let (_, body, principal) = match read(&node, req, &request_id).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -864,6 +924,15 @@ async fn create_profile(State(node): State<Arc<Node>>, req: Request) -> Response
                 return pipeline_error(&PipelineError::Resolve(e), &request_id);
             }
         };
+    if let Some(r) = denied(
+        &node,
+        principal.as_deref(),
+        crisp_policy::Action::CreateInferenceProfile,
+        &copy_from,
+        &request_id,
+    ) {
+        return r;
+    }
     let now = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
@@ -890,9 +959,10 @@ async fn delete_profile(
     req: Request,
 ) -> Response {
     let request_id = new_request_id();
-    if let Err(r) = read(&node, req, &request_id).await {
-        return r;
-    }
+    let principal = match read(&node, req, &request_id).await {
+        Ok((_, _, p)) => p,
+        Err(r) => return r,
+    };
     if node.profiles.get(&id).is_some() {
         return error(
             StatusCode::BAD_REQUEST,
@@ -906,7 +976,19 @@ async fn delete_profile(
     let Some(store) = node.app_profiles.clone() else {
         return app_error(&AppProfileError::NotFound(id), &request_id);
     };
-    match store.delete(crate::app_profiles::app_profile_id(&id)).await {
+    let app_id = crate::app_profiles::app_profile_id(&id);
+    if let Some(existing) = store.get(app_id)
+        && let Some(r) = denied(
+            &node,
+            principal.as_deref(),
+            crisp_policy::Action::DeleteInferenceProfile,
+            &existing.copy_from,
+            &request_id,
+        )
+    {
+        return r;
+    }
+    match store.delete(app_id).await {
         Ok(()) => axum::Json(json!({})).into_response(),
         Err(e) => app_error(&e, &request_id),
     }
