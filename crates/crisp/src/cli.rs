@@ -292,16 +292,24 @@ pub fn print_profiles(catalog: &Catalog, profiles: &Profiles) {
     }
 }
 
-async fn serve(
-    config: &Path,
-    region: &str,
+/// Everything `crisp serve` needs that does not change on a configuration reload.
+struct ServeSetup {
+    config: PathBuf,
+    region: String,
     lock: Option<PathBuf>,
     certs: Option<PathBuf>,
-    client_tls: Option<(PathBuf, PathBuf)>,
-) -> anyhow::Result<()> {
-    let metrics = install_metrics()?;
+    client_tls: Option<Arc<rustls::ServerConfig>>,
+    metrics: crisp_node::admin::MetricsRender,
+}
+
+/// Reads and validates the configuration, lock file, certificates and access files and
+/// builds the node from them; nothing is started, so a broken configuration changes
+/// nothing.
+async fn build_node(setup: &ServeSetup) -> anyhow::Result<Node> {
+    let config = setup.config.as_path();
+    let region = setup.region.as_str();
     let catalog = load_config(config)?;
-    let path = lock_path(config, lock);
+    let path = lock_path(config, setup.lock.clone());
     let lock = match read_lock(&path)? {
         Some(lock) => {
             let plan = Plan::new(&catalog, &lock);
@@ -321,32 +329,19 @@ async fn serve(
             lock
         }
     };
-    let certs = certs.unwrap_or_else(|| config.with_file_name("certs"));
+    let certs = setup
+        .certs
+        .clone()
+        .unwrap_or_else(|| config.with_file_name("certs"));
     let identity = RegionIdentity::new(&catalog.deployment.name, region);
-    let tls = TlsStore::load(
-        TlsFiles::in_dir(&certs, region),
-        identity,
-        unix_ms() / 1000,
-    )
-    .with_context(|| {
-        format!(
-            "the backbone needs this node's certificates in {0}; create them with `crisp certs init --deployment {1} --dir {0}` and `crisp certs issue --deployment {1} --region {region} --dir {0}`",
-            certs.display(),
-            catalog.deployment.name
-        )
-    })?;
-    let client_tls = match client_tls {
-        Some((cert, key)) => {
-            let read =
-                |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-            Some(crisp_transport::tls::client_api_config(
-                &read(&cert)?,
-                &read(&key)?,
-            )?)
-        }
-        None => None,
-    };
-    let listeners = Listeners::bind_catalog(&catalog, region).await?;
+    let tls = TlsStore::load(TlsFiles::in_dir(&certs, region), identity, unix_ms() / 1000)
+        .with_context(|| {
+            format!(
+                "the backbone needs this node's certificates in {0}; create them with `crisp certs init --deployment {1} --dir {0}` and `crisp certs issue --deployment {1} --region {region} --dir {0}`",
+                certs.display(),
+                catalog.deployment.name
+            )
+        })?;
     let profile_url = match &catalog.deployment.profile_store {
         Some(url) => url.clone(),
         None => {
@@ -379,37 +374,120 @@ async fn serve(
             "no [access] section: every client may call every profile without a key; add one before exposing this node"
         ),
     }
+    Ok(node)
+}
+
+fn start_node(
+    setup: &ServeSetup,
+    node: Node,
+    listeners: Listeners,
+    reload: tokio::sync::mpsc::Sender<()>,
+) -> anyhow::Result<RunningNode> {
     let running = RunningNode::start(
         node,
         listeners,
         ServeOptions {
-            client_tls,
-            metrics: Some(metrics),
+            client_tls: setup.client_tls.clone(),
+            metrics: Some(setup.metrics.clone()),
+            on_reload: Some(Arc::new(move || {
+                let _ = reload.try_send(());
+            })),
             ..ServeOptions::default()
         },
     )?;
     tracing::info!(
-        region,
+        region = %setup.region,
         client = %running.client_addr,
         peer = %running.peer_addr,
         admin = ?running.admin_addr,
         "node serving"
     );
-    let node = running.node.clone();
-    let reloads = tokio::spawn(async move {
+    Ok(running)
+}
+
+async fn serve(
+    config: &Path,
+    region: &str,
+    lock: Option<PathBuf>,
+    certs: Option<PathBuf>,
+    client_tls: Option<(PathBuf, PathBuf)>,
+) -> anyhow::Result<()> {
+    let client_tls = match client_tls {
+        Some((cert, key)) => {
+            let read =
+                |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+            Some(crisp_transport::tls::client_api_config(
+                &read(&cert)?,
+                &read(&key)?,
+            )?)
+        }
+        None => None,
+    };
+    let setup = ServeSetup {
+        config: config.to_path_buf(),
+        region: region.to_owned(),
+        lock,
+        certs,
+        client_tls,
+        metrics: install_metrics()?,
+    };
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let node = build_node(&setup).await?;
+    let listeners = Listeners::bind_catalog(&node.catalog, region).await?;
+    let mut running = start_node(&setup, node, listeners, reload_tx.clone())?;
+
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
         #[cfg(unix)]
-        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading");
-                let _ = node.reload();
+        let hangup = hup.recv();
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = hangup => tracing::info!("SIGHUP: reloading"),
+            _ = reload_rx.recv() => tracing::info!("reload requested on the admin listener"),
+        }
+        // Certificates and access files swap in place.
+        let _ = running.node.reload();
+        // A changed configuration or lock file means a new node: built and validated in
+        // full first, started on the same ports alongside the old one (SO_REUSEPORT), and
+        // only then is the old one drained. A broken configuration changes nothing.
+        match build_node(&setup).await {
+            Ok(node)
+                if node.catalog == running.node.catalog
+                    && node.profiles.len() == running.node.profiles.len()
+                    && node
+                        .profiles
+                        .iter()
+                        .zip(running.node.profiles.iter())
+                        .all(|(a, b)| a == b) => {}
+            Ok(node) => {
+                let listeners = match Listeners::bind_catalog(&node.catalog, region).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "new configuration refused: cannot listen");
+                        continue;
+                    }
+                };
+                match start_node(&setup, node, listeners, reload_tx.clone()) {
+                    Ok(next) => {
+                        let old = std::mem::replace(&mut running, next);
+                        tracing::info!("configuration reloaded; draining the previous node");
+                        tokio::spawn(old.shutdown());
+                    }
+                    Err(e) => tracing::error!(error = %e, "new configuration refused"),
+                }
+            }
+            Err(e) => {
+                metrics::counter!("crisp_reload_failures_total", "what" => "configuration")
+                    .increment(1);
+                tracing::error!(error = %format!("{e:#}"), "new configuration refused; the node keeps the current one");
             }
         }
-        #[cfg(not(unix))]
-        let _ = node;
-    });
-    shutdown_signal().await;
-    reloads.abort();
+    }
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())

@@ -18,15 +18,24 @@ pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
 struct Admin {
     node: Arc<Node>,
     render: Option<MetricsRender>,
+    on_reload: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
-pub fn router(node: Arc<Node>, render: Option<MetricsRender>) -> Router {
+pub fn router(
+    node: Arc<Node>,
+    render: Option<MetricsRender>,
+    on_reload: Option<Arc<dyn Fn() + Send + Sync>>,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/admin/reload", post(reload))
-        .with_state(Admin { node, render })
+        .with_state(Admin {
+            node,
+            render,
+            on_reload,
+        })
 }
 
 async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
@@ -57,6 +66,10 @@ async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
 
 async fn reload(State(admin): State<Admin>) -> impl IntoResponse {
     let report = admin.node.reload();
+    // The configuration itself is reloaded by the process, which owns the listeners.
+    if let Some(f) = &admin.on_reload {
+        f();
+    }
     let status = if report.ok() {
         StatusCode::OK
     } else {

@@ -339,6 +339,9 @@ pub struct ServeOptions {
     pub reload_interval: Duration,
     /// Renders `/metrics` on the admin listener.
     pub metrics: Option<admin::MetricsRender>,
+    /// Called by `POST /admin/reload` after the node's own reload, so the process can
+    /// reload its configuration too.
+    pub on_reload: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Default for ServeOptions {
@@ -348,6 +351,7 @@ impl Default for ServeOptions {
             client_tls: None,
             reload_interval: Duration::from_secs(10),
             metrics: None,
+            on_reload: None,
         }
     }
 }
@@ -456,14 +460,30 @@ impl Listeners {
     }
 }
 
+/// Binds with `SO_REUSEPORT`, so a reloaded node can listen beside the one it replaces
+/// while that one drains.
 pub async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
+    let err = |source| StartError::Bind {
+        what,
+        addr: addr.to_owned(),
+        source,
+    };
+    let resolved = tokio::net::lookup_host(addr)
         .await
-        .map_err(|source| StartError::Bind {
-            what,
-            addr: addr.to_owned(),
-            source,
-        })
+        .map_err(err)?
+        .next()
+        .ok_or_else(|| err(std::io::Error::other("the address resolves to nothing")))?;
+    let socket = if resolved.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    #[cfg(unix)]
+    socket.set_reuseport(true).map_err(err)?;
+    socket.bind(resolved).map_err(err)?;
+    socket.listen(1024).map_err(err)
 }
 
 /// A node that is serving.
@@ -499,7 +519,11 @@ impl RunningNode {
         if let Some(admin) = listeners.admin {
             tasks.spawn(serve::serve(
                 admin,
-                admin::router(node.clone(), options.metrics.clone()),
+                admin::router(
+                    node.clone(),
+                    options.metrics.clone(),
+                    options.on_reload.clone(),
+                ),
                 serve::Security::Plain,
                 rx.clone(),
                 grace,

@@ -1,0 +1,185 @@
+//! `crisp serve` as an operator runs it: certificates from `crisp certs`, a configuration
+//! reloaded on SIGHUP and on the admin endpoint, validated before it replaces anything.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, out)
+}
+
+fn chat(port: u16, model: &str) -> u16 {
+    http(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        &format!(r#"{{"model": "{model}", "max_tokens": 2, "messages": [{{"role": "user", "content": "hi"}}]}}"#),
+    )
+    .0
+}
+
+fn config(client: u16, peer: u16, admin: u16, extra_model: bool) -> String {
+    let mut s = format!(
+        r#"version = 1
+[deployment]
+name = "solo"
+[[geography]]
+name = "eu"
+tags = ["eu"]
+[[region]]
+code = "eu-west-1"
+country = "IE"
+lat = 53.3
+lon = -6.3
+tags = ["eu"]
+client = "127.0.0.1:{client}"
+peer = "127.0.0.1:{peer}"
+admin = "127.0.0.1:{admin}"
+[[model]]
+id = "m1"
+input_price_per_1k = 0.001
+output_price_per_1k = 0.002
+[[model.backend]]
+region = "eu-west-1"
+kind = "simulated"
+time_scale = 0.01
+"#
+    );
+    if extra_model {
+        s.push_str("[[model]]\nid = \"m2\"\ninput_price_per_1k = 0.001\noutput_price_per_1k = 0.002\n[[model.backend]]\nregion = \"eu-west-1\"\nkind = \"simulated\"\ntime_scale = 0.01\n");
+    }
+    s
+}
+
+struct Node(Child);
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn crisp(args: &[&str], dir: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_crisp"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_configuration_reloads_on_sighup_and_on_the_admin_endpoint_and_a_broken_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (client, peer, admin) = (port(), port(), port());
+    std::fs::write(d.join("crisp.toml"), config(client, peer, admin, false)).unwrap();
+    assert!(
+        crisp(
+            &["certs", "init", "--deployment", "solo", "--dir", "certs"],
+            d
+        )
+        .status
+        .success()
+    );
+    assert!(
+        crisp(
+            &[
+                "certs",
+                "issue",
+                "--deployment",
+                "solo",
+                "--region",
+                "eu-west-1",
+                "--dir",
+                "certs"
+            ],
+            d
+        )
+        .status
+        .success()
+    );
+    let key = std::fs::metadata(d.join("certs/eu-west-1.key")).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(key.permissions().mode() & 0o777, 0o600, "keys are private");
+    }
+    let child = Command::new(env!("CARGO_BIN_EXE_crisp"))
+        .args(["serve", "--config", "crisp.toml", "--region", "eu-west-1"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let node = Node(child);
+    eventually("the node serves", || {
+        TcpStream::connect(("127.0.0.1", client)).is_ok()
+    });
+    assert_eq!(chat(client, "eu.m1"), 200);
+    assert_eq!(chat(client, "m2"), 404);
+
+    // A new model, picked up on SIGHUP without a restart.
+    std::fs::write(d.join("crisp.toml"), config(client, peer, admin, true)).unwrap();
+    assert!(
+        crisp(&["profiles", "lock", "--config", "crisp.toml"], d)
+            .status
+            .success()
+    );
+    let pid = node.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    eventually("m2 is served", || chat(client, "m2") == 200);
+    assert_eq!(chat(client, "eu.m2"), 200, "the newly locked profile too");
+
+    // A broken configuration is refused and the node keeps serving what it had.
+    std::fs::write(
+        d.join("crisp.toml"),
+        "version = 1\n[deployment]\nname = \"solo\"\nbogus = 1\n",
+    )
+    .unwrap();
+    let (status, body) = http(admin, "POST", "/admin/reload", "");
+    assert_eq!(status, 200, "{body}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(chat(client, "m2"), 200);
+    assert_eq!(chat(client, "eu.m1"), 200);
+    assert_eq!(http(admin, "GET", "/readyz", "").0, 200);
+}
