@@ -81,12 +81,23 @@ impl SignedReceipt {
                 signer: signer.region,
             });
         }
-        let (_, parsed) = X509Certificate::from_der(&cert)
-            .map_err(|e| ReceiptError::Malformed(format!("certificate: {e}")))?;
-        let key = parsed.public_key().subject_public_key.data.to_vec();
-        UnparsedPublicKey::new(&ED25519, key)
-            .verify(self.payload.as_bytes(), &signature)
-            .map_err(|_| ReceiptError::BadSignature)?;
+        verify_signature(&cert, self.payload.as_bytes(), &signature).map_err(|e| {
+            if e.starts_with("certificate") {
+                ReceiptError::Malformed(e)
+            } else {
+                ReceiptError::BadSignature
+            }
+        })?;
         Ok(receipt)
     }
+}
+
+/// Checks an Ed25519 signature made with the key of a DER certificate (whose trust the
+/// caller has established).
+pub fn verify_signature(cert: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String> {
+    let (_, parsed) = X509Certificate::from_der(cert).map_err(|e| format!("certificate: {e}"))?;
+    let key = parsed.public_key().subject_public_key.data.to_vec();
+    UnparsedPublicKey::new(&ED25519, key)
+        .verify(message, signature)
+        .map_err(|_| "signature does not match".to_owned())
 }

@@ -1,0 +1,654 @@
+//! The audit trail of a source region: one CloudTrail-shaped event per runtime call,
+//! written to a local append-only log and fsynced (group commit) before the client's answer
+//! completes; sealed into files; each sealed file listed, with its SHA-256, in a digest
+//! that chains the previous digest and is signed with the region's node key. Anyone with
+//! the deployment CA can verify the chain and every processing receipt in it.
+//!
+//! Only this crate decides the record bytes.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use crisp_transport::SignedReceipt;
+use crisp_transport::tls::CaVerifier;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// The record format version (a stability promise).
+pub const EVENT_VERSION: &str = "1.0";
+
+/// Who called.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserIdentity {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub principal_id: String,
+    pub account_id: String,
+}
+
+/// One runtime call, as kept in the source region. Never contains prompt text.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEvent {
+    pub event_version: String,
+    pub event_id: String,
+    pub event_time: String,
+    pub event_source: String,
+    /// `ChatCompletion` (OpenAI API), `Converse`, `ConverseStream`, `InvokeModel`, ...
+    pub event_name: String,
+    /// The source region.
+    pub aws_region: String,
+    pub user_identity: UserIdentity,
+    #[serde(rename = "sourceIPAddress")]
+    pub source_ip_address: String,
+    pub user_agent: String,
+    #[serde(rename = "requestID")]
+    pub request_id: String,
+    pub request_parameters: RequestParameters,
+    pub additional_event_data: AdditionalEventData,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestParameters {
+    /// The model or profile ID as the client sent it.
+    pub model_id: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdditionalEventData {
+    /// Where the model ran; always set when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inference_region: Option<String>,
+    /// The profile (or model) the request resolved to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile_id: Option<String>,
+    /// Regions that refused before the one that ran it.
+    #[serde(default)]
+    pub regions_tried: Vec<String>,
+    #[serde(default)]
+    pub input_tokens: u32,
+    #[serde(default)]
+    pub output_tokens: u32,
+    /// US dollars, at the source region's price for the profile type.
+    #[serde(default)]
+    pub cost_usd: f64,
+    /// The application profile it came through, with its tags.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub application_profile: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<(String, String)>,
+    /// The destination's signed statement of where it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<SignedReceipt>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("the audit log cannot be written: {0}")]
+    Io(String),
+    #[error("the audit log has stopped")]
+    Stopped,
+}
+
+/// A signer for digests: the region's node key, with its certificate.
+pub trait Signer: Send + Sync + 'static {
+    fn sign(&self, message: &[u8]) -> Vec<u8>;
+    fn certificate_der(&self) -> Vec<u8>;
+}
+
+/// When to seal the open file.
+#[derive(Clone, Copy, Debug)]
+pub struct Sealing {
+    pub max_bytes: u64,
+    pub max_age: Duration,
+}
+
+impl Default for Sealing {
+    fn default() -> Self {
+        Sealing {
+            max_bytes: 8 << 20,
+            max_age: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A digest: signed, chained, listing one sealed file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DigestBody {
+    pub sequence: u64,
+    pub region: String,
+    pub file: String,
+    pub file_sha256: String,
+    pub events: u64,
+    /// SHA-256 of the previous digest document; empty for the first.
+    pub previous_digest_sha256: String,
+    pub previous_signature: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DigestDocument {
+    /// The body as the exact JSON bytes that were signed.
+    pub body: String,
+    pub signature: String,
+    pub certificate: String,
+}
+
+type Job = (Vec<u8>, tokio::sync::oneshot::Sender<Result<(), String>>);
+
+/// The durable, append-only audit log of one region.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Job>,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog").field("dir", &self.dir).finish()
+    }
+}
+
+const OPEN: &str = "open.jsonl";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    Ok(hex(&Sha256::digest(std::fs::read(path)?)))
+}
+
+struct Writer {
+    dir: PathBuf,
+    region: String,
+    signer: Arc<dyn Signer>,
+    sealing: Sealing,
+    file: File,
+    bytes: u64,
+    events: u64,
+    opened: Instant,
+    sequence: u64,
+    previous_sha: String,
+    previous_sig: String,
+}
+
+impl Writer {
+    fn open(
+        dir: &Path,
+        region: &str,
+        signer: Arc<dyn Signer>,
+        sealing: Sealing,
+    ) -> std::io::Result<Writer> {
+        std::fs::create_dir_all(dir.join("digests"))?;
+        // Continue the chain where it ended.
+        let mut sequence = 0;
+        let mut previous_sha = String::new();
+        let mut previous_sig = String::new();
+        for (seq, path) in digests(dir)? {
+            let text = std::fs::read(&path)?;
+            if let Ok(doc) = serde_json::from_slice::<DigestDocument>(&text) {
+                sequence = seq + 1;
+                previous_sha = hex(&Sha256::digest(&text));
+                previous_sig = doc.signature;
+            }
+        }
+        let path = dir.join(OPEN);
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let bytes = file.metadata()?.len();
+        let events = if bytes > 0 {
+            BufReader::new(File::open(&path)?).lines().count() as u64
+        } else {
+            0
+        };
+        let mut w = Writer {
+            dir: dir.to_owned(),
+            region: region.to_owned(),
+            signer,
+            sealing,
+            file,
+            bytes,
+            events,
+            opened: Instant::now(),
+            sequence,
+            previous_sha,
+            previous_sig,
+        };
+        // Events left in the open file by a crash are sealed first, so a restart never
+        // mixes two runs in one file.
+        if w.events > 0 {
+            w.seal()?;
+        }
+        Ok(w)
+    }
+
+    fn append(&mut self, batch: &[Vec<u8>]) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(batch.iter().map(|b| b.len() + 1).sum());
+        for line in batch {
+            buf.extend_from_slice(line);
+            buf.push(b'\n');
+        }
+        self.file.write_all(&buf)?;
+        self.file.sync_data()?;
+        self.bytes += buf.len() as u64;
+        self.events += batch.len() as u64;
+        Ok(())
+    }
+
+    fn due(&self) -> bool {
+        self.events > 0
+            && (self.bytes >= self.sealing.max_bytes
+                || self.opened.elapsed() >= self.sealing.max_age)
+    }
+
+    /// Renames the open file to its sealed name and writes its signed digest.
+    fn seal(&mut self) -> std::io::Result<()> {
+        let name = format!("audit-{:010}.jsonl", self.sequence);
+        let sealed = self.dir.join(&name);
+        std::fs::rename(self.dir.join(OPEN), &sealed)?;
+        let body = DigestBody {
+            sequence: self.sequence,
+            region: self.region.clone(),
+            file: name,
+            file_sha256: sha256_file(&sealed)?,
+            events: self.events,
+            previous_digest_sha256: self.previous_sha.clone(),
+            previous_signature: self.previous_sig.clone(),
+        };
+        let body = serde_json::to_string(&body).map_err(std::io::Error::other)?;
+        let doc = DigestDocument {
+            signature: B64.encode(self.signer.sign(body.as_bytes())),
+            certificate: B64.encode(self.signer.certificate_der()),
+            body,
+        };
+        let text = serde_json::to_vec_pretty(&doc).map_err(std::io::Error::other)?;
+        let path = self
+            .dir
+            .join("digests")
+            .join(format!("digest-{:010}.json", self.sequence));
+        let mut f = File::create(&path)?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+        File::open(&self.dir)?.sync_all()?;
+        self.previous_sha = hex(&Sha256::digest(&text));
+        self.previous_sig = doc.signature;
+        self.sequence += 1;
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(OPEN))?;
+        self.bytes = 0;
+        self.events = 0;
+        self.opened = Instant::now();
+        Ok(())
+    }
+}
+
+fn digests(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let d = dir.join("digests");
+    if !d.exists() {
+        return Ok(out);
+    }
+    for e in std::fs::read_dir(d)? {
+        let path = e?.path();
+        let seq = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("digest-"))
+            .and_then(|n| n.strip_suffix(".json"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(seq) = seq {
+            out.push((seq, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl AuditLog {
+    /// Opens (or continues) the log in `dir`, writing from a dedicated thread.
+    pub fn open(
+        dir: &Path,
+        region: &str,
+        signer: Arc<dyn Signer>,
+        sealing: Sealing,
+    ) -> Result<AuditLog, AuditError> {
+        let mut writer = Writer::open(dir, region, signer, sealing)
+            .map_err(|e| AuditError::Io(e.to_string()))?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name(format!("audit-{region}"))
+            .spawn(move || {
+                let tick = Duration::from_millis(500);
+                loop {
+                    let first = match rx.recv_timeout(tick) {
+                        Ok(job) => job,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            if writer.due()
+                                && let Err(e) = writer.seal()
+                            {
+                                tracing::error!(error = %e, "cannot seal the audit file");
+                            }
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    };
+                    // Group commit: everything queued meanwhile shares one fsync.
+                    let mut jobs = vec![first];
+                    while let Ok(job) = rx.try_recv() {
+                        jobs.push(job);
+                        if jobs.len() >= 4096 {
+                            break;
+                        }
+                    }
+                    let lines: Vec<Vec<u8>> =
+                        jobs.iter_mut().map(|(l, _)| std::mem::take(l)).collect();
+                    let result = writer.append(&lines).map_err(|e| e.to_string());
+                    for (_, done) in jobs {
+                        let _ = done.send(result.clone());
+                    }
+                    if result.is_ok()
+                        && writer.due()
+                        && let Err(e) = writer.seal()
+                    {
+                        tracing::error!(error = %e, "cannot seal the audit file");
+                    }
+                }
+            })
+            .map_err(|e| AuditError::Io(e.to_string()))?;
+        Ok(AuditLog {
+            tx,
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends an event; resolves once it is on disk.
+    pub async fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        let line = serde_json::to_vec(event).map_err(|e| AuditError::Io(e.to_string()))?;
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((line, done))
+            .map_err(|_| AuditError::Stopped)?;
+        wait.await
+            .map_err(|_| AuditError::Stopped)?
+            .map_err(AuditError::Io)
+    }
+}
+
+/// One problem found by verification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finding {
+    BadSignature {
+        digest: String,
+        why: String,
+    },
+    BrokenChain {
+        digest: String,
+    },
+    MissingFile {
+        file: String,
+    },
+    ModifiedFile {
+        file: String,
+    },
+    UnlistedFile {
+        file: String,
+    },
+    MissingDigest {
+        sequence: u64,
+    },
+    BadEvent {
+        file: String,
+        line: usize,
+        why: String,
+    },
+    BadReceipt {
+        file: String,
+        request_id: String,
+        why: String,
+    },
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Finding::BadSignature { digest, why } => {
+                write!(f, "{digest}: signature not valid ({why})")
+            }
+            Finding::BrokenChain { digest } => write!(
+                f,
+                "{digest}: does not chain to the previous digest (a digest was removed, changed or inserted)"
+            ),
+            Finding::MissingFile { file } => {
+                write!(f, "{file}: listed in a digest but missing (deleted)")
+            }
+            Finding::ModifiedFile { file } => write!(
+                f,
+                "{file}: its SHA-256 differs from its digest (modified or swapped)"
+            ),
+            Finding::UnlistedFile { file } => {
+                write!(f, "{file}: not listed in any digest (inserted)")
+            }
+            Finding::MissingDigest { sequence } => {
+                write!(f, "digest {sequence}: missing (deleted)")
+            }
+            Finding::BadEvent { file, line, why } => {
+                write!(f, "{file}:{line}: unreadable event ({why})")
+            }
+            Finding::BadReceipt {
+                file,
+                request_id,
+                why,
+            } => write!(f, "{file}: request {request_id}: receipt not valid ({why})"),
+        }
+    }
+}
+
+/// What verification found and covered.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub findings: Vec<Finding>,
+    pub files: usize,
+    pub events: usize,
+    pub receipts: usize,
+}
+
+/// Walks the digest chain of `dir` backwards from the newest, checking signatures (the
+/// signer must be `region`'s certificate from the deployment CA), the chain, every file's
+/// hash, unlisted files, and every receipt in every event.
+pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Report> {
+    let mut report = Report::default();
+    let digests = digests(dir)?;
+    let mut listed = std::collections::HashSet::new();
+    let mut next_previous: Option<(String, String)> = None;
+    let mut expected_seq: Option<u64> = None;
+    for (seq, path) in digests.iter().rev() {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("?")
+            .to_owned();
+        if let Some(e) = expected_seq
+            && *seq != e
+        {
+            for missing in (*seq + 1)..=e {
+                report
+                    .findings
+                    .push(Finding::MissingDigest { sequence: missing });
+            }
+        }
+        expected_seq = seq.checked_sub(1);
+        let text = std::fs::read(path)?;
+        let sha = hex(&Sha256::digest(&text));
+        let Ok(doc) = serde_json::from_slice::<DigestDocument>(&text) else {
+            report.findings.push(Finding::BadSignature {
+                digest: name,
+                why: "unreadable".into(),
+            });
+            continue;
+        };
+        if let Some((want_sha, want_sig)) = &next_previous
+            && (want_sha != &sha || want_sig != &doc.signature)
+        {
+            report.findings.push(Finding::BrokenChain {
+                digest: name.clone(),
+            });
+        }
+        match check_signature(&doc, ca, region) {
+            Ok(()) => {}
+            Err(why) => report.findings.push(Finding::BadSignature {
+                digest: name.clone(),
+                why,
+            }),
+        }
+        let Ok(body) = serde_json::from_str::<DigestBody>(&doc.body) else {
+            report.findings.push(Finding::BadSignature {
+                digest: name,
+                why: "unreadable body".into(),
+            });
+            continue;
+        };
+        next_previous = Some((
+            body.previous_digest_sha256.clone(),
+            body.previous_signature.clone(),
+        ));
+        listed.insert(body.file.clone());
+        let file = dir.join(&body.file);
+        match sha256_file(&file) {
+            Err(_) => report.findings.push(Finding::MissingFile {
+                file: body.file.clone(),
+            }),
+            Ok(h) if h != body.file_sha256 => report.findings.push(Finding::ModifiedFile {
+                file: body.file.clone(),
+            }),
+            Ok(_) => {}
+        }
+        if file.exists() {
+            report.files += 1;
+            check_events(&file, &body.file, ca, &mut report)?;
+        }
+    }
+    if let Some(e) = expected_seq {
+        for missing in 0..=e {
+            report
+                .findings
+                .push(Finding::MissingDigest { sequence: missing });
+        }
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.starts_with("audit-") && name.ends_with(".jsonl") && !listed.contains(&name) {
+            report.findings.push(Finding::UnlistedFile { file: name });
+        }
+    }
+    Ok(report)
+}
+
+fn check_signature(doc: &DigestDocument, ca: &CaVerifier, region: &str) -> Result<(), String> {
+    let cert = B64.decode(&doc.certificate).map_err(|e| e.to_string())?;
+    let sig = B64.decode(&doc.signature).map_err(|e| e.to_string())?;
+    // Digests are verified at the time of verification; a rotated-out certificate
+    // still verifies while it is within its validity.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let id = ca.verify(&cert, now)?;
+    if id.region != region {
+        return Err(format!("signed by region {}, not {region}", id.region));
+    }
+    crisp_transport::receipt::verify_signature(&cert, doc.body.as_bytes(), &sig)
+}
+
+fn check_events(
+    path: &Path,
+    name: &str,
+    ca: &CaVerifier,
+    report: &mut Report,
+) -> std::io::Result<()> {
+    for (i, line) in BufReader::new(File::open(path)?).lines().enumerate() {
+        let line = line?;
+        report.events += 1;
+        let event: AuditEvent = match serde_json::from_str(&line) {
+            Ok(e) => e,
+            Err(e) => {
+                report.findings.push(Finding::BadEvent {
+                    file: name.into(),
+                    line: i + 1,
+                    why: e.to_string(),
+                });
+                continue;
+            }
+        };
+        if let Some(r) = &event.additional_event_data.receipt {
+            report.receipts += 1;
+            match r.verify(ca) {
+                Ok(receipt) => {
+                    let claimed = event
+                        .additional_event_data
+                        .inference_region
+                        .as_deref()
+                        .unwrap_or("");
+                    if receipt.inference_region != claimed || receipt.request_id != event.request_id
+                    {
+                        report.findings.push(Finding::BadReceipt {
+                            file: name.into(),
+                            request_id: event.request_id.clone(),
+                            why: format!(
+                                "the receipt says request {} ran in {}, the event says {claimed}",
+                                receipt.request_id, receipt.inference_region
+                            ),
+                        });
+                    }
+                }
+                Err(e) => report.findings.push(Finding::BadReceipt {
+                    file: name.into(),
+                    request_id: event.request_id.clone(),
+                    why: e.to_string(),
+                }),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every event in `dir` (sealed files in order, then the open one).
+pub fn events(dir: &Path) -> std::io::Result<Vec<AuditEvent>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
+        })
+        .collect();
+    files.sort();
+    files.push(dir.join(OPEN));
+    let mut out = Vec::new();
+    for f in files {
+        let Ok(file) = File::open(&f) else { continue };
+        for line in BufReader::new(file).lines() {
+            if let Ok(e) = serde_json::from_str::<AuditEvent>(&line?) {
+                out.push(e);
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,273 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crisp_audit::{
+    AdditionalEventData, AuditEvent, AuditLog, Finding, RequestParameters, Sealing, Signer, verify,
+};
+use crisp_transport::receipt::{Receipt, SignedReceipt};
+use crisp_transport::{Ca, RegionIdentity, TlsMaterial};
+use time::OffsetDateTime;
+
+struct NodeKey(TlsMaterial);
+
+impl Signer for NodeKey {
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.0.sign(message)
+    }
+    fn certificate_der(&self) -> Vec<u8> {
+        self.0.cert_der().to_vec()
+    }
+}
+
+fn material(ca: &Ca, region: &str) -> TlsMaterial {
+    let now = OffsetDateTime::now_utc();
+    let c = ca
+        .issue_region(
+            region,
+            now - time::Duration::hours(1),
+            now + time::Duration::days(1),
+        )
+        .unwrap();
+    TlsMaterial::from_pem(
+        ca.cert_pem().as_bytes(),
+        c.cert_pem.as_bytes(),
+        c.key_pem.as_bytes(),
+        &RegionIdentity::new("demo", region),
+        u64::try_from(now.unix_timestamp()).unwrap(),
+    )
+    .unwrap()
+}
+
+fn event(i: usize, receipt: Option<SignedReceipt>, region: &str) -> AuditEvent {
+    AuditEvent {
+        event_version: "1.0".into(),
+        event_id: format!("e{i}"),
+        request_id: format!("r{i}"),
+        event_name: "ChatCompletion".into(),
+        aws_region: "us-east-1".into(),
+        request_parameters: RequestParameters {
+            model_id: "eu.m".into(),
+        },
+        additional_event_data: AdditionalEventData {
+            inference_region: Some(region.into()),
+            receipt,
+            ..AdditionalEventData::default()
+        },
+        ..AuditEvent::default()
+    }
+}
+
+fn receipt(m: &TlsMaterial, i: usize, region: &str) -> SignedReceipt {
+    SignedReceipt::sign(
+        m,
+        &Receipt {
+            request_id: format!("r{i}"),
+            profile: "eu.m".into(),
+            model: "m".into(),
+            source_region: "us-east-1".into(),
+            inference_region: region.into(),
+            input_tokens: 1,
+            output_tokens: 2,
+            issued_at_ms: u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap() * 1000,
+        },
+    )
+}
+
+/// A trail of 3 sealed files of 4 events each, every event with an EU receipt.
+async fn trail(dir: &std::path::Path, ca: &Ca) {
+    let dublin = material(ca, "eu-west-1");
+    let log = AuditLog::open(
+        dir,
+        "us-east-1",
+        Arc::new(NodeKey(material(ca, "us-east-1"))),
+        Sealing {
+            max_bytes: 1,
+            max_age: Duration::from_secs(3600),
+        },
+    )
+    .unwrap();
+    for i in 0..12 {
+        log.record(&event(
+            i,
+            Some(receipt(&dublin, i, "eu-west-1")),
+            "eu-west-1",
+        ))
+        .await
+        .unwrap();
+    }
+    // Sealing is asynchronous to the writes it follows.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+fn files(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("audit-"))
+        .collect();
+    v.sort();
+    v
+}
+
+async fn setup() -> (tempfile::TempDir, Ca, crisp_transport::tls::CaVerifier) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    trail(dir.path(), &ca).await;
+    let verifier =
+        crisp_transport::tls::CaVerifier::from_ca_pem("demo", ca.cert_pem().as_bytes()).unwrap();
+    (dir, ca, verifier)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intact_trail_verifies_with_every_receipt() {
+    let (dir, _ca, v) = setup().await;
+    let report = verify(dir.path(), &v, "us-east-1").unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    assert_eq!(report.events, 12);
+    assert_eq!(report.receipts, 12);
+    assert!(report.files >= 3);
+    // The wrong region's key would not do.
+    let report = verify(dir.path(), &v, "eu-west-1").unwrap();
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| matches!(f, Finding::BadSignature { .. }))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_is_detected() {
+    // An edited byte.
+    let (dir, _ca, v) = setup().await;
+    let f = dir.path().join(&files(dir.path())[1]);
+    let mut bytes = std::fs::read(&f).unwrap();
+    let pos = bytes.iter().position(|&b| b == b'1').unwrap();
+    bytes[pos] = b'9';
+    std::fs::write(&f, bytes).unwrap();
+    let r = verify(dir.path(), &v, "us-east-1").unwrap();
+    assert!(
+        r.findings
+            .iter()
+            .any(|x| matches!(x, Finding::ModifiedFile { .. })),
+        "{:?}",
+        r.findings
+    );
+
+    // A deleted file.
+    let (dir, _ca, v) = setup().await;
+    std::fs::remove_file(dir.path().join(&files(dir.path())[0])).unwrap();
+    let r = verify(dir.path(), &v, "us-east-1").unwrap();
+    assert!(
+        r.findings
+            .iter()
+            .any(|x| matches!(x, Finding::MissingFile { .. })),
+        "{:?}",
+        r.findings
+    );
+
+    // Two files swapped.
+    let (dir, _ca, v) = setup().await;
+    let fs = files(dir.path());
+    let (a, b) = (dir.path().join(&fs[0]), dir.path().join(&fs[1]));
+    let tmp = dir.path().join("tmp");
+    std::fs::rename(&a, &tmp).unwrap();
+    std::fs::rename(&b, &a).unwrap();
+    std::fs::rename(&tmp, &b).unwrap();
+    let r = verify(dir.path(), &v, "us-east-1").unwrap();
+    assert_eq!(
+        r.findings
+            .iter()
+            .filter(|x| matches!(x, Finding::ModifiedFile { .. }))
+            .count(),
+        2,
+        "{:?}",
+        r.findings
+    );
+
+    // An inserted file, and a deleted digest.
+    let (dir, _ca, v) = setup().await;
+    std::fs::write(dir.path().join("audit-0000000099.jsonl"), "{}\n").unwrap();
+    std::fs::remove_file(dir.path().join("digests/digest-0000000001.json")).unwrap();
+    let r = verify(dir.path(), &v, "us-east-1").unwrap();
+    assert!(
+        r.findings
+            .iter()
+            .any(|x| matches!(x, Finding::UnlistedFile { .. })),
+        "{:?}",
+        r.findings
+    );
+    assert!(
+        r.findings
+            .iter()
+            .any(|x| matches!(x, Finding::MissingDigest { sequence: 1 })),
+        "{:?}",
+        r.findings
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_receipt_is_detected_even_in_a_correctly_sealed_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let us = material(&ca, "us-east-1");
+    let log = AuditLog::open(
+        dir.path(),
+        "us-east-1",
+        Arc::new(NodeKey(material(&ca, "us-east-1"))),
+        Sealing {
+            max_bytes: 1,
+            max_age: Duration::from_secs(3600),
+        },
+    )
+    .unwrap();
+    // The source claims eu-west-1, but the receipt was signed by a US node.
+    log.record(&event(0, Some(receipt(&us, 0, "eu-west-1")), "eu-west-1"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let v =
+        crisp_transport::tls::CaVerifier::from_ca_pem("demo", ca.cert_pem().as_bytes()).unwrap();
+    let r = verify(dir.path(), &v, "us-east-1").unwrap();
+    assert!(
+        r.findings
+            .iter()
+            .any(|x| matches!(x, Finding::BadReceipt { .. })),
+        "{:?}",
+        r.findings
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_event_is_on_disk_when_record_returns_and_the_chain_continues_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let key = || Arc::new(NodeKey(material(&ca, "us-east-1")));
+    let log = AuditLog::open(dir.path(), "us-east-1", key(), Sealing::default()).unwrap();
+    log.record(&event(1, None, "us-east-1")).await.unwrap();
+    let text = std::fs::read_to_string(dir.path().join("open.jsonl")).unwrap();
+    assert!(text.contains("\"requestID\":\"r1\""));
+    assert!(!text.contains("content"), "no prompt text in audit events");
+    drop(log);
+    // A restart seals what the previous run left open and carries the chain on.
+    let log = AuditLog::open(
+        dir.path(),
+        "us-east-1",
+        key(),
+        Sealing {
+            max_bytes: 1,
+            max_age: Duration::from_secs(3600),
+        },
+    )
+    .unwrap();
+    log.record(&event(2, None, "us-east-1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let v =
+        crisp_transport::tls::CaVerifier::from_ca_pem("demo", ca.cert_pem().as_bytes()).unwrap();
+    let r = verify(dir.path(), &v, "us-east-1").unwrap();
+    assert!(r.findings.is_empty(), "{:?}", r.findings);
+    assert_eq!(r.events, 2);
+    assert_eq!(crisp_audit::events(dir.path()).unwrap().len(), 2);
+}
