@@ -11,8 +11,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    AccessSettings, BackendSpec, Catalog, Deployment, Geography, Limits, Model, OpenAiSpec, Price,
-    Region, RegionIx, RoutingSettings, SimulatedSpec, is_valid_id,
+    AccessSettings, AuditSettings, BackendSpec, Catalog, Deployment, Geography, Limits, Model,
+    OpenAiSpec, Price, Region, RegionIx, RoutingSettings, SimulatedSpec, is_valid_id,
 };
 
 /// The format version this build reads.
@@ -67,6 +67,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     access: Option<RawAccess>,
+    #[serde(default)]
+    audit: Option<RawAudit>,
     #[serde(default, rename = "region")]
     regions: Vec<RawRegion>,
     #[serde(default, rename = "geography")]
@@ -98,6 +100,15 @@ struct RawRouting {
     admit_timeout_ms: Option<Spanned<u64>>,
     route_factor: Option<Spanned<f64>>,
     telemetry_interval_ms: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    dir: Option<String>,
+    on_failure: Option<Spanned<String>>,
+    seal_bytes: Option<u64>,
+    seal_after_s: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -282,6 +293,28 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> Catalog {
     let geographies = validate_geographies(raw.geographies, &region_index, p);
     let models = validate_models(raw.models, &region_index, p);
     let mut catalog = Catalog::new(deployment, regions, geographies, models, routing, limits);
+    if let Some(a) = raw.audit {
+        let d = AuditSettings::default();
+        let refuse = match a.on_failure.as_ref().map(|v| v.get_ref().as_str()) {
+            None | Some("refuse") => true,
+            Some("serve") => false,
+            Some(other) => {
+                if let Some(v) = &a.on_failure {
+                    p.at(
+                        v.span(),
+                        format!("audit.on_failure {other:?} must be \"refuse\" (no unaudited requests) or \"serve\""),
+                    );
+                }
+                true
+            }
+        };
+        catalog.audit = AuditSettings {
+            dir: a.dir.unwrap_or(d.dir),
+            refuse_on_failure: refuse,
+            seal_bytes: a.seal_bytes.unwrap_or(d.seal_bytes).max(1),
+            seal_after_s: a.seal_after_s.unwrap_or(d.seal_after_s).max(1),
+        };
+    }
     catalog.access = raw.access.map(|a| AccessSettings {
         principals: a.principals,
         keys: a.keys,

@@ -222,6 +222,29 @@ pub struct AccessSettings {
     pub guardrails: Vec<String>,
 }
 
+/// The source region's audit trail.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditSettings {
+    /// Directory of the local durable log (relative to the config); `{region}` is replaced
+    /// by the node's region.
+    pub dir: String,
+    /// Refuse new requests when events cannot be written (rather than serve unaudited).
+    pub refuse_on_failure: bool,
+    pub seal_bytes: u64,
+    pub seal_after_s: u64,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            dir: "audit/{region}".into(),
+            refuse_on_failure: true,
+            seal_bytes: 8 << 20,
+            seal_after_s: 300,
+        }
+    }
+}
+
 /// Limits on client input.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
@@ -248,6 +271,7 @@ pub struct Catalog {
     pub limits: Limits,
     /// `None`: no authentication or authorization (say so loudly at start).
     pub access: Option<AccessSettings>,
+    pub audit: AuditSettings,
     region_index: HashMap<String, RegionIx>,
     model_index: HashMap<String, usize>,
 }
@@ -279,6 +303,7 @@ impl Catalog {
             routing,
             limits,
             access: None,
+            audit: AuditSettings::default(),
             region_index,
             model_index,
         }

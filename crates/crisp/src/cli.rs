@@ -77,6 +77,11 @@ enum Command {
         #[command(subcommand)]
         command: crate::certs::CertsCommand,
     },
+    /// Verify a region's audit trail, or look events up in it.
+    Audit {
+        #[command(subcommand)]
+        command: crate::audit::AuditCommand,
+    },
     /// Create, list and revoke API keys and SigV4 credentials of principals.
     Keys {
         #[command(subcommand)]
@@ -162,6 +167,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Certs { command } => crate::certs::run(command),
         Command::Keys { command } => crate::access::run_keys(command),
+        Command::Audit { command } => crate::audit::run(command),
         Command::Policy {
             command:
                 PolicyCommand::Check {
@@ -361,8 +367,13 @@ async fn build_node(setup: &ServeSetup) -> anyhow::Result<Node> {
         tracing::warn!(error = %e, "cannot read application inference profiles yet; will retry");
     }
     let access_files = crate::access::files(config, &catalog)?;
-    let mut node =
-        Node::new(catalog, &lock, region, Arc::new(tls))?.with_app_profiles(app_profiles);
+    let tls = Arc::new(tls);
+    let audit_dir = crate::audit::dir_for(config, &catalog, region);
+    let audit = crate::audit::open(&audit_dir, &catalog, region, tls.clone())?;
+    tracing::info!(dir = %audit_dir.display(), "audit trail");
+    let mut node = Node::new(catalog, &lock, region, tls)?
+        .with_app_profiles(app_profiles)
+        .with_audit(audit);
     match access_files {
         Some(files) => {
             let access =

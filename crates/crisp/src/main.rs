@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod access;
+mod audit;
 mod certs;
 mod cli;
 mod observe;

@@ -165,6 +165,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let access_dir = tempfile::Builder::new()
         .prefix("crisp-up-access-")
         .tempdir()?;
+    // Each region's audit trail, and the CA to verify it with, outlive this process so
+    // they can be inspected after Ctrl-C.
+    let audit_root = tempfile::Builder::new()
+        .prefix("crisp-up-audit-")
+        .tempdir()?
+        .keep();
+    std::fs::copy(certs.path().join("ca.pem"), audit_root.join("ca.pem"))?;
     // The embedded demo runs with its demo principals; a given configuration with its own
     // [access] section, or open when it has none.
     let access_files = match &args.config {
@@ -175,13 +182,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     for (r, l) in catalog.regions.iter().zip(listeners) {
         let app_profiles = Arc::new(AppProfiles::from_url(&profile_url)?);
         crate::certs::issue(&ca, &r.code, certs.path(), 1)?;
-        let tls = TlsStore::load(
+        let tls = Arc::new(TlsStore::load(
             TlsFiles::in_dir(certs.path(), &r.code),
             RegionIdentity::new(&catalog.deployment.name, &r.code),
             unix_ms() / 1000,
-        )?;
-        let node = Node::new(catalog.clone(), &lock, &r.code, Arc::new(tls))?
-            .with_app_profiles(app_profiles);
+        )?);
+        let audit = crate::audit::open(&audit_root.join(&r.code), &catalog, &r.code, tls.clone())?;
+        let node = Node::new(catalog.clone(), &lock, &r.code, tls)?
+            .with_app_profiles(app_profiles)
+            .with_audit(audit);
         let node = match &access_files {
             Some(files) => {
                 let access =
@@ -200,6 +209,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     wait_for_mesh(&nodes).await;
     print_banner(&catalog, &lock);
+    println!(
+        "audit trails: {0}/<region> (crisp audit lookup --dir {0}/us-east-1; crisp audit verify --dir {0}/us-east-1 --ca {0}/ca.pem --deployment {1} --region us-east-1)",
+        audit_root.display(),
+        catalog.deployment.name
+    );
 
     crate::cli::shutdown_signal().await;
     eprintln!("\nshutting down {} nodes...", nodes.len());

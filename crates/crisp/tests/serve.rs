@@ -183,3 +183,145 @@ fn the_configuration_reloads_on_sighup_and_on_the_admin_endpoint_and_a_broken_on
     assert_eq!(chat(client, "eu.m1"), 200);
     assert_eq!(http(admin, "GET", "/readyz", "").0, 200);
 }
+
+/// Every request a client saw complete has its audit event after `kill -9` and restart.
+#[test]
+fn no_completed_request_is_missing_from_the_audit_trail_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (client, peer, admin) = (port(), port(), port());
+    std::fs::write(d.join("crisp.toml"), config(client, peer, admin, false)).unwrap();
+    assert!(
+        crisp(
+            &["certs", "init", "--deployment", "solo", "--dir", "certs"],
+            d
+        )
+        .status
+        .success()
+    );
+    assert!(
+        crisp(
+            &[
+                "certs",
+                "issue",
+                "--deployment",
+                "solo",
+                "--region",
+                "eu-west-1",
+                "--dir",
+                "certs"
+            ],
+            d
+        )
+        .status
+        .success()
+    );
+    let start = || {
+        let child = Command::new(env!("CARGO_BIN_EXE_crisp"))
+            .args(["serve", "--config", "crisp.toml", "--region", "eu-west-1"])
+            .current_dir(d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        eventually("the node serves", || {
+            TcpStream::connect(("127.0.0.1", client)).is_ok()
+        });
+        Node(child)
+    };
+    let node = start();
+    // Four clients in parallel; each remembers the request IDs it saw complete.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut done = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok(mut s) = TcpStream::connect(("127.0.0.1", client)) else { break };
+                    let body = r#"{"model": "eu.m1", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}"#;
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    if write!(s, "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).is_err() {
+                        break;
+                    }
+                    let mut out = String::new();
+                    if s.read_to_string(&mut out).is_err() {
+                        break;
+                    }
+                    // Complete = a 200 with the whole JSON body.
+                    if out.starts_with("HTTP/1.1 200")
+                        && out.trim_end().ends_with('}')
+                        && let Some(id) = out
+                            .lines()
+                            .find_map(|l| l.strip_prefix("x-crisp-request-id: "))
+                    {
+                        done.push(id.trim().to_owned());
+                    }
+                }
+                done
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = node.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let completed: Vec<String> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    drop(node);
+    assert!(completed.len() > 20, "the load ran: {}", completed.len());
+    // Restart: the node seals what the crash left open and carries on.
+    let _node = start();
+    let events = crisp_audit::events(&d.join("audit/eu-west-1")).unwrap();
+    let audited: std::collections::HashSet<&str> =
+        events.iter().map(|e| e.request_id.as_str()).collect();
+    let missing: Vec<&String> = completed
+        .iter()
+        .filter(|id| !audited.contains(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} completed requests have no audit event: {missing:?}",
+        missing.len(),
+        completed.len()
+    );
+    for e in events.iter().filter(|e| completed.contains(&e.request_id)) {
+        assert_eq!(
+            e.additional_event_data.inference_region.as_deref(),
+            Some("eu-west-1")
+        );
+        assert!(
+            e.additional_event_data.receipt.is_some(),
+            "every completed event keeps its receipt"
+        );
+    }
+    // And the trail verifies.
+    let out = crisp(
+        &[
+            "audit",
+            "verify",
+            "--dir",
+            "audit/eu-west-1",
+            "--ca",
+            "certs/ca.pem",
+            "--deployment",
+            "solo",
+            "--region",
+            "eu-west-1",
+        ],
+        d,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -60,6 +60,11 @@ pub enum PipelineError {
     ModelFailed(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The audit log cannot take events and the node refuses to serve unaudited.
+    #[error(
+        "this region cannot record audit events right now ({0}); retry shortly or call another region"
+    )]
+    AuditUnavailable(String),
 }
 
 fn exhausted_message(
@@ -105,7 +110,7 @@ impl PipelineError {
             | PipelineError::ModelRejected(_) => Culprit::Client,
             PipelineError::Exhausted { .. } => Culprit::Capacity,
             PipelineError::Timeout(_) | PipelineError::ModelFailed(_) => Culprit::Upstream,
-            PipelineError::Internal(_) => Culprit::Internal,
+            PipelineError::Internal(_) | PipelineError::AuditUnavailable(_) => Culprit::Internal,
         }
     }
 

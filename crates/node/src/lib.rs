@@ -29,6 +29,7 @@ pub mod access;
 pub mod admin;
 pub mod api;
 pub mod app_profiles;
+pub mod audit;
 pub mod backbone;
 pub mod error;
 pub mod fleet;
@@ -57,6 +58,8 @@ pub struct Node {
     pub tls: Arc<TlsStore>,
     /// Generations admitted by this region's engines, per model index.
     admitted: Vec<AtomicU64>,
+    /// This region's audit trail; `None` keeps none.
+    pub audit: Option<Arc<audit::Audit>>,
     /// Principals, keys and policies; `None` runs without authentication.
     pub access: Option<Arc<access::Access>>,
     /// Application inference profiles of the deployment, when a store is configured.
@@ -142,12 +145,19 @@ impl Node {
             sigv4: None,
             app_profiles: None,
             access: None,
+            audit: None,
             stopping: tokio::sync::watch::Sender::new(false),
         })
     }
 
     pub fn region_code(&self) -> &str {
         self.catalog.region_code(self.region)
+    }
+
+    /// Records every call in this audit log before completing it.
+    pub fn with_audit(mut self, audit: Arc<audit::Audit>) -> Node {
+        self.audit = Some(audit);
+        self
     }
 
     /// Requires authentication and authorization with this access control.

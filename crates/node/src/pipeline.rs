@@ -152,6 +152,11 @@ fn exclusion_text(why: Exclusion) -> &'static str {
 /// Runs a request up to admission.
 pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, PipelineError> {
     let started = std::time::Instant::now();
+    if node.audit.as_ref().is_some_and(|a| a.refusing()) {
+        return Err(PipelineError::AuditUnavailable(
+            "recent audit writes failed".into(),
+        ));
+    }
     let catalog = &node.catalog;
     // An application profile routes exactly like the profile or model it copies.
     let application = node

@@ -17,6 +17,7 @@ use serde_json::json;
 use tracing::Instrument;
 
 use super::{INFERENCE_REGION_HEADER, REQUEST_ID_HEADER};
+use crate::audit::{self, Call, Ran};
 use crate::error::PipelineError;
 use crate::pipeline::{self, Admitted, InferRequest};
 use crate::{Node, observe};
@@ -258,6 +259,11 @@ fn error_parts(err: &PipelineError) -> (StatusCode, &'static str, &'static str) 
         PipelineError::Denied { .. } => {
             (StatusCode::FORBIDDEN, "permission_error", "access_denied")
         }
+        PipelineError::AuditUnavailable(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "audit_unavailable",
+        ),
         PipelineError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "api_error", "timeout"),
         PipelineError::ModelFailed(_) => (StatusCode::BAD_GATEWAY, "api_error", "upstream_error"),
         PipelineError::Internal(_) => (
@@ -344,9 +350,15 @@ pub async fn chat_completions(State(node): State<Arc<Node>>, req: Request) -> Re
         request_id = %request_id,
         source = node.region_code()
     );
-    match handle(&node, req, &request_id).instrument(span).await {
+    let mut call = Call::new(
+        &request_id,
+        "ChatCompletion",
+        req.headers(),
+        req.extensions(),
+    );
+    match handle(&node, req, &mut call).instrument(span).await {
         Ok(response) => response,
-        Err(e) => {
+        Err((e, ran)) => {
             tracing::info!(
                 request_id = %request_id,
                 source = node.region_code(),
@@ -362,16 +374,16 @@ pub async fn chat_completions(State(node): State<Arc<Node>>, req: Request) -> Re
                 outcome: error_code(&e),
                 duration: Duration::ZERO,
             });
+            audit::failed(&node, &call, ran.as_ref(), error_code(&e), &e).await;
             error_response(&e, &request_id)
         }
     }
 }
 
-async fn handle(
-    node: &Arc<Node>,
-    req: Request,
-    request_id: &str,
-) -> Result<Response, PipelineError> {
+type Failure = (PipelineError, Option<Ran>);
+
+async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Response, Failure> {
+    let request_id = call.request_id.clone();
     // Who is calling, before anything else is read.
     let principal = match &node.access {
         None => None,
@@ -385,23 +397,28 @@ async fn handle(
                 Err(e) => {
                     metrics::counter!("crisp_auth_failures_total", "api" => "openai", "reason" => "api_key")
                         .increment(1);
-                    return Err(PipelineError::Unauthenticated(e.to_string()));
+                    return Err((PipelineError::Unauthenticated(e.to_string()), None));
                 }
             }
         }
     };
-    let body = read_body(node, req).await?;
+    call.principal.clone_from(&principal);
+    let body = read_body(node, req).await.map_err(|e| (e, None))?;
     let chat: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
-        PipelineError::InvalidRequest(format!(
-            "the request body is not a valid chat completion request: {e}. Send JSON like {EXAMPLE}"
-        ))
+        (
+            PipelineError::InvalidRequest(format!(
+                "the request body is not a valid chat completion request: {e}. Send JSON like {EXAMPLE}"
+            )),
+            None,
+        )
     })?;
     let requested = chat.model.clone();
+    call.requested.clone_from(&requested);
     let (mut infer, stream, include_usage) = chat
-        .into_pipeline(request_id.to_owned())
-        .map_err(PipelineError::InvalidRequest)?;
+        .into_pipeline(request_id.clone())
+        .map_err(|e| (PipelineError::InvalidRequest(e), None))?;
     infer.principal = principal;
-    let admitted = pipeline::run(node, infer).await?;
+    let admitted = pipeline::run(node, infer).await.map_err(|e| (e, None))?;
     tracing::info!(
         request_id = %request_id,
         source = node.region_code(),
@@ -412,11 +429,12 @@ async fn handle(
         stream,
         "request admitted"
     );
+    let ran = Ran::of(&admitted);
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&admitted.inference_region) {
         headers.insert(INFERENCE_REGION_HEADER, v);
     }
-    if let Ok(v) = HeaderValue::from_str(request_id) {
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
         headers.insert(REQUEST_ID_HEADER, v);
     }
     if stream {
@@ -425,10 +443,23 @@ async fn handle(
             HeaderValue::from_static("text/event-stream"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        let body = sse_body(admitted, requested, request_id.to_owned(), include_usage);
+        let body = sse_body(
+            node.clone(),
+            call.clone(),
+            ran,
+            admitted,
+            requested,
+            include_usage,
+        );
         Ok((headers, body).into_response())
     } else {
-        let completion = collect(admitted, &requested, request_id).await?;
+        let (completion, usage) = collect(admitted, &requested, &request_id)
+            .await
+            .map_err(|e| (e, Some(ran.clone())))?;
+        // The answer is complete only once its audit event is durable.
+        audit::completed(node, call, &ran, usage)
+            .await
+            .map_err(|e| (e, Some(ran.clone())))?;
         Ok((headers, Json(completion)).into_response())
     }
 }
@@ -437,7 +468,7 @@ async fn collect(
     admitted: Admitted,
     requested: &str,
     request_id: &str,
-) -> Result<serde_json::Value, PipelineError> {
+) -> Result<(serde_json::Value, Usage), PipelineError> {
     let mut stream = admitted.stream;
     let mut content = String::new();
     while let Some(item) = stream.next().await {
@@ -462,7 +493,9 @@ async fn collect(
                     }],
                     usage: usage.into(),
                 };
-                return serde_json::to_value(c).map_err(|e| PipelineError::Internal(e.to_string()));
+                let value =
+                    serde_json::to_value(c).map_err(|e| PipelineError::Internal(e.to_string()))?;
+                return Ok((value, usage));
             }
         }
     }
@@ -475,53 +508,68 @@ fn sse(value: &serde_json::Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
 }
 
+fn sse_error(code: &str, message: String) -> Bytes {
+    sse(&json!({"error": {"message": message, "type": "api_error", "code": code}}))
+}
+
 fn sse_body(
+    node: Arc<Node>,
+    call: Call,
+    ran: Ran,
     admitted: Admitted,
     requested: String,
-    request_id: String,
     include_usage: bool,
 ) -> Body {
-    let id = format!("chatcmpl-{request_id}");
+    let id = format!("chatcmpl-{}", call.request_id);
     let created = unix_now();
-    let chunk = move |delta: serde_json::Value, finish: Option<FinishReason>| {
-        json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": requested,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish.map(FinishReason::as_str)}],
-        })
-    };
+    let chunk = Arc::new(
+        move |delta: serde_json::Value, finish: Option<FinishReason>| {
+            json!({
+                "id": id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": requested,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish.map(FinishReason::as_str)}],
+            })
+        },
+    );
     let first = sse(&chunk(json!({"role": "assistant", "content": ""}), None));
-    let events = admitted.stream.flat_map(move |item| {
-        let out: Vec<Bytes> = match item {
-            Ok(Chunk::Delta(text)) => vec![sse(&chunk(json!({"content": text}), None))],
-            Ok(Chunk::Done {
-                finish_reason,
-                usage,
-            }) => {
-                let mut v = vec![sse(&chunk(json!({}), Some(finish_reason)))];
-                if include_usage {
-                    let mut u = chunk(json!({}), None);
-                    u["choices"] = json!([]);
-                    u["usage"] = json!(WireUsage::from(usage));
-                    v.push(sse(&u));
+    let events = admitted.stream.then(move |item| {
+        let (node, call, ran, chunk) = (node.clone(), call.clone(), ran.clone(), chunk.clone());
+        async move {
+            let out: Vec<Bytes> = match item {
+                Ok(Chunk::Delta(text)) => vec![sse(&chunk(json!({"content": text}), None))],
+                Ok(Chunk::Done {
+                    finish_reason,
+                    usage,
+                }) => {
+                    let mut v = vec![sse(&chunk(json!({}), Some(finish_reason)))];
+                    if include_usage {
+                        let mut u = chunk(json!({}), None);
+                        u["choices"] = json!([]);
+                        u["usage"] = json!(WireUsage::from(usage));
+                        v.push(sse(&u));
+                    }
+                    // The final event goes out only once the audit event is durable.
+                    match audit::completed(&node, &call, &ran, usage).await {
+                        Ok(()) => v.push(Bytes::from_static(b"data: [DONE]\n\n")),
+                        Err(e) => v.push(sse_error("audit_unavailable", e.to_string())),
+                    }
+                    v
                 }
-                v.push(Bytes::from_static(b"data: [DONE]\n\n"));
-                v
-            }
-            Err(e) => {
-                let err = from_backend(e);
-                vec![sse(&json!({"error": {
-                    "message": format!("the answer broke off: {err}"),
-                    "type": "api_error",
-                    "code": "stream_interrupted",
-                }}))]
-            }
-        };
-        futures::stream::iter(out.into_iter().map(Ok::<_, std::convert::Infallible>))
+                Err(e) => {
+                    let err = from_backend(e);
+                    audit::failed(&node, &call, Some(&ran), "stream_interrupted", &err).await;
+                    vec![sse_error(
+                        "stream_interrupted",
+                        format!("the answer broke off: {err}"),
+                    )]
+                }
+            };
+            futures::stream::iter(out.into_iter().map(Ok::<_, std::convert::Infallible>))
+        }
     });
-    Body::from_stream(futures::stream::once(async move { Ok(first) }).chain(events))
+    Body::from_stream(futures::stream::once(async move { Ok(first) }).chain(events.flatten()))
 }
 
 pub async fn list_models(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {

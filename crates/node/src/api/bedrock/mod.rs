@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use super::{INFERENCE_REGION_HEADER, REQUEST_ID_HEADER};
 use crate::Node;
 use crate::app_profiles::{AppProfile, AppProfileError, NewAppProfile};
+use crate::audit::{self, Call, Ran};
 use crate::error::PipelineError;
 use crate::pipeline::{self, Admitted, InferRequest};
 
@@ -62,13 +63,22 @@ pub fn error(status: StatusCode, kind: &str, message: &str, request_id: &str) ->
     r
 }
 
-fn pipeline_error(err: &PipelineError, request_id: &str) -> Response {
-    let (status, kind) = match err {
+/// The Bedrock exception name of a pipeline error (also the audit event's errorCode).
+fn error_kind(err: &PipelineError) -> &'static str {
+    error_shape(err).1
+}
+
+fn error_shape(err: &PipelineError) -> (StatusCode, &'static str) {
+    match err {
         PipelineError::InvalidRequest(_)
         | PipelineError::TooLarge { .. }
         | PipelineError::ModelRejected(_) => (StatusCode::BAD_REQUEST, "ValidationException"),
         PipelineError::Unauthenticated(_) => (StatusCode::FORBIDDEN, "UnrecognizedClientException"),
         PipelineError::Denied { .. } => (StatusCode::FORBIDDEN, "AccessDeniedException"),
+        PipelineError::AuditUnavailable(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailableException",
+        ),
         PipelineError::Resolve(ResolveError::Unknown { .. }) => {
             (StatusCode::NOT_FOUND, "ResourceNotFoundException")
         }
@@ -79,7 +89,11 @@ fn pipeline_error(err: &PipelineError, request_id: &str) -> Response {
         PipelineError::Internal(_) => {
             (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerException")
         }
-    };
+    }
+}
+
+fn pipeline_error(err: &PipelineError, request_id: &str) -> Response {
+    let (status, kind) = error_shape(err);
     let message = match err {
         // The managed service's wording, which clients and docs search for.
         PipelineError::Resolve(ResolveError::NotServedHere {
@@ -330,15 +344,26 @@ async fn admit(
     req: Request,
     request_id: &str,
     action: crisp_policy::Action,
-) -> Result<Admitted, Response> {
+    event_name: &'static str,
+) -> Result<(Admitted, Call), Response> {
+    let mut call = Call::new(request_id, event_name, req.headers(), req.extensions());
+    call.requested.clone_from(&model_id);
     let (_, body, principal) = read(node, req, request_id).await?;
-    let mut infer =
-        to_pipeline(model_id, request_id, &body).map_err(|e| pipeline_error(&e, request_id))?;
+    call.principal.clone_from(&principal);
+    let fail = |e: PipelineError, call: Call| async move {
+        audit::failed(node, &call, None, error_kind(&e), &e).await;
+        pipeline_error(&e, request_id)
+    };
+    let mut infer = match to_pipeline(model_id, request_id, &body) {
+        Ok(i) => i,
+        Err(e) => return Err(fail(e, call).await),
+    };
     infer.principal = principal;
     infer.action = action;
-    let admitted = pipeline::run(node, infer)
-        .await
-        .map_err(|e| pipeline_error(&e, request_id))?;
+    let admitted = match pipeline::run(node, infer).await {
+        Ok(a) => a,
+        Err(e) => return Err(fail(e, call).await),
+    };
     tracing::info!(
         request_id,
         source = node.region_code(),
@@ -348,7 +373,7 @@ async fn admit(
         api = "bedrock",
         "request admitted"
     );
-    Ok(admitted)
+    Ok((admitted, call))
 }
 
 fn new_request_id() -> String {
@@ -388,12 +413,13 @@ async fn converse(
 ) -> Response {
     let request_id = new_request_id();
     let started = Instant::now();
-    let admitted = match admit(
+    let (admitted, call) = match admit(
         &node,
         model_id,
         req,
         &request_id,
         crisp_policy::Action::InvokeModel,
+        "Converse",
     )
     .await
     {
@@ -401,18 +427,30 @@ async fn converse(
         Err(r) => return r,
     };
     let headers = admitted_headers(&admitted, &request_id);
+    let ran = Ran::of(&admitted);
     match complete(admitted).await {
-        Ok((text, finish, usage)) => (
-            headers,
-            axum::Json(json!({
-                "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
-                "stopReason": stop_reason(finish),
-                "usage": usage_json(usage),
+        Ok((text, finish, usage)) => {
+            // The answer is complete only once its audit event is durable.
+            if let Err(e) = audit::completed(&node, &call, &ran, usage).await {
+                return pipeline_error(&e, &request_id);
+            }
+            (
+                headers,
+                axum::Json(json!({
+                    "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+                    "stopReason": stop_reason(finish),
+                    "usage": usage_json(usage),
                 "metrics": {"latencyMs": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)},
-            })),
-        )
-            .into_response(),
-        Err(e) => model_error(&e, &request_id),
+                })),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            let r = model_error(&e, &request_id);
+            let err = PipelineError::ModelFailed(e.to_string());
+            audit::failed(&node, &call, Some(&ran), "ModelErrorException", &err).await;
+            r
+        }
     }
 }
 
@@ -422,12 +460,13 @@ async fn invoke(
     req: Request,
 ) -> Response {
     let request_id = new_request_id();
-    let admitted = match admit(
+    let (admitted, call) = match admit(
         &node,
         model_id,
         req,
         &request_id,
         crisp_policy::Action::InvokeModel,
+        "InvokeModel",
     )
     .await
     {
@@ -435,17 +474,29 @@ async fn invoke(
         Err(r) => return r,
     };
     let headers = admitted_headers(&admitted, &request_id);
+    let ran = Ran::of(&admitted);
     match complete(admitted).await {
-        Ok((text, finish, usage)) => (
-            headers,
-            axum::Json(json!({
-                "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
-                "stopReason": stop_reason(finish),
-                "usage": usage_json(usage),
-            })),
-        )
-            .into_response(),
-        Err(e) => model_error(&e, &request_id),
+        Ok((text, finish, usage)) => {
+            // The answer is complete only once its audit event is durable.
+            if let Err(e) = audit::completed(&node, &call, &ran, usage).await {
+                return pipeline_error(&e, &request_id);
+            }
+            (
+                headers,
+                axum::Json(json!({
+                    "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+                    "stopReason": stop_reason(finish),
+                    "usage": usage_json(usage),
+                })),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            let r = model_error(&e, &request_id);
+            let err = PipelineError::ModelFailed(e.to_string());
+            audit::failed(&node, &call, Some(&ran), "ModelErrorException", &err).await;
+            r
+        }
     }
 }
 
@@ -472,12 +523,13 @@ async fn converse_stream(
 ) -> Response {
     let request_id = new_request_id();
     let started = Instant::now();
-    let admitted = match admit(
+    let (admitted, call) = match admit(
         &node,
         model_id,
         req,
         &request_id,
         crisp_policy::Action::InvokeModelWithResponseStream,
+        "ConverseStream",
     )
     .await
     {
@@ -485,8 +537,10 @@ async fn converse_stream(
         Err(r) => return r,
     };
     let headers = admitted_headers(&admitted, &request_id);
+    let ran = Ran::of(&admitted);
+    let answer = audit::audited(node.clone(), call, ran, admitted.stream);
     let start = eventstream::event("messageStart", &json!({"role": "assistant"}));
-    let frames = admitted.stream.flat_map(move |item| {
+    let frames = answer.flat_map(move |item| {
         let out = match item {
             Ok(Chunk::Delta(text)) => vec![eventstream::event(
                 "contentBlockDelta",
@@ -527,12 +581,13 @@ async fn invoke_stream(
     use base64::Engine;
     let request_id = new_request_id();
     let started = Instant::now();
-    let admitted = match admit(
+    let (admitted, call) = match admit(
         &node,
         model_id,
         req,
         &request_id,
         crisp_policy::Action::InvokeModelWithResponseStream,
+        "InvokeModelWithResponseStream",
     )
     .await
     {
@@ -540,6 +595,8 @@ async fn invoke_stream(
         Err(r) => return r,
     };
     let headers = admitted_headers(&admitted, &request_id);
+    let ran = Ran::of(&admitted);
+    let answer = audit::audited(node.clone(), call, ran, admitted.stream);
     // Nova's native stream: each `chunk` event carries one JSON event, base64-encoded.
     let chunk = |v: Value| {
         let bytes = base64::engine::general_purpose::STANDARD
@@ -547,7 +604,7 @@ async fn invoke_stream(
         eventstream::event("chunk", &json!({ "bytes": bytes }))
     };
     let start = chunk(json!({"messageStart": {"role": "assistant"}}));
-    let frames = admitted.stream.flat_map(move |item| {
+    let frames = answer.flat_map(move |item| {
         let out = match item {
             Ok(Chunk::Delta(text)) => vec![chunk(
                 json!({"contentBlockDelta": {"delta": {"text": text}, "contentBlockIndex": 0}}),

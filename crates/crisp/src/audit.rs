@@ -1,0 +1,164 @@
+//! `crisp audit`: verify a region's trail and look events up.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use crisp_audit::{AuditLog, Sealing};
+use crisp_catalog::Catalog;
+use crisp_node::audit::{Audit, NodeSigner};
+use crisp_transport::TlsStore;
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Walk the signed digest chain and check every file, event and receipt.
+    Verify {
+        /// The region's audit directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The deployment CA certificate (ca.pem).
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        deployment: String,
+        /// The region whose trail this is (its key must have signed the digests).
+        #[arg(long)]
+        region: String,
+    },
+    /// Find events by time, principal, profile, inference region or error code.
+    Lookup {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        principal: Option<String>,
+        #[arg(long)]
+        profile: Option<String>,
+        #[arg(long)]
+        inference_region: Option<String>,
+        #[arg(long)]
+        error_code: Option<String>,
+        /// RFC 3339 lower bound on eventTime, e.g. 2026-11-28T10:00:00Z.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Opens the audit log of a node.
+pub fn open(
+    dir: &Path,
+    catalog: &Catalog,
+    region: &str,
+    tls: Arc<TlsStore>,
+) -> anyhow::Result<Arc<Audit>> {
+    let settings = &catalog.audit;
+    let log = AuditLog::open(
+        dir,
+        region,
+        Arc::new(NodeSigner(tls)),
+        Sealing {
+            max_bytes: settings.seal_bytes,
+            max_age: Duration::from_secs(settings.seal_after_s),
+        },
+    )
+    .with_context(|| format!("cannot open the audit log in {}", dir.display()))?;
+    Ok(Arc::new(Audit::new(log, settings.refuse_on_failure)))
+}
+
+/// The audit directory of `region` for a configuration file.
+pub fn dir_for(config: &Path, catalog: &Catalog, region: &str) -> PathBuf {
+    let base = config.parent().map(Path::to_path_buf).unwrap_or_default();
+    base.join(catalog.audit.dir.replace("{region}", region))
+}
+
+pub fn run(command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Verify {
+            dir,
+            ca,
+            deployment,
+            region,
+        } => {
+            let pem =
+                std::fs::read(&ca).with_context(|| format!("cannot read {}", ca.display()))?;
+            let verifier = crisp_transport::tls::CaVerifier::from_ca_pem(&deployment, &pem)?;
+            let report = crisp_audit::verify(&dir, &verifier, &region)
+                .with_context(|| format!("cannot read {}", dir.display()))?;
+            println!(
+                "{}: {} sealed files, {} events, {} receipts checked",
+                dir.display(),
+                report.files,
+                report.events,
+                report.receipts
+            );
+            if report.findings.is_empty() {
+                println!("OK: the chain is intact and every receipt verifies");
+                Ok(())
+            } else {
+                for f in &report.findings {
+                    println!("  ! {f}");
+                }
+                bail!("{} problem(s) found", report.findings.len())
+            }
+        }
+        AuditCommand::Lookup {
+            dir,
+            principal,
+            profile,
+            inference_region,
+            error_code,
+            since,
+            until,
+            json,
+        } => {
+            let events = crisp_audit::events(&dir)
+                .with_context(|| format!("cannot read {}", dir.display()))?;
+            let keep = |e: &crisp_audit::AuditEvent| {
+                let d = &e.additional_event_data;
+                principal
+                    .as_ref()
+                    .is_none_or(|p| &e.user_identity.principal_id == p)
+                    && profile.as_ref().is_none_or(|p| {
+                        d.profile_id.as_ref() == Some(p) || &e.request_parameters.model_id == p
+                    })
+                    && inference_region
+                        .as_ref()
+                        .is_none_or(|r| d.inference_region.as_ref() == Some(r))
+                    && error_code
+                        .as_ref()
+                        .is_none_or(|c| e.error_code.as_ref() == Some(c))
+                    && since
+                        .as_ref()
+                        .is_none_or(|s| e.event_time.as_str() >= s.as_str())
+                    && until
+                        .as_ref()
+                        .is_none_or(|u| e.event_time.as_str() <= u.as_str())
+            };
+            for e in events.iter().filter(|e| keep(e)) {
+                if json {
+                    println!("{}", serde_json::to_string(e)?);
+                } else {
+                    let d = &e.additional_event_data;
+                    println!(
+                        "{:<25} {:<34} {:<12} {:<40} {:<15} {:>5}/{:<5} {}",
+                        e.event_time,
+                        e.request_id,
+                        e.user_identity.principal_id,
+                        e.request_parameters.model_id,
+                        d.inference_region.as_deref().unwrap_or("-"),
+                        d.input_tokens,
+                        d.output_tokens,
+                        e.error_code.as_deref().unwrap_or("ok")
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}

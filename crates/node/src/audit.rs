@@ -1,0 +1,265 @@
+//! The source region's audit of each call: the API edges describe the call, this module
+//! turns it into an event and waits until it is durable. Only the source node writes
+//! events; a destination never keeps anything of a forwarded request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::connect_info::ConnectInfo;
+use crisp_audit::{AdditionalEventData, AuditEvent, RequestParameters, Signer, UserIdentity};
+use crisp_engine::Usage;
+use crisp_routing::Scope;
+use crisp_transport::TlsStore;
+use http::HeaderMap;
+
+use crate::error::PipelineError;
+use crate::pipeline::Admitted;
+use crate::{Node, unix_ms};
+
+/// Signs audit digests with the node's current certificate key.
+pub struct NodeSigner(pub Arc<TlsStore>);
+
+impl Signer for NodeSigner {
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.0.current().sign(message)
+    }
+    fn certificate_der(&self) -> Vec<u8> {
+        self.0.current().cert_der().to_vec()
+    }
+}
+
+/// The node's audit log and what to do when it cannot write.
+pub struct Audit {
+    pub log: crisp_audit::AuditLog,
+    /// Refuse new requests while the log is failing (rather than serve unaudited).
+    pub refuse_on_failure: bool,
+    broken_until_ms: AtomicU64,
+}
+
+/// How long a failed write keeps the node refusing before it tries again.
+const BROKEN_FOR_MS: u64 = 5_000;
+
+impl Audit {
+    pub fn new(log: crisp_audit::AuditLog, refuse_on_failure: bool) -> Audit {
+        Audit {
+            log,
+            refuse_on_failure,
+            broken_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether new requests must be refused now.
+    pub fn refusing(&self) -> bool {
+        self.refuse_on_failure && unix_ms() < self.broken_until_ms.load(Ordering::Relaxed)
+    }
+
+    async fn write(&self, event: &AuditEvent) -> Result<(), PipelineError> {
+        match self.log.record(event).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                metrics::counter!("crisp_audit_failures_total").increment(1);
+                tracing::error!(error = %e, "cannot write the audit event");
+                self.broken_until_ms
+                    .store(unix_ms().saturating_add(BROKEN_FOR_MS), Ordering::Relaxed);
+                if self.refuse_on_failure {
+                    Err(PipelineError::AuditUnavailable(e.to_string()))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// What the API edge knows of a call.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub request_id: String,
+    pub event_name: &'static str,
+    pub requested: String,
+    pub principal: Option<String>,
+    pub source_ip: String,
+    pub user_agent: String,
+}
+
+impl Call {
+    pub fn new(
+        request_id: &str,
+        event_name: &'static str,
+        headers: &HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Call {
+        Call {
+            request_id: request_id.to_owned(),
+            event_name,
+            requested: String::new(),
+            principal: None,
+            source_ip: extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip().to_string())
+                .unwrap_or_default(),
+            user_agent: headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .chars()
+                .take(256)
+                .collect(),
+        }
+    }
+}
+
+/// What of an admitted request the audit needs once its stream is consumed.
+#[derive(Clone, Debug)]
+pub struct Ran {
+    pub inference_region: String,
+    pub profile_id: String,
+    pub model_id: String,
+    pub scope: Scope,
+    pub tried: Vec<String>,
+    pub application: Option<crate::app_profiles::AppProfile>,
+    pub receipt: crate::pipeline::ReceiptSlot,
+}
+
+impl Ran {
+    pub fn of(a: &Admitted) -> Ran {
+        Ran {
+            inference_region: a.inference_region.clone(),
+            profile_id: a.profile_id.clone(),
+            model_id: a.model_id.clone(),
+            scope: a.scope,
+            tried: a.attempts.iter().map(|t| t.region.clone()).collect(),
+            application: a.application.clone(),
+            receipt: a.receipt.clone(),
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn base(node: &Node, call: &Call) -> AuditEvent {
+    AuditEvent {
+        event_version: crisp_audit::EVENT_VERSION.into(),
+        event_id: uuid::Uuid::new_v4().to_string(),
+        event_time: now_rfc3339(),
+        event_source: "crisp".into(),
+        event_name: call.event_name.into(),
+        aws_region: node.region_code().to_owned(),
+        user_identity: UserIdentity {
+            kind: if call.principal.is_some() {
+                "Principal"
+            } else {
+                "Anonymous"
+            }
+            .into(),
+            principal_id: call.principal.clone().unwrap_or_default(),
+            account_id: node.catalog.deployment.account.clone(),
+        },
+        source_ip_address: call.source_ip.clone(),
+        user_agent: call.user_agent.clone(),
+        request_id: call.request_id.clone(),
+        request_parameters: RequestParameters {
+            model_id: call.requested.clone(),
+        },
+        ..AuditEvent::default()
+    }
+}
+
+/// Records a completed call; returns once the event is durable.
+pub async fn completed(
+    node: &Node,
+    call: &Call,
+    ran: &Ran,
+    usage: Usage,
+) -> Result<(), PipelineError> {
+    let Some(audit) = &node.audit else {
+        return Ok(());
+    };
+    let cost = node.catalog.model(&ran.model_id).map_or(0.0, |m| {
+        let price = if ran.scope == Scope::Global {
+            m.global_price
+        } else {
+            m.price
+        };
+        price.cost(
+            u64::from(usage.prompt_tokens),
+            u64::from(usage.completion_tokens),
+        )
+    });
+    let mut event = base(node, call);
+    event.additional_event_data = AdditionalEventData {
+        inference_region: Some(ran.inference_region.clone()),
+        profile_id: Some(ran.profile_id.clone()),
+        regions_tried: ran.tried.clone(),
+        input_tokens: usage.prompt_tokens,
+        output_tokens: usage.completion_tokens,
+        cost_usd: cost,
+        application_profile: ran.application.as_ref().map(|a| a.id.clone()),
+        tags: ran
+            .application
+            .as_ref()
+            .map(|a| a.tags.clone())
+            .unwrap_or_default(),
+        receipt: ran.receipt.get().cloned(),
+    };
+    audit.write(&event).await
+}
+
+/// Records a call that failed or was refused.
+pub async fn failed(node: &Node, call: &Call, ran: Option<&Ran>, code: &str, err: &PipelineError) {
+    let Some(audit) = &node.audit else {
+        return;
+    };
+    let mut event = base(node, call);
+    event.error_code = Some(code.to_owned());
+    event.error_message = Some(err.to_string());
+    if let Some(ran) = ran {
+        event.additional_event_data.inference_region = Some(ran.inference_region.clone());
+        event.additional_event_data.profile_id = Some(ran.profile_id.clone());
+        event.additional_event_data.regions_tried = ran.tried.clone();
+    } else if let PipelineError::Exhausted { attempts, .. } = err {
+        event.additional_event_data.regions_tried =
+            attempts.iter().map(|a| a.region.clone()).collect();
+    }
+    let _ = audit.write(&event).await;
+}
+
+/// Wraps an admitted answer so that its final chunk is released only once the audit event
+/// is durable (a failed write turns it into an error), and a broken answer is audited as
+/// failed.
+pub fn audited(
+    node: Arc<Node>,
+    call: Call,
+    ran: Ran,
+    stream: crisp_engine::ChunkStream,
+) -> crisp_engine::ChunkStream {
+    use futures::StreamExt;
+    Box::pin(stream.then(move |item| {
+        let (node, call, ran) = (node.clone(), call.clone(), ran.clone());
+        async move {
+            match item {
+                Ok(crisp_engine::Chunk::Done {
+                    finish_reason,
+                    usage,
+                }) => match completed(&node, &call, &ran, usage).await {
+                    Ok(()) => Ok(crisp_engine::Chunk::Done {
+                        finish_reason,
+                        usage,
+                    }),
+                    Err(e) => Err(crisp_engine::BackendError::Internal(e.to_string())),
+                },
+                Err(e) => {
+                    let err = PipelineError::ModelFailed(e.to_string());
+                    failed(&node, &call, Some(&ran), "ModelStreamErrorException", &err).await;
+                    Err(e)
+                }
+                other => other,
+            }
+        }
+    }))
+}
