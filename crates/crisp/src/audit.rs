@@ -162,3 +162,97 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
         }
     }
 }
+
+/// How `crisp usage` groups.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum GroupBy {
+    Principal,
+    Application,
+    Tag,
+    Profile,
+    InferenceRegion,
+}
+
+/// `crisp usage`: tokens and cost from audit trails.
+pub fn usage(
+    dirs: &[PathBuf],
+    by: GroupBy,
+    since: Option<&str>,
+    until: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::collections::BTreeMap;
+    #[derive(Default)]
+    struct Row {
+        requests: u64,
+        input_tokens: u64,
+        output_tokens: u64,
+        cost_usd: f64,
+    }
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    for dir in dirs {
+        let events =
+            crisp_audit::events(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        for e in events {
+            if e.error_code.is_some()
+                || since.is_some_and(|s| e.event_time.as_str() < s)
+                || until.is_some_and(|u| e.event_time.as_str() > u)
+            {
+                continue;
+            }
+            let d = &e.additional_event_data;
+            let keys: Vec<String> = match by {
+                GroupBy::Principal => vec![e.user_identity.principal_id.clone()],
+                GroupBy::Application => {
+                    vec![d.application_profile.clone().unwrap_or_else(|| "-".into())]
+                }
+                GroupBy::Tag => {
+                    if d.tags.is_empty() {
+                        vec!["-".into()]
+                    } else {
+                        d.tags.iter().map(|(k, v)| format!("{k}={v}")).collect()
+                    }
+                }
+                GroupBy::Profile => vec![
+                    d.profile_id
+                        .clone()
+                        .unwrap_or_else(|| e.request_parameters.model_id.clone()),
+                ],
+                GroupBy::InferenceRegion => {
+                    vec![d.inference_region.clone().unwrap_or_else(|| "-".into())]
+                }
+            };
+            for k in keys {
+                let r = rows.entry(k).or_default();
+                r.requests += 1;
+                r.input_tokens += u64::from(d.input_tokens);
+                r.output_tokens += u64::from(d.output_tokens);
+                r.cost_usd += d.cost_usd;
+            }
+        }
+    }
+    if json {
+        for (k, r) in &rows {
+            println!(
+                "{}",
+                serde_json::json!({"key": k, "requests": r.requests, "input_tokens": r.input_tokens, "output_tokens": r.output_tokens, "cost_usd": r.cost_usd})
+            );
+        }
+    } else {
+        println!(
+            "{:<44} {:>9} {:>12} {:>12} {:>12}",
+            format!("{by:?}").to_lowercase(),
+            "requests",
+            "input tok",
+            "output tok",
+            "cost USD"
+        );
+        for (k, r) in &rows {
+            println!(
+                "{:<44} {:>9} {:>12} {:>12} {:>12.6}",
+                k, r.requests, r.input_tokens, r.output_tokens, r.cost_usd
+            );
+        }
+    }
+    Ok(())
+}

@@ -82,6 +82,21 @@ enum Command {
         #[command(subcommand)]
         command: crate::audit::AuditCommand,
     },
+    /// Tokens and cost per principal, application profile, tag, profile or inference
+    /// region, from audit trails.
+    Usage {
+        /// Audit directories (one per region whose usage counts).
+        #[arg(long = "dir", required = true)]
+        dirs: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value = "principal")]
+        by: crate::audit::GroupBy,
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Create, list and revoke API keys and SigV4 credentials of principals.
     Keys {
         #[command(subcommand)]
@@ -168,6 +183,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Certs { command } => crate::certs::run(command),
         Command::Keys { command } => crate::access::run_keys(command),
         Command::Audit { command } => crate::audit::run(command),
+        Command::Usage {
+            dirs,
+            by,
+            since,
+            until,
+            json,
+        } => crate::audit::usage(&dirs, by, since.as_deref(), until.as_deref(), json),
         Command::Policy {
             command:
                 PolicyCommand::Check {

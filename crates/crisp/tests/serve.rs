@@ -325,3 +325,87 @@ fn no_completed_request_is_missing_from_the_audit_trail_after_kill_9() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Cost per principal and per application tag, from the audit trail.
+#[test]
+fn usage_reports_tokens_and_cost_from_the_audit_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (client, peer, admin) = (port(), port(), port());
+    std::fs::write(d.join("crisp.toml"), config(client, peer, admin, false)).unwrap();
+    assert!(
+        crisp(
+            &["certs", "init", "--deployment", "solo", "--dir", "certs"],
+            d
+        )
+        .status
+        .success()
+    );
+    assert!(
+        crisp(
+            &[
+                "certs",
+                "issue",
+                "--deployment",
+                "solo",
+                "--region",
+                "eu-west-1",
+                "--dir",
+                "certs"
+            ],
+            d
+        )
+        .status
+        .success()
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_crisp"))
+        .args(["serve", "--config", "crisp.toml", "--region", "eu-west-1"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _node = Node(child);
+    eventually("the node serves", || {
+        TcpStream::connect(("127.0.0.1", client)).is_ok()
+    });
+    for model in ["eu.m1", "eu.m1", "m1"] {
+        assert_eq!(chat(client, model), 200);
+    }
+    assert_eq!(chat(client, "nope"), 404);
+    let out = crisp(
+        &[
+            "usage",
+            "--dir",
+            "audit/eu-west-1",
+            "--by",
+            "profile",
+            "--json",
+        ],
+        d,
+    );
+    assert!(out.status.success());
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let eu = rows.iter().find(|r| r["key"] == "eu.m1").unwrap();
+    assert_eq!(eu["requests"], 2);
+    let cost = eu["cost_usd"].as_f64().unwrap();
+    let (inp, outp) = (
+        eu["input_tokens"].as_f64().unwrap(),
+        eu["output_tokens"].as_f64().unwrap(),
+    );
+    assert!(
+        (cost - (inp * 0.001 + outp * 0.002) / 1000.0).abs() < 1e-12,
+        "priced at the configured rates"
+    );
+    assert_eq!(
+        rows.iter().find(|r| r["key"] == "m1").unwrap()["requests"],
+        1
+    );
+    assert!(
+        rows.iter().all(|r| r["key"] != "nope"),
+        "failed calls cost nothing"
+    );
+}
