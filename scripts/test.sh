@@ -22,6 +22,13 @@ if ! "$LLAMA_VENV/bin/python" -c 'import llama_cpp.server, gguf' 2>/dev/null; th
 fi
 export CRISP_LLAMA_PYTHON="$LLAMA_VENV/bin/python"
 
+step "S3-compatible store for the audit shipping tests (s3s-fs, installed once)"
+if [ ! -x "$HOME/.cargo/bin/s3s-fs" ]; then
+  # Pinned: newer releases need a newer rustc.
+  cargo install s3s-fs@0.14.1 --features binary --locked
+fi
+export CRISP_S3S_FS="$HOME/.cargo/bin/s3s-fs"
+
 step "cargo test"
 cargo test --workspace --locked
 

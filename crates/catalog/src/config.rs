@@ -109,6 +109,7 @@ struct RawAudit {
     on_failure: Option<Spanned<String>>,
     seal_bytes: Option<u64>,
     seal_after_s: Option<u64>,
+    store: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -313,6 +314,7 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> Catalog {
             refuse_on_failure: refuse,
             seal_bytes: a.seal_bytes.unwrap_or(d.seal_bytes).max(1),
             seal_after_s: a.seal_after_s.unwrap_or(d.seal_after_s).max(1),
+            store: a.store,
         };
     }
     catalog.access = raw.access.map(|a| AccessSettings {

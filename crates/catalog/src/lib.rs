@@ -232,6 +232,9 @@ pub struct AuditSettings {
     pub refuse_on_failure: bool,
     pub seal_bytes: u64,
     pub seal_after_s: u64,
+    /// Where sealed files are shipped (`s3://bucket/prefix` or `file:///path`); the
+    /// region is appended to the prefix.
+    pub store: Option<String>,
 }
 
 impl Default for AuditSettings {
@@ -241,6 +244,7 @@ impl Default for AuditSettings {
             refuse_on_failure: true,
             seal_bytes: 8 << 20,
             seal_after_s: 300,
+            store: None,
         }
     }
 }

@@ -393,9 +393,19 @@ async fn build_node(setup: &ServeSetup) -> anyhow::Result<Node> {
     let audit_dir = crate::audit::dir_for(config, &catalog, region);
     let audit = crate::audit::open(&audit_dir, &catalog, region, tls.clone())?;
     tracing::info!(dir = %audit_dir.display(), "audit trail");
+    let shipper = match &catalog.audit.store {
+        Some(url) => Some(Arc::new(
+            crisp_node::audit::Shipper::from_url(&audit_dir, url, region)
+                .map_err(|e| anyhow::anyhow!("audit store: {e}"))?,
+        )),
+        None => None,
+    };
     let mut node = Node::new(catalog, &lock, region, tls)?
         .with_app_profiles(app_profiles)
         .with_audit(audit);
+    if let Some(s) = shipper {
+        node = node.with_audit_shipper(s);
+    }
     match access_files {
         Some(files) => {
             let access =

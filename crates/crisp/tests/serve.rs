@@ -409,3 +409,140 @@ fn usage_reports_tokens_and_cost_from_the_audit_trail() {
         "failed calls cost nothing"
     );
 }
+
+fn s3s_fs() -> Option<std::path::PathBuf> {
+    let candidates = [
+        std::env::var_os("CRISP_S3S_FS").map(std::path::PathBuf::from),
+        std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo/bin/s3s-fs")),
+    ];
+    let found = candidates.into_iter().flatten().find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "s3s-fs is not installed: scripts/test.sh installs it (cargo install s3s-fs@0.14.1 --features binary --locked)"
+        );
+        eprintln!("skipping: s3s-fs is not installed");
+    }
+    found
+}
+
+fn start_s3(bin: &Path, port: u16, data: &Path) -> Node {
+    let child = Command::new(bin)
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--access-key",
+            "crisp",
+            "--secret-key",
+            "crisp-secret",
+        ])
+        .arg(data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually("s3s-fs listens", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    Node(child)
+}
+
+/// Sealed audit files and digests reach a real S3-compatible store, and a store outage
+/// only delays them: nothing is lost.
+#[test]
+fn audit_files_reach_the_object_store_and_survive_an_outage() {
+    let Some(bin) = s3s_fs() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("s3");
+    std::fs::create_dir_all(data.join("audit-bucket")).unwrap();
+    let s3_port = port();
+    let mut s3 = Some(start_s3(&bin, s3_port, &data));
+    let (client, peer, admin) = (port(), port(), port());
+    let cfg = config(client, peer, admin, false)
+        + "[audit]\nseal_bytes = 1\nstore = \"s3://audit-bucket/crisp\"\n";
+    std::fs::write(d.join("crisp.toml"), cfg).unwrap();
+    assert!(
+        crisp(
+            &["certs", "init", "--deployment", "solo", "--dir", "certs"],
+            d
+        )
+        .status
+        .success()
+    );
+    assert!(
+        crisp(
+            &[
+                "certs",
+                "issue",
+                "--deployment",
+                "solo",
+                "--region",
+                "eu-west-1",
+                "--dir",
+                "certs"
+            ],
+            d
+        )
+        .status
+        .success()
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_crisp"))
+        .args(["serve", "--config", "crisp.toml", "--region", "eu-west-1"])
+        .current_dir(d)
+        .env("AWS_ENDPOINT", format!("http://127.0.0.1:{s3_port}"))
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "crisp")
+        .env("AWS_SECRET_ACCESS_KEY", "crisp-secret")
+        .env("AWS_REGION", "us-east-1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _node = Node(child);
+    eventually("the node serves", || {
+        TcpStream::connect(("127.0.0.1", client)).is_ok()
+    });
+    let shipped = |n: usize| {
+        let dir = data.join("audit-bucket/crisp/eu-west-1");
+        let files = std::fs::read_dir(&dir)
+            .map(|r| {
+                r.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("audit-"))
+                    .count()
+            })
+            .unwrap_or(0);
+        files >= n
+    };
+    for _ in 0..3 {
+        assert_eq!(chat(client, "eu.m1"), 200);
+    }
+    eventually("three sealed files shipped", || shipped(3));
+    assert!(
+        data.join("audit-bucket/crisp/eu-west-1/digests/digest-0000000002.json")
+            .exists()
+    );
+
+    // The store goes away; requests go on; the backlog shows on /metrics.
+    drop(s3.take());
+    for _ in 0..3 {
+        assert_eq!(chat(client, "eu.m1"), 200);
+    }
+    eventually("the backlog is visible", || {
+        let (_, m) = http(admin, "GET", "/metrics", "");
+        m.lines()
+            .any(|l| l.starts_with("crisp_audit_backlog ") && !l.ends_with(" 0"))
+    });
+    // It comes back; everything arrives.
+    s3 = Some(start_s3(&bin, s3_port, &data));
+    eventually("all six sealed files shipped", || shipped(6));
+    let local = std::fs::read_dir(d.join("audit/eu-west-1"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("audit-"))
+        .count();
+    assert!(shipped(local), "every sealed local file is in the store");
+    drop(s3);
+}

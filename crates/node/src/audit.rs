@@ -263,3 +263,116 @@ pub fn audited(
         }
     }))
 }
+
+/// Copies sealed audit files and their digests from the local log to the region's object
+/// store, oldest first, remembering what was shipped; a store outage only delays it.
+pub struct Shipper {
+    pub dir: std::path::PathBuf,
+    pub store: Arc<dyn object_store::ObjectStore>,
+    /// Object key prefix, e.g. `audit/us-east-1`.
+    pub prefix: String,
+}
+
+impl Shipper {
+    /// From a URL: `s3://bucket/prefix` (S3 settings from `AWS_*` variables, including
+    /// `AWS_ENDPOINT` for S3-compatible stores) or `file:///path`.
+    pub fn from_url(dir: &std::path::Path, url: &str, region: &str) -> Result<Shipper, String> {
+        let parsed = url::Url::parse(url).map_err(|e| format!("audit store URL {url:?}: {e}"))?;
+        let opts: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .map(|(k, v)| (k.to_lowercase(), v))
+            .collect();
+        let (store, path) =
+            object_store::parse_url_opts(&parsed, opts).map_err(|e| e.to_string())?;
+        let base = path.as_ref().trim_matches('/');
+        let prefix = if base.is_empty() {
+            region.to_owned()
+        } else {
+            format!("{base}/{region}")
+        };
+        Ok(Shipper {
+            dir: dir.to_owned(),
+            store: Arc::from(store),
+            prefix,
+        })
+    }
+
+    fn shipped_marker(&self) -> std::path::PathBuf {
+        self.dir.join("shipped.txt")
+    }
+
+    /// Sealed files and digests not yet shipped, in order.
+    pub fn backlog(&self) -> std::io::Result<Vec<String>> {
+        let shipped: std::collections::HashSet<String> =
+            std::fs::read_to_string(self.shipped_marker())
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect();
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(&self.dir)? {
+            let n = e?.file_name().to_string_lossy().into_owned();
+            if n.starts_with("audit-") && n.ends_with(".jsonl") {
+                names.push(n);
+            }
+        }
+        let digests = self.dir.join("digests");
+        if digests.exists() {
+            for e in std::fs::read_dir(digests)? {
+                let n = e?.file_name().to_string_lossy().into_owned();
+                if n.starts_with("digest-") {
+                    names.push(format!("digests/{n}"));
+                }
+            }
+        }
+        // Each file before its digest, oldest first.
+        names.sort_by_key(|n| {
+            let seq: String = n.chars().filter(char::is_ascii_digit).collect();
+            (seq, n.starts_with("digests/"))
+        });
+        Ok(names.into_iter().filter(|n| !shipped.contains(n)).collect())
+    }
+
+    /// Ships what is pending; returns how many objects are still pending.
+    pub async fn ship_once(&self) -> usize {
+        use object_store::ObjectStoreExt;
+        let pending = match self.backlog() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the audit log");
+                return 0;
+            }
+        };
+        let mut left = pending.len();
+        for name in pending {
+            let Ok(bytes) = std::fs::read(self.dir.join(&name)) else {
+                continue;
+            };
+            let key = object_store::path::Path::from(format!("{}/{name}", self.prefix));
+            match self
+                .store
+                .put(&key, object_store::PutPayload::from(bytes))
+                .await
+            {
+                Ok(_) => {
+                    left -= 1;
+                    let mut marker = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(self.shipped_marker());
+                    if let Ok(f) = marker.as_mut() {
+                        use std::io::Write;
+                        let _ = writeln!(f, "{name}");
+                        let _ = f.sync_data();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(object = %key, error = %e, "audit store unavailable; will retry");
+                    break;
+                }
+            }
+        }
+        metrics::gauge!("crisp_audit_backlog").set(left as f64);
+        left
+    }
+}

@@ -60,6 +60,8 @@ pub struct Node {
     admitted: Vec<AtomicU64>,
     /// This region's audit trail; `None` keeps none.
     pub audit: Option<Arc<audit::Audit>>,
+    /// Where sealed audit files are shipped; `None` keeps them only locally.
+    pub audit_shipper: Option<Arc<audit::Shipper>>,
     /// Principals, keys and policies; `None` runs without authentication.
     pub access: Option<Arc<access::Access>>,
     /// Application inference profiles of the deployment, when a store is configured.
@@ -146,6 +148,7 @@ impl Node {
             app_profiles: None,
             access: None,
             audit: None,
+            audit_shipper: None,
             stopping: tokio::sync::watch::Sender::new(false),
         })
     }
@@ -157,6 +160,12 @@ impl Node {
     /// Records every call in this audit log before completing it.
     pub fn with_audit(mut self, audit: Arc<audit::Audit>) -> Node {
         self.audit = Some(audit);
+        self
+    }
+
+    /// Ships sealed audit files to the region's object store.
+    pub fn with_audit_shipper(mut self, shipper: Arc<audit::Shipper>) -> Node {
+        self.audit_shipper = Some(shipper);
         self
     }
 
@@ -538,6 +547,24 @@ impl RunningNode {
                 rx.clone(),
                 grace,
             ));
+        }
+        if let Some(shipper) = node.audit_shipper.clone() {
+            let mut stop = rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    let stopping = tokio::select! {
+                        _ = tick.tick() => false,
+                        _ = stop.wait_for(|s| *s) => true,
+                    };
+                    // On shutdown, a last attempt, so a clean stop leaves nothing behind.
+                    shipper.ship_once().await;
+                    if stopping {
+                        return;
+                    }
+                }
+            });
         }
         if node.access.is_some() {
             let watched = node.clone();
