@@ -90,6 +90,41 @@ fn crisp(args: &[&str], dir: &Path) -> std::process::Output {
         .unwrap()
 }
 
+/// A deployment CA and eu-west-1's certificate in `d/certs`.
+fn issue_certs(d: &Path) {
+    for args in [
+        &["certs", "init", "--deployment", "solo", "--dir", "certs"][..],
+        &[
+            "certs",
+            "issue",
+            "--deployment",
+            "solo",
+            "--region",
+            "eu-west-1",
+            "--dir",
+            "certs",
+        ][..],
+    ] {
+        assert!(crisp(args, d).status.success());
+    }
+}
+
+/// `crisp serve` of eu-west-1 in `d`, once it accepts connections.
+fn serve(d: &Path, client: u16, env: &[(&str, String)]) -> Node {
+    let child = Command::new(env!("CARGO_BIN_EXE_crisp"))
+        .args(["serve", "--config", "crisp.toml", "--region", "eu-west-1"])
+        .current_dir(d)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually("the node serves", || {
+        TcpStream::connect(("127.0.0.1", client)).is_ok()
+    });
+    Node(child)
+}
+
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -107,48 +142,14 @@ fn the_configuration_reloads_on_sighup_and_on_the_admin_endpoint_and_a_broken_on
     let d = dir.path();
     let (client, peer, admin) = (port(), port(), port());
     std::fs::write(d.join("crisp.toml"), config(client, peer, admin, false)).unwrap();
-    assert!(
-        crisp(
-            &["certs", "init", "--deployment", "solo", "--dir", "certs"],
-            d
-        )
-        .status
-        .success()
-    );
-    assert!(
-        crisp(
-            &[
-                "certs",
-                "issue",
-                "--deployment",
-                "solo",
-                "--region",
-                "eu-west-1",
-                "--dir",
-                "certs"
-            ],
-            d
-        )
-        .status
-        .success()
-    );
+    issue_certs(d);
     let key = std::fs::metadata(d.join("certs/eu-west-1.key")).unwrap();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(key.permissions().mode() & 0o777, 0o600, "keys are private");
     }
-    let child = Command::new(env!("CARGO_BIN_EXE_crisp"))
-        .args(["serve", "--config", "crisp.toml", "--region", "eu-west-1"])
-        .current_dir(d)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let node = Node(child);
-    eventually("the node serves", || {
-        TcpStream::connect(("127.0.0.1", client)).is_ok()
-    });
+    let node = serve(d, client, &[]);
     assert_eq!(chat(client, "eu.m1"), 200);
     assert_eq!(chat(client, "m2"), 404);
 
@@ -191,44 +192,8 @@ fn no_completed_request_is_missing_from_the_audit_trail_after_kill_9() {
     let d = dir.path();
     let (client, peer, admin) = (port(), port(), port());
     std::fs::write(d.join("crisp.toml"), config(client, peer, admin, false)).unwrap();
-    assert!(
-        crisp(
-            &["certs", "init", "--deployment", "solo", "--dir", "certs"],
-            d
-        )
-        .status
-        .success()
-    );
-    assert!(
-        crisp(
-            &[
-                "certs",
-                "issue",
-                "--deployment",
-                "solo",
-                "--region",
-                "eu-west-1",
-                "--dir",
-                "certs"
-            ],
-            d
-        )
-        .status
-        .success()
-    );
-    let start = || {
-        let child = Command::new(env!("CARGO_BIN_EXE_crisp"))
-            .args(["serve", "--config", "crisp.toml", "--region", "eu-west-1"])
-            .current_dir(d)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        eventually("the node serves", || {
-            TcpStream::connect(("127.0.0.1", client)).is_ok()
-        });
-        Node(child)
-    };
+    issue_certs(d);
+    let start = || serve(d, client, &[]);
     let node = start();
     // Four clients in parallel; each remembers the request IDs it saw complete.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -333,42 +298,8 @@ fn usage_reports_tokens_and_cost_from_the_audit_trail() {
     let d = dir.path();
     let (client, peer, admin) = (port(), port(), port());
     std::fs::write(d.join("crisp.toml"), config(client, peer, admin, false)).unwrap();
-    assert!(
-        crisp(
-            &["certs", "init", "--deployment", "solo", "--dir", "certs"],
-            d
-        )
-        .status
-        .success()
-    );
-    assert!(
-        crisp(
-            &[
-                "certs",
-                "issue",
-                "--deployment",
-                "solo",
-                "--region",
-                "eu-west-1",
-                "--dir",
-                "certs"
-            ],
-            d
-        )
-        .status
-        .success()
-    );
-    let child = Command::new(env!("CARGO_BIN_EXE_crisp"))
-        .args(["serve", "--config", "crisp.toml", "--region", "eu-west-1"])
-        .current_dir(d)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _node = Node(child);
-    eventually("the node serves", || {
-        TcpStream::connect(("127.0.0.1", client)).is_ok()
-    });
+    issue_certs(d);
+    let _node = serve(d, client, &[]);
     for model in ["eu.m1", "eu.m1", "m1"] {
         assert_eq!(chat(client, model), 200);
     }
@@ -464,47 +395,18 @@ fn audit_files_reach_the_object_store_and_survive_an_outage() {
     let cfg = config(client, peer, admin, false)
         + "[audit]\nseal_bytes = 1\nstore = \"s3://audit-bucket/crisp\"\n";
     std::fs::write(d.join("crisp.toml"), cfg).unwrap();
-    assert!(
-        crisp(
-            &["certs", "init", "--deployment", "solo", "--dir", "certs"],
-            d
-        )
-        .status
-        .success()
+    issue_certs(d);
+    let _node = serve(
+        d,
+        client,
+        &[
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{s3_port}")),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "crisp".into()),
+            ("AWS_SECRET_ACCESS_KEY", "crisp-secret".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ],
     );
-    assert!(
-        crisp(
-            &[
-                "certs",
-                "issue",
-                "--deployment",
-                "solo",
-                "--region",
-                "eu-west-1",
-                "--dir",
-                "certs"
-            ],
-            d
-        )
-        .status
-        .success()
-    );
-    let child = Command::new(env!("CARGO_BIN_EXE_crisp"))
-        .args(["serve", "--config", "crisp.toml", "--region", "eu-west-1"])
-        .current_dir(d)
-        .env("AWS_ENDPOINT", format!("http://127.0.0.1:{s3_port}"))
-        .env("AWS_ALLOW_HTTP", "true")
-        .env("AWS_ACCESS_KEY_ID", "crisp")
-        .env("AWS_SECRET_ACCESS_KEY", "crisp-secret")
-        .env("AWS_REGION", "us-east-1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _node = Node(child);
-    eventually("the node serves", || {
-        TcpStream::connect(("127.0.0.1", client)).is_ok()
-    });
     let shipped = |n: usize| {
         let dir = data.join("audit-bucket/crisp/eu-west-1");
         let files = std::fs::read_dir(&dir)

@@ -411,6 +411,25 @@ async fn converse(
     Path(model_id): Path<String>,
     req: Request,
 ) -> Response {
+    answer_whole(node, model_id, req, "Converse").await
+}
+
+/// InvokeModel with Amazon Nova's native body: the Converse shape without metrics.
+async fn invoke(
+    State(node): State<Arc<Node>>,
+    Path(model_id): Path<String>,
+    req: Request,
+) -> Response {
+    answer_whole(node, model_id, req, "InvokeModel").await
+}
+
+/// A non-streamed answer, returned once its audit event is durable.
+async fn answer_whole(
+    node: Arc<Node>,
+    model_id: String,
+    req: Request,
+    event: &'static str,
+) -> Response {
     let request_id = new_request_id();
     let started = Instant::now();
     let (admitted, call) = match admit(
@@ -419,7 +438,7 @@ async fn converse(
         req,
         &request_id,
         crisp_policy::Action::InvokeModel,
-        "Converse",
+        event,
     )
     .await
     {
@@ -430,66 +449,18 @@ async fn converse(
     let ran = Ran::of(&admitted);
     match complete(admitted).await {
         Ok((text, finish, usage)) => {
-            // The answer is complete only once its audit event is durable.
             if let Err(e) = audit::completed(&node, &call, &ran, usage).await {
                 return pipeline_error(&e, &request_id);
             }
-            (
-                headers,
-                axum::Json(json!({
-                    "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
-                    "stopReason": stop_reason(finish),
-                    "usage": usage_json(usage),
-                "metrics": {"latencyMs": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)},
-                })),
-            )
-                .into_response()
-        }
-        Err(e) => {
-            let r = model_error(&e, &request_id);
-            let err = PipelineError::ModelFailed(e.to_string());
-            audit::failed(&node, &call, Some(&ran), "ModelErrorException", &err).await;
-            r
-        }
-    }
-}
-
-async fn invoke(
-    State(node): State<Arc<Node>>,
-    Path(model_id): Path<String>,
-    req: Request,
-) -> Response {
-    let request_id = new_request_id();
-    let (admitted, call) = match admit(
-        &node,
-        model_id,
-        req,
-        &request_id,
-        crisp_policy::Action::InvokeModel,
-        "InvokeModel",
-    )
-    .await
-    {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let headers = admitted_headers(&admitted, &request_id);
-    let ran = Ran::of(&admitted);
-    match complete(admitted).await {
-        Ok((text, finish, usage)) => {
-            // The answer is complete only once its audit event is durable.
-            if let Err(e) = audit::completed(&node, &call, &ran, usage).await {
-                return pipeline_error(&e, &request_id);
+            let mut body = json!({
+                "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+                "stopReason": stop_reason(finish),
+                "usage": usage_json(usage),
+            });
+            if event == "Converse" {
+                body["metrics"] = json!({"latencyMs": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)});
             }
-            (
-                headers,
-                axum::Json(json!({
-                    "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
-                    "stopReason": stop_reason(finish),
-                    "usage": usage_json(usage),
-                })),
-            )
-                .into_response()
+            (headers, axum::Json(body)).into_response()
         }
         Err(e) => {
             let r = model_error(&e, &request_id);
