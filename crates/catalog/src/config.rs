@@ -11,8 +11,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    AccessSettings, AuditSettings, BackendSpec, Catalog, Deployment, Geography, Limits, Model,
-    OpenAiSpec, Price, Region, RegionIx, RoutingSettings, SimulatedSpec, is_valid_id,
+    AccessSettings, AuditSettings, BackendSpec, Catalog, Deployment, Geography,
+    InvocationLogSettings, Limits, Model, OpenAiSpec, Price, Region, RegionIx, RoutingSettings,
+    SimulatedSpec, is_valid_id,
 };
 
 /// The format version this build reads.
@@ -69,6 +70,8 @@ struct RawConfig {
     access: Option<RawAccess>,
     #[serde(default)]
     audit: Option<RawAudit>,
+    #[serde(default, rename = "invocation_log")]
+    invocation_logs: Vec<RawInvocationLog>,
     #[serde(default, rename = "region")]
     regions: Vec<RawRegion>,
     #[serde(default, rename = "geography")]
@@ -100,6 +103,18 @@ struct RawRouting {
     admit_timeout_ms: Option<Spanned<u64>>,
     route_factor: Option<Spanned<f64>>,
     telemetry_interval_ms: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInvocationLog {
+    region: Spanned<String>,
+    store: Spanned<String>,
+    #[serde(default)]
+    large_body_bytes: Option<usize>,
+    /// Only text is produced by crisp's engines today.
+    #[serde(default)]
+    text: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -316,6 +331,34 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> Catalog {
             seal_after_s: a.seal_after_s.unwrap_or(d.seal_after_s).max(1),
             store: a.store,
         };
+    }
+    for l in raw.invocation_logs {
+        if catalog.region_ix(l.region.get_ref()).is_none() {
+            p.at(
+                l.region.span(),
+                format!(
+                    "invocation_log: region {:?} is not defined",
+                    l.region.get_ref()
+                ),
+            );
+        }
+        let store = l.store.get_ref();
+        if !(store.starts_with("s3://") || store.starts_with("file:///")) {
+            p.at(
+                l.store.span(),
+                format!(
+                    "invocation_log: store {store:?} must be s3://bucket/prefix or file:///path"
+                ),
+            );
+        }
+        if l.text == Some(false) {
+            continue;
+        }
+        catalog.invocation_logs.push(InvocationLogSettings {
+            region: l.region.into_inner(),
+            store: l.store.into_inner(),
+            large_body_bytes: l.large_body_bytes.unwrap_or(100 * 1024),
+        });
     }
     catalog.access = raw.access.map(|a| AccessSettings {
         principals: a.principals,

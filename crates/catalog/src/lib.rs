@@ -249,6 +249,16 @@ impl Default for AuditSettings {
     }
 }
 
+/// Model invocation logging (payloads) for one source region: off unless configured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InvocationLogSettings {
+    pub region: String,
+    /// `s3://bucket/prefix` or `file:///path`, in the region itself.
+    pub store: String,
+    /// Bodies larger than this are stored as their own object and referenced by path.
+    pub large_body_bytes: usize,
+}
+
 /// Limits on client input.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
@@ -276,6 +286,7 @@ pub struct Catalog {
     /// `None`: no authentication or authorization (say so loudly at start).
     pub access: Option<AccessSettings>,
     pub audit: AuditSettings,
+    pub invocation_logs: Vec<InvocationLogSettings>,
     region_index: HashMap<String, RegionIx>,
     model_index: HashMap<String, usize>,
 }
@@ -308,6 +319,7 @@ impl Catalog {
             limits,
             access: None,
             audit: AuditSettings::default(),
+            invocation_logs: Vec::new(),
             region_index,
             model_index,
         }

@@ -406,6 +406,29 @@ async fn build_node(setup: &ServeSetup) -> anyhow::Result<Node> {
     if let Some(s) = shipper {
         node = node.with_audit_shipper(s);
     }
+    if let Some(settings) = node
+        .catalog
+        .invocation_logs
+        .iter()
+        .find(|l| l.region == region)
+    {
+        let dir = config
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+            .join("invocations")
+            .join(region);
+        let log = crisp_node::invocations::InvocationLog::new(
+            &dir,
+            &settings.store,
+            &node.catalog.deployment.account,
+            region,
+            settings.large_body_bytes,
+        )
+        .map_err(|e| anyhow::anyhow!("invocation log: {e}"))?;
+        tracing::info!(store = %settings.store, "model invocation logging is on for this region");
+        node = node.with_invocation_log(Arc::new(log));
+    }
     match access_files {
         Some(files) => {
             let access =

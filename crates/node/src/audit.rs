@@ -81,6 +81,8 @@ pub struct Call {
     pub principal: Option<String>,
     pub source_ip: String,
     pub user_agent: String,
+    /// The request body, kept only when this region logs invocations.
+    pub input: Option<serde_json::Value>,
 }
 
 impl Call {
@@ -106,6 +108,7 @@ impl Call {
                 .chars()
                 .take(256)
                 .collect(),
+            input: None,
         }
     }
 }
@@ -176,7 +179,21 @@ pub async fn completed(
     call: &Call,
     ran: &Ran,
     usage: Usage,
+    output: &str,
 ) -> Result<(), PipelineError> {
+    if let (Some(log), Some(input)) = (&node.invocation_log, &call.input) {
+        log.record(&crate::invocations::Invocation {
+            request_id: &call.request_id,
+            operation: call.event_name,
+            model_id: &call.requested,
+            principal: call.principal.as_deref(),
+            inference_region: &ran.inference_region,
+            input: input.clone(),
+            output: serde_json::json!({"role": "assistant", "content": [{"text": output}]}),
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+        });
+    }
     let Some(audit) = &node.audit else {
         return Ok(());
     };
@@ -239,14 +256,31 @@ pub fn audited(
     stream: crisp_engine::ChunkStream,
 ) -> crisp_engine::ChunkStream {
     use futures::StreamExt;
+    let text = Arc::new(std::sync::Mutex::new(String::new()));
     Box::pin(stream.then(move |item| {
-        let (node, call, ran) = (node.clone(), call.clone(), ran.clone());
+        let (node, call, ran, text) = (node.clone(), call.clone(), ran.clone(), text.clone());
         async move {
             match item {
+                Ok(crisp_engine::Chunk::Delta(t)) => {
+                    if node.invocation_log.is_some()
+                        && let Ok(mut all) = text.lock()
+                    {
+                        all.push_str(&t);
+                    }
+                    Ok(crisp_engine::Chunk::Delta(t))
+                }
                 Ok(crisp_engine::Chunk::Done {
                     finish_reason,
                     usage,
-                }) => match completed(&node, &call, &ran, usage).await {
+                }) => match completed(
+                    &node,
+                    &call,
+                    &ran,
+                    usage,
+                    &text.lock().map(|t| t.clone()).unwrap_or_default(),
+                )
+                .await
+                {
                     Ok(()) => Ok(crisp_engine::Chunk::Done {
                         finish_reason,
                         usage,
@@ -258,7 +292,6 @@ pub fn audited(
                     failed(&node, &call, Some(&ran), "ModelStreamErrorException", &err).await;
                     Err(e)
                 }
-                other => other,
             }
         }
     }))

@@ -33,6 +33,7 @@ pub mod audit;
 pub mod backbone;
 pub mod error;
 pub mod fleet;
+pub mod invocations;
 pub mod observe;
 pub mod pipeline;
 pub mod serve;
@@ -60,6 +61,8 @@ pub struct Node {
     admitted: Vec<AtomicU64>,
     /// This region's audit trail; `None` keeps none.
     pub audit: Option<Arc<audit::Audit>>,
+    /// Payload logging of this source region, when configured.
+    pub invocation_log: Option<Arc<invocations::InvocationLog>>,
     /// Where sealed audit files are shipped; `None` keeps them only locally.
     pub audit_shipper: Option<Arc<audit::Shipper>>,
     /// Principals, keys and policies; `None` runs without authentication.
@@ -149,6 +152,7 @@ impl Node {
             access: None,
             audit: None,
             audit_shipper: None,
+            invocation_log: None,
             stopping: tokio::sync::watch::Sender::new(false),
         })
     }
@@ -160,6 +164,12 @@ impl Node {
     /// Records every call in this audit log before completing it.
     pub fn with_audit(mut self, audit: Arc<audit::Audit>) -> Node {
         self.audit = Some(audit);
+        self
+    }
+
+    /// Logs full request and response bodies of calls arriving here.
+    pub fn with_invocation_log(mut self, log: Arc<invocations::InvocationLog>) -> Node {
+        self.invocation_log = Some(log);
         self
     }
 
@@ -547,6 +557,23 @@ impl RunningNode {
                 rx.clone(),
                 grace,
             ));
+        }
+        if let Some(log) = node.invocation_log.clone() {
+            let mut stop = rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    let stopping = tokio::select! {
+                        _ = tick.tick() => false,
+                        _ = stop.wait_for(|s| *s) => true,
+                    };
+                    log.flush().await;
+                    if stopping {
+                        return;
+                    }
+                }
+            });
         }
         if let Some(shipper) = node.audit_shipper.clone() {
             let mut stop = rx.clone();

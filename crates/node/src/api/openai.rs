@@ -404,6 +404,9 @@ async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Respo
     };
     call.principal.clone_from(&principal);
     let body = read_body(node, req).await.map_err(|e| (e, None))?;
+    if node.invocation_log.is_some() {
+        call.input = serde_json::from_slice(&body).ok();
+    }
     let chat: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
         (
             PipelineError::InvalidRequest(format!(
@@ -457,7 +460,11 @@ async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Respo
             .await
             .map_err(|e| (e, Some(ran.clone())))?;
         // The answer is complete only once its audit event is durable.
-        audit::completed(node, call, &ran, usage)
+        let text = completion["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        audit::completed(node, call, &ran, usage, &text)
             .await
             .map_err(|e| (e, Some(ran.clone())))?;
         Ok((headers, Json(completion)).into_response())
@@ -534,11 +541,25 @@ fn sse_body(
         },
     );
     let first = sse(&chunk(json!({"role": "assistant", "content": ""}), None));
+    let text = Arc::new(std::sync::Mutex::new(String::new()));
     let events = admitted.stream.then(move |item| {
-        let (node, call, ran, chunk) = (node.clone(), call.clone(), ran.clone(), chunk.clone());
+        let (node, call, ran, chunk, text) = (
+            node.clone(),
+            call.clone(),
+            ran.clone(),
+            chunk.clone(),
+            text.clone(),
+        );
         async move {
             let out: Vec<Bytes> = match item {
-                Ok(Chunk::Delta(text)) => vec![sse(&chunk(json!({"content": text}), None))],
+                Ok(Chunk::Delta(delta)) => {
+                    if node.invocation_log.is_some()
+                        && let Ok(mut all) = text.lock()
+                    {
+                        all.push_str(&delta);
+                    }
+                    vec![sse(&chunk(json!({"content": delta}), None))]
+                }
                 Ok(Chunk::Done {
                     finish_reason,
                     usage,
@@ -551,7 +572,8 @@ fn sse_body(
                         v.push(sse(&u));
                     }
                     // The final event goes out only once the audit event is durable.
-                    match audit::completed(&node, &call, &ran, usage).await {
+                    let output = text.lock().map(|t| t.clone()).unwrap_or_default();
+                    match audit::completed(&node, &call, &ran, usage, &output).await {
                         Ok(()) => v.push(Bytes::from_static(b"data: [DONE]\n\n")),
                         Err(e) => v.push(sse_error("audit_unavailable", e.to_string())),
                     }

@@ -131,6 +131,7 @@ pub struct Setup {
     silent: Vec<String>,
     metrics: Option<crisp_node::admin::MetricsRender>,
     access: Vec<(String, crisp_node::access::AccessFiles)>,
+    invocation_logs: Vec<(String, std::path::PathBuf, String)>,
 }
 
 impl Setup {
@@ -145,7 +146,16 @@ impl Setup {
             silent: Vec::new(),
             metrics: None,
             access: Vec::new(),
+            invocation_logs: Vec::new(),
         }
+    }
+
+    /// Model invocation logging on one region's node: local files in `dir`, shipped to
+    /// the store at `url`.
+    pub fn invocation_log(mut self, region: &str, dir: &std::path::Path, url: &str) -> Setup {
+        self.invocation_logs
+            .push((region.to_owned(), dir.to_owned(), url.to_owned()));
+        self
     }
 
     /// Access control on one region's node.
@@ -242,6 +252,17 @@ impl Setup {
                 )
                 .unwrap();
                 node = node.with_access(Arc::new(access));
+            }
+            if let Some((_, dir, url)) = self.invocation_logs.iter().find(|(r, _, _)| r == code) {
+                let log = crisp_node::invocations::InvocationLog::new(
+                    dir,
+                    url,
+                    "000000000000",
+                    code,
+                    200,
+                )
+                .unwrap();
+                node = node.with_invocation_log(Arc::new(log));
             }
             let options = ServeOptions {
                 grace: Duration::from_secs(1),

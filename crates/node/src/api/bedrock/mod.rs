@@ -350,6 +350,9 @@ async fn admit(
     call.requested.clone_from(&model_id);
     let (_, body, principal) = read(node, req, request_id).await?;
     call.principal.clone_from(&principal);
+    if node.invocation_log.is_some() {
+        call.input = serde_json::from_slice(&body).ok();
+    }
     let fail = |e: PipelineError, call: Call| async move {
         audit::failed(node, &call, None, error_kind(&e), &e).await;
         pipeline_error(&e, request_id)
@@ -449,7 +452,7 @@ async fn answer_whole(
     let ran = Ran::of(&admitted);
     match complete(admitted).await {
         Ok((text, finish, usage)) => {
-            if let Err(e) = audit::completed(&node, &call, &ran, usage).await {
+            if let Err(e) = audit::completed(&node, &call, &ran, usage, &text).await {
                 return pipeline_error(&e, &request_id);
             }
             let mut body = json!({

@@ -1,0 +1,103 @@
+//! Model invocation logging keeps payloads in the source region only.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::Read;
+use std::path::Path;
+
+use support::{REGIONS, Setup, eventually, inference_region};
+
+/// Every file under `dir`, recursively, gunzipped when it is gzip.
+fn contents(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(contents(&p));
+            continue;
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        let text = if p.to_string_lossy().ends_with(".gz") {
+            let mut s = String::new();
+            flate2::read::GzDecoder::new(&bytes[..])
+                .read_to_string(&mut s)
+                .unwrap();
+            s
+        } else {
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        out.push((p.to_string_lossy().into_owned(), text));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_stay_in_the_source_region() {
+    let root = tempfile::tempdir().unwrap();
+    let (us_local, us_store) = (root.path().join("us-local"), root.path().join("us-store"));
+    let (eu_local, eu_store) = (root.path().join("eu-local"), root.path().join("eu-store"));
+    std::fs::create_dir_all(&us_store).unwrap();
+    std::fs::create_dir_all(&eu_store).unwrap();
+    let url = |p: &Path| format!("file://{}/logs", p.display());
+    let f = Setup::new(&[REGIONS[0], REGIONS[3]])
+        .invocation_log("us-east-1", &us_local, &url(&us_store))
+        .invocation_log("eu-west-1", &eu_local, &url(&eu_store))
+        .start()
+        .await;
+    // An EU request called in the US runs in Dublin; one with a large prompt too.
+    let secret = "purple-elephant-prompt-42";
+    for prompt in [
+        secret.to_owned(),
+        format!("{secret} {}", "word ".repeat(100)),
+    ] {
+        let r = f
+            .chat(
+                "us-east-1",
+                serde_json::json!({"model": "eu.amazon.nova-lite-v1:0", "max_tokens": 3,
+                    "messages": [{"role": "user", "content": prompt}]}),
+            )
+            .await;
+        assert_eq!(inference_region(&r), "eu-west-1");
+        r.text().await.unwrap();
+    }
+    let shipped = || contents(&us_store.join("logs"));
+    eventually("the source's log reaches its store", || {
+        shipped().iter().any(|(_, t)| t.contains(secret)) && shipped().len() >= 2
+    })
+    .await;
+    let files = shipped();
+    let (gz_path, gz) = files.iter().find(|(p, _)| p.ends_with(".json.gz")).unwrap();
+    assert!(
+        gz_path.contains("AWSLogs/000000000000/BedrockModelInvocationLogs/us-east-1/"),
+        "{gz_path}"
+    );
+    let record: serde_json::Value = serde_json::from_str(gz.lines().next().unwrap()).unwrap();
+    assert_eq!(record["schemaType"], "ModelInvocationLog");
+    assert_eq!(record["region"], "us-east-1");
+    assert_eq!(record["inferenceRegion"], "eu-west-1");
+    assert_eq!(record["operation"], "ChatCompletion");
+    // The large prompt went to its own object, referenced by path.
+    let large = gz
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["input"]["inputBodyS3Path"].is_string())
+        .unwrap();
+    let key = large["input"]["inputBodyS3Path"].as_str().unwrap();
+    assert!(
+        files
+            .iter()
+            .any(|(p, t)| p.ends_with(key.split('/').next_back().unwrap()) && t.contains(secret))
+    );
+
+    // Dublin ran both requests and kept nothing of them.
+    for dir in [&eu_local, &eu_store] {
+        for (p, t) in contents(dir) {
+            assert!(!t.contains(secret), "{p} holds the payload");
+        }
+    }
+    f.stop().await;
+}
