@@ -19,7 +19,12 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn run(f: &support::Federation, model: &str, n: usize, concurrency: usize) -> (Vec<Duration>, f64) {
+async fn run(
+    f: &support::Federation,
+    model: &str,
+    n: usize,
+    concurrency: usize,
+) -> (Vec<Duration>, f64) {
     let body = serde_json::json!({"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
     let url = f.url("us-east-1", "/v1/chat/completions");
     let start = Instant::now();
@@ -47,10 +52,17 @@ async fn run(f: &support::Federation, model: &str, n: usize, concurrency: usize)
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         // us-east-1 serves the model itself (bare ID) and forwards the EU profile to Dublin.
-        let f = Setup::new(&[REGIONS[0], REGIONS[3]]).backend(INSTANT).start().await;
+        let f = Setup::new(&[REGIONS[0], REGIONS[3]])
+            .backend(INSTANT)
+            .start()
+            .await;
         // Warm up connections on both paths.
         run(&f, "amazon.nova-lite-v1:0", 200, 4).await;
         run(&f, "eu.amazon.nova-lite-v1:0", 200, 4).await;
@@ -59,10 +71,18 @@ fn main() {
         for concurrency in [1usize, 16] {
             let n = if concurrency == 1 { 2000 } else { 8000 };
             let mut rows = Vec::new();
-            for (name, model) in [("local (bare model ID)", "amazon.nova-lite-v1:0"), ("forwarded over mTLS", "eu.amazon.nova-lite-v1:0")] {
+            for (name, model) in [
+                ("local (bare model ID)", "amazon.nova-lite-v1:0"),
+                ("forwarded over mTLS", "eu.amazon.nova-lite-v1:0"),
+            ] {
                 let (mut lat, rps) = run(&f, model, n, concurrency).await;
                 let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
-                println!("| {name} | {concurrency} | {:.0} µs | {:.0} µs | {:.0} |", p50.as_secs_f64() * 1e6, p99.as_secs_f64() * 1e6, rps);
+                println!(
+                    "| {name} | {concurrency} | {:.0} µs | {:.0} µs | {:.0} |",
+                    p50.as_secs_f64() * 1e6,
+                    p99.as_secs_f64() * 1e6,
+                    rps
+                );
                 rows.push((p50, p99));
             }
             let (l, fw) = (rows[0], rows[1]);
