@@ -40,6 +40,13 @@ fi
 cargo build --locked --bin crisp
 .venv/bin/python -m pytest -q tests/python
 
+step "Backbone across network namespaces (real crisp serve nodes, delaying relays, a cut link)"
+if ! command -v ip >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq iproute2
+fi
+cargo build --locked --bin crisp
+.venv/bin/python -m pytest -q -s tests/netns
+
 step "Deployment recipe: hadolint on deploy/Dockerfile; Helm chart rendered with Helm's engine, validated against Kubernetes schemas, and its pods run"
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/deploy/requirements.txt
 .venv/bin/python -m pytest -q tests/deploy
