@@ -112,6 +112,12 @@ enum Command {
         #[command(subcommand)]
         command: ProfilesCommand,
     },
+    /// Simulate a whole fleet under a scenario and compare routing strategies on the same
+    /// trace (deterministic; writes an HTML report with charts on request).
+    Sim(crate::sim::SimArgs),
+    /// Replay a scenario against running nodes (e.g. those of `crisp up`) and print the
+    /// measured figures next to the simulated ones.
+    Bench(crate::sim::BenchArgs),
     /// Check a configuration file and report every problem.
     Check {
         #[arg(long, short)]
@@ -218,6 +224,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Profiles { command } => profiles(command),
+        Command::Sim(args) => crate::sim::sim(args),
+        Command::Bench(args) => crate::sim::bench(args).await,
     }
 }
 

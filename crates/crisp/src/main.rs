@@ -10,6 +10,7 @@ mod audit;
 mod certs;
 mod cli;
 mod observe;
+mod sim;
 mod up;
 
 fn main() -> ExitCode {
