@@ -309,11 +309,18 @@ async fn send(client: reqwest::Client, url: String, key: String, body: serde_jso
             };
         };
         buf.push_str(&String::from_utf8_lossy(&chunk));
-        if ttft.is_none() && buf.contains("\"content\":\"") {
-            ttft = Some(started.elapsed());
-        }
-        if buf.len() > 4096 {
-            buf.drain(..buf.len() - 64);
+        // Whole SSE lines only; the first one carrying generated text is the first token.
+        while let Some(end) = buf.find('\n') {
+            let line: String = buf.drain(..=end).collect();
+            if ttft.is_none()
+                && let Some(data) = line.trim().strip_prefix("data:")
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(data.trim())
+                && v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|c| !c.is_empty())
+            {
+                ttft = Some(started.elapsed());
+            }
         }
     }
     Seen {
@@ -348,6 +355,31 @@ async fn replay(scenario: &Scenario, port: Option<u16>, key: &str) -> anyhow::Re
         .build()
         .context("http client")?;
     let requests: Vec<_> = Workload::new(scenario).collect();
+    // Every source region's node must answer before the clock starts.
+    let mut sources: Vec<usize> = scenario
+        .traffic
+        .iter()
+        .map(|t| usize::from(t.source))
+        .collect();
+    sources.sort_unstable();
+    sources.dedup();
+    for &s in &sources {
+        let url = urls[s].replace("/chat/completions", "/models");
+        let ok = client
+            .get(&url)
+            .bearer_auth(key)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if !ok {
+            bail!(
+                "the node of {} does not answer at {url}: start the fleet first (`crisp up{}`), or pass the --port it runs on, and check the API key",
+                catalog.regions[s].code,
+                port.map(|p| format!(" --port {p}")).unwrap_or_default()
+            );
+        }
+    }
     eprintln!(
         "replaying {} requests over {:.0} s against {} regions",
         requests.len(),
@@ -449,8 +481,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         .context("the simulation failed")?
     };
     let share = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
-    let rows: Vec<(&str, f64, f64, &str)> = vec![
+    let rows: Vec<(&str, &str, f64, f64, &str)> = vec![
         (
+            "served",
             "served",
             100.0 * share(live.served, live.offered),
             100.0 * predicted.served_share(),
@@ -458,36 +491,42 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ),
         (
             "capacity errors",
+            "capacity_errors",
             100.0 * share(live.capacity_errors, live.offered),
             100.0 * share(predicted.capacity_errors, predicted.offered),
             "%",
         ),
         (
             "served cross-region",
+            "cross_region",
             100.0 * share(live.cross_region, live.served),
             100.0 * predicted.cross_share(),
             "%",
         ),
         (
             "TTFT p50",
+            "ttft_p50_ms",
             quantile(&live.ttft_ms, 0.5),
             predicted.ttft_ms(0.5),
             "ms",
         ),
         (
             "TTFT p95",
+            "ttft_p95_ms",
             quantile(&live.ttft_ms, 0.95),
             predicted.ttft_ms(0.95),
             "ms",
         ),
         (
             "end-to-end p50",
+            "e2e_p50_ms",
             quantile(&live.e2e_ms, 0.5),
             predicted.e2e_ms(0.5),
             "ms",
         ),
         (
             "end-to-end p95",
+            "e2e_p95_ms",
             quantile(&live.e2e_ms, 0.95),
             predicted.e2e_ms(0.95),
             "ms",
@@ -499,8 +538,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "scenario": scenario.name,
             "offered": live.offered,
             "other_errors": live.other_errors,
-            "measured": rows.iter().map(|r| (r.0, r.1)).collect::<BTreeMap<_, _>>(),
-            "simulated": rows.iter().map(|r| (r.0, r.2)).collect::<BTreeMap<_, _>>(),
+            "measured": rows.iter().map(|r| (r.1, r.2)).collect::<BTreeMap<_, _>>(),
+            "simulated": rows.iter().map(|r| (r.1, r.3)).collect::<BTreeMap<_, _>>(),
             "simulated_offered": predicted.offered,
         });
         println!("{v}");
@@ -509,7 +548,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "{:<22} {:>12} {:>12} {:>10}",
             "", "measured", "simulated", "difference"
         );
-        for (name, m, s, unit) in &rows {
+        for (name, _, m, s, unit) in &rows {
             println!(
                 "{name:<22} {:>10.1}{unit:<2} {:>10.1}{unit:<2} {:>+9.1}{unit}",
                 m,
