@@ -38,6 +38,9 @@ pub struct SimArgs {
     /// Write the table as Markdown here.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Write each chart as its own SVG file into this directory.
+    #[arg(long)]
+    charts: Option<PathBuf>,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -205,6 +208,14 @@ pub fn sim(args: SimArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.markdown {
         std::fs::write(path, report::markdown(&outcomes))
             .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(dir) = &args.charts {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for c in report::charts(&scenario, &outcomes).map_err(anyhow::Error::msg)? {
+            let path = dir.join(format!("{}.svg", c.name));
+            std::fs::write(&path, c.svg)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
     }
     if let Some(path) = &args.html {
         let page = report::html(&scenario, &outcomes, cost).map_err(anyhow::Error::msg)?;

@@ -362,6 +362,114 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// One chart of the report.
+#[derive(Clone, Debug)]
+pub struct Chart {
+    /// A file-name-friendly name (`errors`, `ttft-cdf`, ...).
+    pub name: String,
+    pub caption: String,
+    pub svg: String,
+}
+
+/// Every chart of the report, as SVG documents.
+pub fn charts(scenario: &Scenario, outcomes: &[Outcome]) -> Result<Vec<Chart>, String> {
+    let mut charts = Vec::new();
+    let mut figure = |name: String, svg: String, caption: &str| {
+        charts.push(Chart {
+            name,
+            caption: caption.to_owned(),
+            svg,
+        });
+    };
+    let bucket = scenario.bucket_s;
+    let per_s = |v: u64| v as f64 / bucket;
+    let errors: Vec<(String, RGBColor, Vec<f64>)> = outcomes
+        .iter()
+        .map(|o| {
+            let s = &o.series;
+            (
+                o.strategy.name().to_owned(),
+                color(o.strategy),
+                (0..s.buckets)
+                    .map(|b| per_s((0..s.regions).map(|r| s.errors[b * s.regions + r]).sum()))
+                    .collect(),
+            )
+        })
+        .collect();
+    figure(
+        "errors".to_owned(),
+        time_chart(
+            "Failed requests per second, whole fleet",
+            "requests/s",
+            bucket,
+            &errors,
+        )?,
+        "Requests that no region took (capacity errors seen by clients), per strategy.",
+    );
+    if let Some(first) = outcomes.first() {
+        let top = busiest(first, 8);
+        figure(
+            "load".to_owned(),
+            time_chart(
+                "Offered load per source region (busiest 8)",
+                "requests/s",
+                bucket,
+                &per_region(scenario, first, &top, |o, b, r| {
+                    per_s(o.series.arrivals[b * o.series.regions + r])
+                }),
+            )?,
+            "Arrivals per second at each source region: the same trace for every strategy.",
+        );
+        for o in outcomes
+            .iter()
+            .filter(|o| matches!(o.strategy, Strategy::Bare | Strategy::Crisp))
+        {
+            figure(
+                format!("utilisation-{}", o.strategy.name()),
+                time_chart(
+                    &format!("Slot utilisation per region, {}", o.strategy.name()),
+                    "share of slots busy",
+                    bucket,
+                    &per_region(scenario, o, &top, |o, b, r| {
+                        f64::from(o.series.utilisation[b * o.series.regions + r])
+                    }),
+                )?,
+                "Mean share of each region's sequence slots in use.",
+            );
+            figure(
+                format!("errors-{}", o.strategy.name()),
+                time_chart(
+                    &format!("Failed requests per source region, {}", o.strategy.name()),
+                    "requests/s",
+                    bucket,
+                    &per_region(scenario, o, &top, |o, b, r| {
+                        per_s(o.series.errors[b * o.series.regions + r])
+                    }),
+                )?,
+                "Capacity errors by the region where the request came in.",
+            );
+        }
+    }
+    figure(
+        "ttft-cdf".to_owned(),
+        cdf_chart("Time to first token, client side", outcomes, true)?,
+        "Cumulative distribution of time to first token, including the network to the inference region and back.",
+    );
+    figure(
+        "e2e-cdf".to_owned(),
+        cdf_chart("End-to-end latency, client side", outcomes, false)?,
+        "Cumulative distribution of the time until the last token reached the client.",
+    );
+    if let Some(o) = outcomes.iter().find(|o| o.strategy == Strategy::Crisp) {
+        figure(
+            "flows-crisp".to_owned(),
+            flow_map(scenario, o)?,
+            "Blue dots: EU regions; orange: the rest. Dot size grows with requests served there.",
+        );
+    }
+    Ok(charts)
+}
+
 /// The whole HTML report: the table and every chart, self-contained.
 pub fn html(scenario: &Scenario, outcomes: &[Outcome], cost: RunCost) -> Result<String, String> {
     let mut page = String::new();
@@ -413,90 +521,12 @@ Simulated in {:.1} s of wall time{}.</p>",
     }
     page.push_str("</table>");
 
-    let mut figure = |svg: String, caption: &str| {
+    for c in charts(scenario, outcomes)? {
         let _ = write!(
             page,
-            "<figure>{svg}<figcaption>{}</figcaption></figure>",
-            escape(caption)
-        );
-    };
-    let bucket = scenario.bucket_s;
-    let per_s = |v: u64| v as f64 / bucket;
-    let errors: Vec<(String, RGBColor, Vec<f64>)> = outcomes
-        .iter()
-        .map(|o| {
-            let s = &o.series;
-            (
-                o.strategy.name().to_owned(),
-                color(o.strategy),
-                (0..s.buckets)
-                    .map(|b| per_s((0..s.regions).map(|r| s.errors[b * s.regions + r]).sum()))
-                    .collect(),
-            )
-        })
-        .collect();
-    figure(
-        time_chart(
-            "Failed requests per second, whole fleet",
-            "requests/s",
-            bucket,
-            &errors,
-        )?,
-        "Requests that no region took (capacity errors seen by clients), per strategy.",
-    );
-    if let Some(first) = outcomes.first() {
-        let top = busiest(first, 8);
-        figure(
-            time_chart(
-                "Offered load per source region (busiest 8)",
-                "requests/s",
-                bucket,
-                &per_region(scenario, first, &top, |o, b, r| {
-                    per_s(o.series.arrivals[b * o.series.regions + r])
-                }),
-            )?,
-            "Arrivals per second at each source region: the same trace for every strategy.",
-        );
-        for o in outcomes
-            .iter()
-            .filter(|o| matches!(o.strategy, Strategy::Bare | Strategy::Crisp))
-        {
-            figure(
-                time_chart(
-                    &format!("Slot utilisation per region, {}", o.strategy.name()),
-                    "share of slots busy",
-                    bucket,
-                    &per_region(scenario, o, &top, |o, b, r| {
-                        f64::from(o.series.utilisation[b * o.series.regions + r])
-                    }),
-                )?,
-                "Mean share of each region's sequence slots in use.",
-            );
-            figure(
-                time_chart(
-                    &format!("Failed requests per source region, {}", o.strategy.name()),
-                    "requests/s",
-                    bucket,
-                    &per_region(scenario, o, &top, |o, b, r| {
-                        per_s(o.series.errors[b * o.series.regions + r])
-                    }),
-                )?,
-                "Capacity errors by the region where the request came in.",
-            );
-        }
-    }
-    figure(
-        cdf_chart("Time to first token, client side", outcomes, true)?,
-        "Cumulative distribution of time to first token, including the network to the inference region and back.",
-    );
-    figure(
-        cdf_chart("End-to-end latency, client side", outcomes, false)?,
-        "Cumulative distribution of the time until the last token reached the client.",
-    );
-    if let Some(o) = outcomes.iter().find(|o| o.strategy == Strategy::Crisp) {
-        figure(
-            flow_map(scenario, o)?,
-            "Blue dots: EU regions; orange: the rest. Dot size grows with requests served there.",
+            "<figure>{}<figcaption>{}</figcaption></figure>",
+            c.svg,
+            escape(&c.caption)
         );
     }
     page.push_str("</body></html>\n");

@@ -795,7 +795,8 @@ impl<'a> Sim<'a> {
         };
         let ttft = e.ttft_us(prompt);
         // The first token comes with the prefill; each further one costs a decode step.
-        let decode = (f64::from(output.saturating_sub(1)) / e.spec.decode_tokens_per_s * 1e6) as u64;
+        let decode =
+            (f64::from(output.saturating_sub(1)) / e.spec.decode_tokens_per_s * 1e6) as u64;
         let service = ttft + decode;
         e.service_mean_us += (service as f64 - e.service_mean_us) / 64.0;
         e.running += 1;

@@ -175,7 +175,10 @@ fn an_outage_loses_what_ran_there_and_the_rest_moves() {
     let crisp = run(&s, Strategy::Crisp);
     let bare = run(&s, Strategy::Bare);
     assert!(crisp.outage_errors > 0);
-    assert!(bare.capacity_errors > 50, "bare had nowhere to go: {bare:?}");
+    assert!(
+        bare.capacity_errors > 50,
+        "bare had nowhere to go: {bare:?}"
+    );
     assert!(
         crisp.served_share() > 0.97,
         "crisp moved the traffic: {crisp:?}"
