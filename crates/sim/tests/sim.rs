@@ -279,10 +279,6 @@ proptest! {
     ) {
         let traffic: Vec<TrafficFile> = streams
             .iter()
-            .filter(|(s, p, _)| {
-                // A bare model ID is only valid where the model runs: every demo region.
-                *p != 4 || SOURCES.get(*s).is_some()
-            })
             .map(|&(s, p, rate)| stream(SOURCES[s], PROFILES[p], rate))
             .collect();
         let mut f = file(traffic, events);
