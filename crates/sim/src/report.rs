@@ -283,15 +283,17 @@ fn flow_map(scenario: &Scenario, o: &Outcome) -> Plot {
         for s in 0..n {
             for d in 0..n {
                 let f = o.flows[s * n + d];
-                if s == d || f == 0 {
+                // Flows under 2% of the largest would only draw a haze.
+                if s == d || f == 0 || f * 50 < max_flow {
                     continue;
                 }
-                let w = 1 + (7.0 * f as f64 / max_flow as f64).round() as u32;
+                let share = f as f64 / max_flow as f64;
+                let w = 1 + (9.0 * share).round() as u32;
                 let (a, b) = (&regions[s], &regions[d]);
                 chart
                     .draw_series(std::iter::once(PathElement::new(
                         vec![(a.lon, a.lat), (b.lon, b.lat)],
-                        RGBColor(0, 114, 178).mix(0.45).stroke_width(w),
+                        RGBColor(0, 114, 178).mix(0.25 + 0.5 * share).stroke_width(w),
                     )))
                     .map_err(err)?;
             }
@@ -464,7 +466,7 @@ pub fn charts(scenario: &Scenario, outcomes: &[Outcome]) -> Result<Vec<Chart>, S
         figure(
             "flows-crisp".to_owned(),
             flow_map(scenario, o)?,
-            "Blue dots: EU regions; orange: the rest. Dot size grows with requests served there.",
+            "Blue dots: EU regions; orange: the rest. Dot size grows with requests served there; flows under 2% of the largest are not drawn.",
         );
     }
     Ok(charts)
