@@ -5,7 +5,9 @@
 #   bench/run.sh            compare every target (writes docs/performance.md and .svg)
 #   bench/run.sh soak       crisp's RSS under steady load (BENCH_SOAK_SECONDS, 600)
 #   bench/run.sh streams    crisp's peak RSS with BENCH_STREAMS (1000) SSE streams open
-#   bench/run.sh all        the three in turn
+#   bench/run.sh profile    where crisp's time goes: perf at 64 connections, and crisp
+#                           measured again without the disk flush and the request log
+#   bench/run.sh all        compare, soak, profile and streams in turn
 #
 # Settings (environment): BENCH_SECONDS (10) per run, BENCH_ROUNDS (3), BENCH_CONCURRENCY
 # (1,16,64), BENCH_WARMUP_SECONDS (3), BENCH_PORT_BASE (19000), BENCH_KEEP=1 keeps the
@@ -16,8 +18,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$ROOT/bench
 MODE=${1:-compare}
-case $MODE in compare | soak | streams | all) ;; *)
-    echo "usage: bench/run.sh [compare|soak|streams|all]" >&2
+case $MODE in compare | soak | streams | profile | all) ;; *)
+    echo "usage: bench/run.sh [compare|soak|streams|profile|all]" >&2
     exit 2
     ;;
 esac
@@ -43,6 +45,8 @@ PORTKEY_PORT=$((BASE + 85))
 CRISP_IN=$((BASE + 86))  # in-region node: client, +100 peer, +200 admin
 CRISP_A=$((BASE + 87))   # cross-region, entry node (eu-central-1)
 CRISP_B=$((BASE + 88))   # cross-region, serving node (eu-west-1)
+CRISP_TMPFS=$((BASE + 89))   # profile mode: audit trail on tmpfs
+CRISP_QUIET=$((BASE + 90))   # profile mode: audit trail on tmpfs, no request log
 
 NPROC=$(nproc)
 step() { printf '\n==> %s\n' "$*"; }
@@ -55,7 +59,9 @@ die() {
 # Long-lived streams and 64 connections through several hops need descriptors.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
+# On disk, not tmpfs: the audit trail's fdatasync must reach a real disk.
 RUN=$(mktemp -d "${TMPDIR:-/var/tmp}/crisp-bench.XXXXXX")
+SHM=""
 PIDS=()
 cleanup() {
     local pid
@@ -68,6 +74,7 @@ cleanup() {
         kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
     done
     wait 2>/dev/null || true
+    [[ -z $SHM ]] || rm -rf "$SHM"
     if [[ ${BENCH_KEEP:-} == 1 ]]; then
         echo "working directory kept: $RUN"
     else
@@ -147,7 +154,9 @@ start() {
 
 for p in $UP_JSON $UP_SSE $UP_SLOW $NGINX_PROXY $LITELLM_PORT $PORTKEY_PORT \
     $CRISP_IN $((CRISP_IN + 100)) $((CRISP_IN + 200)) $CRISP_A $((CRISP_A + 100)) \
-    $((CRISP_A + 200)) $CRISP_B $((CRISP_B + 100)) $((CRISP_B + 200)); do
+    $((CRISP_A + 200)) $CRISP_B $((CRISP_B + 100)) $((CRISP_B + 200)) \
+    $CRISP_TMPFS $((CRISP_TMPFS + 100)) $((CRISP_TMPFS + 200)) \
+    $CRISP_QUIET $((CRISP_QUIET + 100)) $((CRISP_QUIET + 200)); do
     port_free "$p" || die "port $p is in use; move every port with BENCH_PORT_BASE=N (now $BASE)"
 done
 
@@ -228,18 +237,19 @@ crisp_files() { # dir config-template regions... (the key is left in DIR/api-key
     "$CRISP" profiles lock --config "$dir/crisp.toml" >/dev/null
 }
 
-start_crisp_in_region() { # upstream-port max-concurrency
-    step "Starting crisp in one region (API key, Cedar policy, audit trail; backend :$1)"
-    local dir=$RUN/crisp-in
+start_crisp_in_region() { # upstream-port max-concurrency [client-port name audit-dir]
+    local port=${3:-$CRISP_IN} name=${4:-crisp-in} audit=${5:-audit/{region\}}
+    step "Starting $name: crisp in one region (API key, Cedar policy, audit trail in $audit; backend :$1)"
+    local dir=$RUN/$name
     mkdir -p "$dir"
-    render "$BENCH/conf/crisp-in-region.toml" "$dir/crisp.toml" CLIENT_PORT=$CRISP_IN \
-        PEER_PORT=$((CRISP_IN + 100)) ADMIN_PORT=$((CRISP_IN + 200)) UPSTREAM_PORT="$1" \
-        MAX_CONCURRENCY="$2"
+    render "$BENCH/conf/crisp-in-region.toml" "$dir/crisp.toml" CLIENT_PORT="$port" \
+        PEER_PORT=$((port + 100)) ADMIN_PORT=$((port + 200)) UPSTREAM_PORT="$1" \
+        MAX_CONCURRENCY="$2" AUDIT_DIR="$audit"
     crisp_files "$dir" eu-central-1
-    start crisp-in "$dir" "$CRISP" serve --config crisp.toml --region eu-central-1
+    start "$name" "$dir" "$CRISP" serve --config crisp.toml --region eu-central-1
     CRISP_IN_PID=$LAST_PID
     CRISP_KEY=$(cat "$dir/api-key")
-    wait_port $CRISP_IN 20 || die "crisp did not start: $(tail -n 20 "$RUN/crisp-in.log")"
+    wait_port "$port" 20 || die "crisp did not start: $(tail -n 20 "$RUN/$name.log")"
 }
 
 start_crisp_cross_region() {
@@ -297,10 +307,10 @@ json.dump(meta, open(sys.argv[1], "w"), indent=1)
 EOF
 }
 
-report() { # kind result-file
+report() { # kind result-file [extra args]
     local docs=(--doc "$ROOT/docs/performance.md")
     [[ ${BENCH_NO_DOCS:-} == 1 ]] && docs=()
-    "$PY" "$BENCH/lib/report.py" "$1" "$2" "$RUN/meta.json" "${docs[@]}"
+    "$PY" "$BENCH/lib/report.py" "$1" "$2" "$RUN/meta.json" "${docs[@]}" "${@:3}"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -425,13 +435,73 @@ EOF
     report streams "$RUN/streams.json"
 }
 
+run_profile() {
+    [[ -n ${UPSTREAM_PID:-} ]] || start_upstream
+    # Three crisp nodes, each with the API key, the Cedar policy and the audit trail: as
+    # benchmarked; with the trail on tmpfs (its fdatasync returns at once); and that
+    # without the per-request log line. What each step gains is what that feature costs.
+    SHM=$(mktemp -d /dev/shm/crisp-bench.XXXXXX)
+    : >"$TARGETS"
+    add_target direct "direct (nginx upstream)" "http://127.0.0.1:$UP_JSON/v1/chat/completions" \
+        "$(body_for bench)" "$UPSTREAM_PID"
+    local variants=("$CRISP_IN crisp-in audit/{region} info crisp"
+        "$CRISP_TMPFS crisp-tmpfs $SHM/tmpfs/{region} info crisp-tmpfs"
+        "$CRISP_QUIET crisp-quiet $SHM/quiet/{region} warn crisp-quiet")
+    local v port name audit level key label profiled_pid=""
+    for v in "${variants[@]}"; do
+        read -r port name audit level key <<<"$v"
+        if [[ $name == crisp-in && -n ${CRISP_IN_PID:-} ]]; then
+            note "reusing the running crisp-in"
+        else
+            RUST_LOG=$level start_crisp_in_region $UP_SSE 256 "$port" "$name" "$audit"
+        fi
+        retry_check 20 "http://127.0.0.1:$port/v1/chat/completions" "$(body_for bench)" \
+            'Hello from the bench' "authorization: Bearer $(cat "$RUN/$name/api-key")" ||
+            die "$name: $CHECK_ERR"
+        case $name in
+        crisp-in) label="crisp, as benchmarked" profiled_pid=$CRISP_IN_PID ;;
+        crisp-tmpfs) label="crisp, audit trail on tmpfs" ;;
+        *) label="crisp, tmpfs, no request log" ;;
+        esac
+        add_target "$key" "$label" "http://127.0.0.1:$port/v1/chat/completions" \
+            "$(body_for bench)" "$CRISP_IN_PID" "authorization: Bearer $(cat "$RUN/$name/api-key")"
+    done
+    CRISP_IN_PID=$profiled_pid
+    CRISP_KEY=$(cat "$RUN/crisp-in/api-key")
+    "$PY" -c 'import json,sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])]))' \
+        "$TARGETS" >"$RUN/profile-targets.json"
+    local seconds=${BENCH_PROFILE_SECONDS:-10}
+    : >"$RUN/perf-shares.md"
+    if perf stat -e instructions true >/dev/null 2>&1; then
+        step "perf: crisp at 64 connections for $seconds s (call graphs by DWARF unwinding)"
+        "$PY" "$BENCH/lib/bench.py" load "$RUN/profile-targets.json" crisp:64:$((seconds + 2)) &
+        local load=$!
+        sleep 1
+        perf record -q -F 499 -g --call-graph dwarf,16384 -p "$profiled_pid" -o "$RUN/perf.data" \
+            -- sleep "$seconds" >/dev/null 2>&1 || note "perf record failed"
+        wait "$load"
+        perf script -i "$RUN/perf.data" -F comm,period,ip,sym 2>/dev/null |
+            "$PY" "$BENCH/lib/perf_shares.py" >"$RUN/perf-shares.md" || true
+        cat "$RUN/perf-shares.md"
+    else
+        note "perf cannot count here (perf stat -e instructions true fails): no call-graph profile"
+    fi
+    step "What each feature costs: crisp as benchmarked, without the disk flush, without the log"
+    BENCH_CONCURRENCY=1,64 BENCH_ROUNDS=${BENCH_PROFILE_ROUNDS:-3} BENCH_WARMUP_SECONDS=2 \
+        "$PY" "$BENCH/lib/bench.py" compare "$RUN/profile-targets.json" "$RUN/profile.json"
+    [[ -f $RUN/meta.json ]] || versions
+    report profile "$RUN/profile.json" --perf "$RUN/perf-shares.md"
+}
+
 case $MODE in
 compare) run_compare ;;
 soak) run_soak ;;
 streams) run_streams ;;
+profile) run_profile ;;
 all)
     run_compare
     run_soak
+    run_profile
     run_streams
     ;;
 esac

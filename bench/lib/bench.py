@@ -5,6 +5,7 @@
                                             concurrency, interleaved, in rounds
   bench.py soak TARGET.json OUT.json       one target under steady load, RSS sampled
   bench.py streams TARGET.json OUT.json    peak RSS while N SSE streams are open at once
+  bench.py load TARGETS.json NAME:CONNS:SECONDS   load only (for a profiler to watch)
 
 A target is {"name", "label", "url", "headers": [...], "body", "pids": [...]} where pids
 are the root processes whose whole process tree is the target (nginx master and workers,
@@ -321,11 +322,21 @@ def streams(target_path, out_path):
     return 0
 
 
+def load(targets_path, spec):
+    name, connections, seconds = spec.split(":")
+    with open(targets_path) as f:
+        target = next(t for t in json.load(f) if t["name"] == name)
+    r = wrk(target, int(connections), int(seconds))
+    log(f"load: {r['requests']} requests in {r['duration_us'] / 1e6:.1f} s")
+    return 0
+
+
 def main(argv):
-    if len(argv) != 4 or argv[1] not in ("compare", "soak", "streams"):
+    modes = {"compare": compare, "soak": soak, "streams": streams, "load": load}
+    if len(argv) != 4 or argv[1] not in modes:
         print(__doc__, file=sys.stderr)
         return 2
-    return {"compare": compare, "soak": soak, "streams": streams}[argv[1]](argv[2], argv[3])
+    return modes[argv[1]](argv[2], argv[3])
 
 
 if __name__ == "__main__":

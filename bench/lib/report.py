@@ -4,6 +4,7 @@
   report.py compare RESULTS.json META.json [--doc docs/performance.md]
   report.py soak SOAK.json META.json [--doc ...]
   report.py streams STREAMS.json META.json [--doc ...]
+  report.py profile PROFILE.json META.json --perf SHARES.md [--doc ...]
 
 With --doc, the section between `<!-- bench:KIND:start -->` and `<!-- bench:KIND:end -->`
 in that file is replaced (appended when the markers are missing) and the chart is written
@@ -285,6 +286,28 @@ def streams_md(st, meta):
     return "\n".join(lines) + "\n"
 
 
+def profile_md(results, rows, meta, perf_md):
+    lines = [f"Measured {meta['date']} on {machine_line(meta)}; crisp {meta['crisp']}.", ""]
+    if perf_md.strip():
+        lines += ["crisp in-region at 64 connections under `perf record` (DWARF call graphs). "
+                  "Each sample is charged to the innermost component on its stack, so "
+                  "allocator, library and kernel time count where they are caused:", "",
+                  perf_md.strip(), ""]
+    lines += ["The same node measured again beside two variants (each a separate node with "
+              "the API key, the Cedar policy and the audit trail; "
+              f"{results['rounds']} rounds of {results['seconds']} s, medians):", "",
+              "| variant | req/s at 64 conns | p50 ms at 1 conn | added p50 ms at 1 conn "
+              "| CPU s / 1k req at 64 conns |", "|---|--:|--:|--:|--:|"]
+    for t in results["targets"]:
+        if t["name"] == "direct":
+            continue
+        r64, r1 = rows.get((t["name"], 64), {}), rows.get((t["name"], 1), {})
+        err = "" if not (r64.get("failed") or r1.get("failed")) else " (errors!)"
+        lines.append(f"| {t['label']}{err} | {fmt(r64.get('rps'))} | {fmt_ms(r1.get('p50_ms'))} "
+                     f"| {fmt_ms(r1.get('added_p50_ms'))} | {fmt(r64.get('cpu_s_per_1k'), 3)} |")
+    return "\n".join(lines) + "\n"
+
+
 # --- the document -----------------------------------------------------------------------
 
 def replace_section(doc_path, kind, body):
@@ -329,6 +352,13 @@ def main(argv):
             with open(os.path.join(docs_dir, "performance-soak.svg"), "w") as f:
                 f.write(soak_svg(data, meta))
             replace_section(doc, "soak", md)
+    elif kind == "profile":
+        perf = argv[argv.index("--perf") + 1] if "--perf" in argv else None
+        perf_md = open(perf).read() if perf and os.path.exists(perf) else ""
+        md = profile_md(data, aggregate(data), meta, perf_md)
+        print(md)
+        if doc:
+            replace_section(doc, "profile", md)
     elif kind == "streams":
         md = streams_md(data, meta)
         print(md)
