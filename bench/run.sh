@@ -10,8 +10,10 @@
 #   bench/run.sh all        compare, soak, profile and streams in turn
 #
 # Settings (environment): BENCH_SECONDS (10) per run, BENCH_ROUNDS (3), BENCH_CONCURRENCY
-# (1,16,64), BENCH_WARMUP_SECONDS (3), BENCH_PORT_BASE (19000), BENCH_KEEP=1 keeps the
-# working directory, BENCH_NO_DOCS=1 prints the results without touching docs/.
+# (1,16,64), BENCH_WARMUP_SECONDS (3), BENCH_TARGETS (names to measure, e.g.
+# direct,crisp-x; all by default), BENCH_PORT_BASE (19000), BENCH_CRISP (a crisp binary to
+# use instead of building one), BENCH_KEEP=1 keeps the working directory, BENCH_NO_DOCS=1
+# prints the results without touching docs/.
 # Everything listens on 127.0.0.1 only and every process started here is stopped on exit.
 set -euo pipefail
 
@@ -32,7 +34,7 @@ CACHE=${BENCH_CACHE:-$HOME/.cache/crisp}
 VENV=$CACHE/bench-venv
 NPM_DIR=$CACHE/bench-npm
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-CRISP=$CARGO_TARGET_DIR/release/crisp
+CRISP=${BENCH_CRISP:-$CARGO_TARGET_DIR/release/crisp}
 PY=${PYTHON:-python3}
 
 BASE=${BENCH_PORT_BASE:-19000}
@@ -63,6 +65,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 RUN=$(mktemp -d "${TMPDIR:-/var/tmp}/crisp-bench.XXXXXX")
 SHM=""
 PIDS=()
+OTHERS=() # what only the comparison needs, stopped before the crisp-only modes
 cleanup() {
     local pid
     for pid in "${PIDS[@]}"; do
@@ -116,8 +119,10 @@ if [[ $MODE == compare || $MODE == all ]]; then
             npm install --no-audit --no-fund --silent "@portkey-ai/gateway@$PORTKEY_VERSION")
     fi
 fi
-step "Building crisp (cargo build --release -p crisp)"
-(cd "$ROOT" && cargo build --release -p crisp 2>&1 | tail -n 2)
+if [[ -z ${BENCH_CRISP:-} ]]; then
+    step "Building crisp (cargo build --release -p crisp)"
+    (cd "$ROOT" && cargo build --release -p crisp 2>&1 | tail -n 2)
+fi
 [[ -x $CRISP ]] || die "no binary at $CRISP"
 
 # ---------------------------------------------------------------------------------------
@@ -265,6 +270,7 @@ start_crisp_cross_region() {
     CRISP_A_PID=$LAST_PID
     start crisp-b "$dir" "$CRISP" serve --config crisp.toml --region eu-west-1
     CRISP_B_PID=$LAST_PID
+    OTHERS+=("$CRISP_A_PID" "$CRISP_B_PID")
     CRISP_X_KEY=$(cat "$dir/api-key")
     wait_port $CRISP_A 20 && wait_port $CRISP_B 20 ||
         die "crisp did not start: $(tail -n 20 "$RUN/crisp-a.log" "$RUN/crisp-b.log")"
@@ -325,6 +331,7 @@ run_compare() {
         JSON_PORT=$UP_JSON PROXY_PORT=$NGINX_PROXY
     start nginx-proxy "$RUN/proxy" nginx -p "$RUN/proxy" -c "$RUN/proxy/nginx.conf"
     local proxy_pid=$LAST_PID
+    OTHERS+=("$proxy_pid")
     wait_port $NGINX_PROXY 10 || die "nginx proxy did not start: $(cat "$RUN/nginx-proxy.log")"
     check "http://127.0.0.1:$NGINX_PROXY/v1/chat/completions" "$(body_for bench)" '"chat.completion"' ||
         die "nginx proxy: $CHECK_ERR"
@@ -338,6 +345,7 @@ run_compare() {
         "$VENV/bin/litellm" --config "$RUN/litellm/config.yaml" --host 127.0.0.1 \
         --port $LITELLM_PORT --num_workers "$NPROC"
     local litellm_pid=$LAST_PID
+    OTHERS+=("$litellm_pid")
     local litellm_auth='authorization: Bearer sk-bench-master'
     if ! wait_port $LITELLM_PORT 120; then
         unavailable litellm "LiteLLM $LITELLM_VERSION" "did not listen within 120 s: $(tail -n 5 "$RUN/litellm.log" | tr '\n' ' ')"
@@ -353,6 +361,7 @@ run_compare() {
     mkdir -p "$RUN/portkey"
     NODE_ENV=production start portkey "$RUN/portkey" node "$PORTKEY_JS" --port=$PORTKEY_PORT --headless
     local portkey_pid=$LAST_PID
+    OTHERS+=("$portkey_pid")
     local portkey_hdr=("x-portkey-provider: openai"
         "x-portkey-custom-host: http://127.0.0.1:$UP_JSON/v1"
         "authorization: Bearer sk-bench-upstream")
@@ -393,6 +402,15 @@ run_compare() {
     step "Results"
     versions
     report compare "$RUN/results.json"
+    if ((${#OTHERS[@]})); then
+        local pid
+        for pid in "${OTHERS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+        for pid in "${OTHERS[@]}"; do
+            wait "$pid" 2>/dev/null || true
+            kill -KILL -- "-$pid" 2>/dev/null || true
+        done
+        OTHERS=()
+    fi
 }
 
 run_soak() {

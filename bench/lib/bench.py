@@ -173,7 +173,8 @@ def compare(targets_path, out_path):
     rounds = env_int("BENCH_ROUNDS", 3)
     warmup = env_int("BENCH_WARMUP_SECONDS", 3)
     concurrency = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,16,64").split(",")]
-    live = [t for t in targets if not t.get("unavailable")]
+    only = [n for n in os.environ.get("BENCH_TARGETS", "").split(",") if n]
+    live = [t for t in targets if not t.get("unavailable") and (not only or t["name"] in only)]
     for t in targets:
         if t.get("unavailable"):
             log(f"! {t['label']}: not measured: {t['unavailable']}")

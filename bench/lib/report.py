@@ -114,8 +114,9 @@ def ratios(rows):
 
 
 def compare_svg(results, rows, meta):
-    targets = [t for t in results["targets"] if not t.get("unavailable")]
     conc = results["concurrency"]
+    targets = [t for t in results["targets"]
+               if not t.get("unavailable") and any((t["name"], c) in rows for c in conc)]
     bar, gap, group_gap = 16, 3, 22
     left, right, top = 190, 110, 58
     width = 900
