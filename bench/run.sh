@@ -51,6 +51,7 @@ CRISP_TMPFS=$((BASE + 89))   # profile mode: audit trail on tmpfs
 CRISP_QUIET=$((BASE + 90))   # profile mode: audit trail on tmpfs, no request log
 
 NPROC=$(nproc)
+STARTED=$(date -u '+%Y-%m-%d %H:%M UTC')
 step() { printf '\n==> %s\n' "$*"; }
 note() { printf '    %s\n' "$*"; }
 die() {
@@ -293,7 +294,7 @@ mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("Mem
 nginx = sh("nginx", "-v").replace("nginx version: ", "")
 wrk = sh("wrk", "-v").splitlines()[0] if sh("wrk", "-v") else "wrk"
 meta = {
-    "date": sh("date", "-u", "+%Y-%m-%d %H:%M UTC"),
+    "date": "$STARTED",
     "nproc": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem / 1024 / 1024, 1),
     "kernel": platform.release(),
     "os": next((l.split("=", 1)[1].strip().strip('"') for l in open("/etc/os-release") if l.startswith("PRETTY_NAME=")), "unknown"),

@@ -183,7 +183,7 @@ def compare_svg(results, rows, meta):
 
 
 def compare_md(results, rows, meta, svg_name):
-    lines = [f"Measured {meta['date']} on {machine_line(meta)}. Each run lasts "
+    lines = [f"Measured in the run started {meta['date']}, on {machine_line(meta)}. Each run lasts "
              f"{results['seconds']} s; {results['rounds']} rounds with the targets interleaved; "
              f"medians over rounds.", "",
              f"Versions: {versions_line(meta)}.", "",
@@ -252,7 +252,7 @@ def soak_md(soak, meta, svg_name):
     t_end = samples[-1]["t"]
     first = [x["rss_mib"] for x in samples if 0 < x["t"] <= 60] or rss[:2]
     last = [x["rss_mib"] for x in samples if x["t"] >= t_end - 60] or rss[-2:]
-    lines = [f"Measured {meta['date']} on {machine_line(meta)}; crisp {meta['crisp']}.", "",
+    lines = [f"Measured in the run started {meta['date']}, on {machine_line(meta)}; crisp {meta['crisp']}.", "",
              f"crisp in-region (API key, Cedar policy, audit trail) under wrk at "
              f"{soak['connections']} connections for {soak['seconds']} s, its RSS (VmRSS) read "
              f"every {soak['interval']} s.", "",
@@ -270,7 +270,7 @@ def soak_md(soak, meta, svg_name):
 def streams_md(st, meta):
     per = (st["peak_rss_mib"] - st["idle_rss_mib"]) * 1024 / st["streams"] if st["streams"] else 0
     rate = st["target"].get("slow_rate")
-    lines = [f"Measured {meta['date']} on {machine_line(meta)}; crisp {meta['crisp']}.", "",
+    lines = [f"Measured in the run started {meta['date']}, on {machine_line(meta)}; crisp {meta['crisp']}.", "",
              f"crisp in-region (API key, Cedar policy, audit trail), its openai backend pointed at "
              f"the upstream's slow SSE server (the same stream trickled at {rate} bytes/s per "
              f"connection, about {1409 / rate if rate else 0:.0f} s per answer). wrk holds "
@@ -288,7 +288,7 @@ def streams_md(st, meta):
 
 
 def profile_md(results, rows, meta, perf_md):
-    lines = [f"Measured {meta['date']} on {machine_line(meta)}; crisp {meta['crisp']}.", ""]
+    lines = [f"Measured in the run started {meta['date']}, on {machine_line(meta)}; crisp {meta['crisp']}.", ""]
     if perf_md.strip():
         lines += ["crisp in-region at 64 connections under `perf record` (DWARF call graphs). "
                   "Each sample is charged to the innermost component on its stack, so "
