@@ -13,7 +13,11 @@
 # (1,16,64), BENCH_WARMUP_SECONDS (3), BENCH_TARGETS (names to measure, e.g.
 # direct,crisp-x; all by default), BENCH_PORT_BASE (19000), BENCH_CRISP (a crisp binary to
 # use instead of building one), BENCH_KEEP=1 keeps the working directory, BENCH_NO_DOCS=1
-# prints the results without touching docs/.
+# prints the results without touching docs/. Soak: BENCH_SOAK_SECONDS (600),
+# BENCH_SOAK_CONNECTIONS (64), BENCH_SOAK_INTERVAL (5 s between RSS samples). Streams:
+# BENCH_STREAMS (1000), BENCH_STREAM_SECONDS (30), BENCH_SLOW_RATE (100 bytes/s per
+# stream from the upstream). Profile: BENCH_PROFILE_SECONDS (10 s under perf),
+# BENCH_PROFILE_ROUNDS (3). Target names: direct, nginx, litellm, portkey, crisp, crisp-x.
 # Everything listens on 127.0.0.1 only and every process started here is stopped on exit.
 set -euo pipefail
 
