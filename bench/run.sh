@@ -101,6 +101,9 @@ command -v ss >/dev/null || need_apt+=(iproute2)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v node >/dev/null || need_apt+=(nodejs npm)
 "$PY" -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if [[ $MODE == profile || $MODE == all ]] && ! command -v perf >/dev/null; then
+    need_apt+=(linux-perf)
+fi
 if ((${#need_apt[@]})); then
     note "apt-get install ${need_apt[*]}"
     SUDO=""
