@@ -12,7 +12,8 @@ use crisp_node::backbone::wire;
 use crisp_transport::{Ca, TlsFiles, TlsStore};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use support::fake::{Fake, with_fake};
+use std::sync::atomic::Ordering;
+use support::fake::{Fake, LATE_ENDS_FINISHED, with_fake};
 use support::{NOVA, REGIONS, Setup, ask, eventually, inference_region, now_secs, tls_for};
 use time::OffsetDateTime;
 
@@ -314,6 +315,23 @@ async fn answers_without_a_valid_receipt_are_not_trusted() {
         );
         f.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_answer_is_read_to_the_end_of_its_stream() {
+    // A stream dropped before its end is reset; enough resets (1,024) and h2 closes the
+    // whole link, failing every request in flight on it. So the source reads each answer
+    // to its end, even when the destination ends the stream a little after the receipt.
+    let f = with_fake(Fake::LateEnd).await;
+    let before = LATE_ENDS_FINISHED.load(Ordering::SeqCst);
+    let r = f.chat("us-east-1", ask("eu.amazon.nova-lite-v1:0")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(inference_region(&r), "eu-west-1");
+    eventually("the destination ended the stream", || {
+        LATE_ENDS_FINISHED.load(Ordering::SeqCst) > before
+    })
+    .await;
+    f.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,8 @@ use super::wire::{self, LoadReport, PeerError, PeerErrorKind, StreamEvent};
 use crate::pipeline::ReceiptSlot;
 
 const MAX_LINE: usize = 1 << 20;
+/// How long a forwarded answer's stream may take to end after its last event.
+const DRAIN_AFTER_LAST_EVENT: Duration = Duration::from_secs(1);
 
 type Connector = HttpsConnector<HttpConnector>;
 type HttpClient = Client<Connector, Full<Bytes>>;
@@ -190,6 +192,20 @@ impl PeerClient {
                     "peer sent an unreadable event: {e}"
                 ))),
             }
+        });
+        // After the last event, read the body to its end: the destination closes the stream
+        // right after it. A stream dropped before its END_STREAM arrives is reset, and frames
+        // still in flight for it make h2 reset it again on its own; past 1,024 such resets it
+        // closes the whole connection (GOAWAY), failing every request on that link.
+        let stream = futures::stream::unfold(Some(Box::pin(stream)), |events| async move {
+            let mut events = events?;
+            let item = events.next().await?;
+            if matches!(item, Ok(Chunk::Done { .. }) | Err(_)) {
+                let rest = async { while events.next().await.is_some() {} };
+                let _ = tokio::time::timeout(DRAIN_AFTER_LAST_EVENT, rest).await;
+                return Some((item, None));
+            }
+            Some((item, Some(events)))
         });
         Ok(Box::pin(stream))
     }

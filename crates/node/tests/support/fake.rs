@@ -1,6 +1,7 @@
 //! Fake peers with genuine certificates that misbehave on purpose.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -9,6 +10,7 @@ use axum::routing::{get, post};
 use crisp_node::backbone::wire::{self, LoadReport, ModelLoad, StreamEvent, WireUsage};
 use crisp_node::serve::{Security, serve};
 use crisp_transport::receipt::{Receipt, SignedReceipt};
+use futures::StreamExt;
 
 use super::{Federation, NOVA, REGIONS, Setup, eventually, now_secs, tls_for};
 
@@ -21,7 +23,14 @@ pub enum Fake {
     Tampered,
     SignedByAnotherRegion,
     Hang,
+    /// Honest, but ends each answer's stream only 100 ms after its last event, and counts
+    /// the answers whose stream it could end (the source read them to the end) in
+    /// [`LATE_ENDS_FINISHED`].
+    LateEnd,
 }
+
+/// Answers of a [`Fake::LateEnd`] peer whose streams were read to their end.
+pub static LATE_ENDS_FINISHED: AtomicUsize = AtomicUsize::new(0);
 
 /// A fake eu-west-1 with a genuine certificate that answers generations as `mode` says.
 pub async fn run_fake(f: &mut Federation, mode: Fake) {
@@ -67,7 +76,7 @@ pub async fn run_fake(f: &mut Federation, mode: Fake) {
                 };
                 return (
                     axum::http::StatusCode::TOO_MANY_REQUESTS,
-                    serde_json::to_vec(&refusal).unwrap(),
+                    Body::from(serde_json::to_vec(&refusal).unwrap()),
                 );
             }
             let receipt = Receipt {
@@ -81,7 +90,7 @@ pub async fn run_fake(f: &mut Federation, mode: Fake) {
                 issued_at_ms: now_secs() * 1000,
             };
             let signed = match mode {
-                Fake::Honest => Some(SignedReceipt::sign(&me, &receipt)),
+                Fake::Honest | Fake::LateEnd => Some(SignedReceipt::sign(&me, &receipt)),
                 Fake::NoReceipt => None,
                 Fake::Tampered => {
                     let mut s = SignedReceipt::sign(&me, &receipt);
@@ -112,7 +121,18 @@ pub async fn run_fake(f: &mut Federation, mode: Fake) {
                     l
                 })
                 .collect();
-            (axum::http::StatusCode::OK, body)
+            if mode == Fake::LateEnd {
+                let events = futures::stream::iter([Some(bytes::Bytes::from(body))]).chain(
+                    futures::stream::once(async {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        LATE_ENDS_FINISHED.fetch_add(1, Ordering::SeqCst);
+                        None
+                    }),
+                );
+                let events = events.filter_map(|b| async move { b.map(Ok::<_, std::io::Error>) });
+                return (axum::http::StatusCode::OK, Body::from_stream(events));
+            }
+            (axum::http::StatusCode::OK, Body::from(body))
         }
     };
     let app = Router::new()

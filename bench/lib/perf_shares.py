@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Where crisp's CPU time goes, from `perf script -F comm,period,ip,sym` on stdin.
+
+Each sample is charged to the component of its innermost frame that names one (walking
+from the leaf towards the thread's root), so the time spent in malloc, memcpy, serde_json
+or the kernel is charged to the component that called it. Prints the shares by component
+and the top functions by self time, as Markdown (or JSON with --json).
+"""
+
+import json
+import re
+import sys
+
+# (component, pattern over one frame's symbol); the first frame matching any wins.
+COMPONENTS = [
+    ("receipt signing (Ed25519)", r"sign_receipt|SignedReceipt>::sign|SignedReceipt::sign"),
+    ("audit trail (records, writes, fsync)", r"crisp_audit|crisp_node::audit"),
+    ("logs and trace spans", r"tracing_subscriber|format_event|tracing_core::dispatcher|opentelemetry"),
+    ("metrics", r"\bmetrics::|metrics_exporter|metrics_util"),
+    ("authorization (key lookup, Cedar)", r"cedar|crisp_policy|crisp_node::access"),
+    ("routing", r"crisp_routing|crisp_node::fleet"),
+    ("upstream: HTTP client, SSE parsing", r"reqwest|dispatch::Client|role::Client|hyper_util::client|crisp_engine::openai|sse_events"),
+    ("client API: HTTP server, request and answer JSON", r"dispatch::Server|role::Server|axum|crisp_node::api|crisp_node::serve"),
+    ("pipeline (resolve, fail over, chunks)", r"crisp_node::pipeline|crisp_node::Node|crisp_catalog"),
+    ("async runtime (task scheduling, I/O driver)", r"tokio::runtime|mio::"),
+]
+COMPILED = [(name, re.compile(p)) for name, p in COMPONENTS]
+
+
+def short(sym):
+    """A symbol without generic parameters or closure suffixes, at most 100 characters."""
+    sym = sym.removesuffix(" (inlined)")
+    prev = None
+    while prev != sym:
+        # Innermost generic parameters go; `<X as Trait>` (which names the type) stays.
+        prev, sym = sym, re.sub(r"<(?![^<>]* as )[^<>]*>", "", sym)
+    sym = sym.replace("::{{closure}}", "").strip()
+    return sym if len(sym) <= 100 else sym[:99] + "…"
+
+
+def samples(lines):
+    header, frames = None, []
+    for line in lines:
+        line = line.rstrip("\n")
+        if not line.strip():
+            if header is not None:
+                yield header, frames
+            header, frames = None, []
+            continue
+        if not line.startswith((" ", "\t")):
+            header, frames = line, []
+        else:
+            parts = line.strip().split(None, 1)
+            frames.append((parts[0], parts[1] if len(parts) > 1 else "?"))
+    if header is not None:
+        yield header, frames
+
+
+def main(argv):
+    as_json = "--json" in argv
+    by_component, by_leaf, total, kernel = {}, {}, 0, 0
+    by_thread = {}
+    for header, frames in samples(sys.stdin):
+        fields = header.split()
+        comm = fields[0]
+        try:
+            period = int(fields[-1])
+        except ValueError:
+            period = 1
+        total += period
+        thread = "audit thread" if comm.startswith("audit") else comm
+        by_thread[thread] = by_thread.get(thread, 0) + period
+        component = None
+        for _, sym in frames:
+            for name, rx in COMPILED:
+                if rx.search(sym):
+                    component = name
+                    break
+            if component:
+                break
+        if component is None:
+            component = "audit trail (records, writes, fsync)" if thread == "audit thread" else "other"
+        by_component[component] = by_component.get(component, 0) + period
+        if frames:
+            is_kernel = frames[0][0].startswith("ffffffff")
+            kernel += period if is_kernel else 0
+            # The innermost real (not inlined) function, without generic parameters.
+            sym = next((s for _, s in frames if not s.endswith("(inlined)")), frames[0][1])
+            key = ("[kernel] " if is_kernel else "") + short(sym)
+            by_leaf[key] = by_leaf.get(key, 0) + period
+    if not total:
+        print("no samples", file=sys.stderr)
+        return 1
+    comps = sorted(by_component.items(), key=lambda kv: -kv[1])
+    leaves = sorted(by_leaf.items(), key=lambda kv: -kv[1])[:15]
+    if as_json:
+        json.dump({"components": [[k, v / total] for k, v in comps],
+                   "leaves": [[k, v / total] for k, v in leaves],
+                   "kernel": kernel / total,
+                   "threads": {k: v / total for k, v in by_thread.items()}}, sys.stdout, indent=1)
+        return 0
+    print("| component (with the library, allocator and kernel time it causes) | share of crisp's CPU |")
+    print("|---|--:|")
+    for k, v in comps:
+        print(f"| {k} | {v / total:.1%} |")
+    print()
+    print(f"In the kernel: {kernel / total:.1%}. Threads: "
+          + ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(by_thread.items(), key=lambda kv: -kv[1])))
+    print()
+    print("| function (self time) | share |")
+    print("|---|--:|")
+    for k, v in leaves:
+        print(f"| `{k}` | {v / total:.1%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
