@@ -293,7 +293,9 @@ fn flow_map(scenario: &Scenario, o: &Outcome) -> Plot {
                 chart
                     .draw_series(std::iter::once(PathElement::new(
                         vec![(a.lon, a.lat), (b.lon, b.lat)],
-                        RGBColor(0, 114, 178).mix(0.25 + 0.5 * share).stroke_width(w),
+                        RGBColor(0, 114, 178)
+                            .mix(0.25 + 0.5 * share)
+                            .stroke_width(w),
                     )))
                     .map_err(err)?;
             }
