@@ -61,29 +61,53 @@ pub fn table(outcomes: &[Outcome]) -> String {
     s
 }
 
-/// A Markdown version of [`table`], for documents.
-pub fn markdown(outcomes: &[Outcome]) -> String {
-    let mut s = String::from(
-        "| strategy | served | capacity errors (429) | lost to outage | TTFT p50 / p95 / p99 | end-to-end p50 / p95 / p99 | served cross-region | cost | boundary violations |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-    );
-    for o in outcomes {
-        let _ = writeln!(
-            s,
-            "| {} | {:.2}% | {} | {} | {:.0} / {:.0} / {:.0} ms | {:.1} / {:.1} / {:.1} s | {:.1}% | ${:.2} | {} |",
-            o.strategy.name(),
-            100.0 * o.served_share(),
-            o.capacity_errors,
-            o.outage_errors,
+/// Column headings of the Markdown and HTML tables.
+const HEADINGS: [&str; 9] = [
+    "strategy",
+    "served",
+    "capacity errors (429)",
+    "lost to outage",
+    "TTFT p50 / p95 / p99",
+    "end-to-end p50 / p95 / p99",
+    "served cross-region",
+    "cost",
+    "boundary violations",
+];
+
+/// One strategy's row of the Markdown and HTML tables.
+fn cells(o: &Outcome) -> [String; 9] {
+    [
+        o.strategy.name().to_owned(),
+        format!("{:.2}%", 100.0 * o.served_share()),
+        o.capacity_errors.to_string(),
+        o.outage_errors.to_string(),
+        format!(
+            "{:.0} / {:.0} / {:.0} ms",
             o.ttft_ms(0.5),
             o.ttft_ms(0.95),
-            o.ttft_ms(0.99),
+            o.ttft_ms(0.99)
+        ),
+        format!(
+            "{:.1} / {:.1} / {:.1} s",
             o.e2e_ms(0.5) / 1000.0,
             o.e2e_ms(0.95) / 1000.0,
-            o.e2e_ms(0.99) / 1000.0,
-            100.0 * o.cross_share(),
-            o.cost_usd,
-            o.violations
-        );
+            o.e2e_ms(0.99) / 1000.0
+        ),
+        format!("{:.1}%", 100.0 * o.cross_share()),
+        format!("${:.2}", o.cost_usd),
+        o.violations.to_string(),
+    ]
+}
+
+/// A Markdown version of [`table`], for documents.
+pub fn markdown(outcomes: &[Outcome]) -> String {
+    let mut s = format!(
+        "| {} |\n|---|{}\n",
+        HEADINGS.join(" | "),
+        "---:|".repeat(HEADINGS.len() - 1)
+    );
+    for o in outcomes {
+        let _ = writeln!(s, "| {} |", cells(o).join(" | "));
     }
     s
 }
@@ -503,25 +527,14 @@ Simulated in {:.1} s of wall time{}.</p>",
             .map(|m| format!(", peak memory {m:.0} MiB"))
             .unwrap_or_default()
     );
-    page.push_str("<table><tr><th>strategy</th><th>served</th><th>429s</th><th>lost to outage</th><th>TTFT p50/p95/p99 (ms)</th><th>E2E p50/p95/p99 (s)</th><th>cross-region</th><th>cost ($)</th><th>boundary violations</th></tr>");
+    let _ = write!(
+        page,
+        "<table><tr><th>{}</th></tr>",
+        HEADINGS.join("</th><th>")
+    );
     for o in outcomes {
-        let _ = write!(
-            page,
-            "<tr><td>{}</td><td>{:.2}%</td><td>{}</td><td>{}</td><td>{:.0} / {:.0} / {:.0}</td><td>{:.1} / {:.1} / {:.1}</td><td>{:.1}%</td><td>{:.2}</td><td>{}</td></tr>",
-            o.strategy.name(),
-            100.0 * o.served_share(),
-            o.capacity_errors,
-            o.outage_errors,
-            o.ttft_ms(0.5),
-            o.ttft_ms(0.95),
-            o.ttft_ms(0.99),
-            o.e2e_ms(0.5) / 1000.0,
-            o.e2e_ms(0.95) / 1000.0,
-            o.e2e_ms(0.99) / 1000.0,
-            100.0 * o.cross_share(),
-            o.cost_usd,
-            o.violations
-        );
+        let row: Vec<String> = cells(o).iter().map(|c| escape(c)).collect();
+        let _ = write!(page, "<tr><td>{}</td></tr>", row.join("</td><td>"));
     }
     page.push_str("</table>");
 
