@@ -597,7 +597,24 @@ fn check_events(
                 continue;
             }
         };
-        if let Some(r) = &event.additional_event_data.receipt {
+        let data = &event.additional_event_data;
+        // An answer from another region is proven only by that region's receipt; work done
+        // in the source region is attested by this file's signed digest.
+        if data.receipt.is_none()
+            && event.error_code.is_none()
+            && let Some(region) = data.inference_region.as_deref()
+            && region != event.aws_region
+        {
+            report.findings.push(Finding::BadReceipt {
+                file: name.into(),
+                request_id: event.request_id.clone(),
+                why: format!(
+                    "the event says it ran in {region}, not in {}, but carries no receipt",
+                    event.aws_region
+                ),
+            });
+        }
+        if let Some(r) = &data.receipt {
             report.receipts += 1;
             match r.verify(ca) {
                 Ok(receipt) => {

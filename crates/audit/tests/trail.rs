@@ -271,3 +271,47 @@ async fn a_recorded_event_is_on_disk_when_record_returns_and_the_chain_continues
     assert_eq!(r.events, 2);
     assert_eq!(crisp_audit::events(dir.path()).unwrap().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_answers_from_other_regions_need_a_receipt() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let log = AuditLog::open(
+        dir.path(),
+        "us-east-1",
+        Arc::new(NodeKey(material(&ca, "us-east-1"))),
+        Sealing {
+            max_bytes: 1,
+            max_age: Duration::from_secs(3600),
+        },
+    )
+    .unwrap();
+    // Run here: the signed digest attests it. Run elsewhere without a receipt: unproven.
+    log.record(&event(0, None, "us-east-1")).await.unwrap();
+    log.record(&event(1, None, "eu-west-1")).await.unwrap();
+    // A failed call that got as far as another region keeps no receipt either.
+    let mut failed = event(2, None, "eu-west-1");
+    failed.error_code = Some("stream_interrupted".into());
+    log.record(&failed).await.unwrap();
+    // Only sealed files are verified; sealing follows the writes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(log);
+    let v =
+        crisp_transport::tls::CaVerifier::from_ca_pem("demo", ca.cert_pem().as_bytes()).unwrap();
+    let report = verify(dir.path(), &v, "us-east-1").unwrap();
+    assert_eq!(report.events, 3);
+    let missing: Vec<&str> = report
+        .findings
+        .iter()
+        .filter_map(|f| match f {
+            Finding::BadReceipt {
+                request_id, why, ..
+            } => {
+                assert!(why.contains("carries no receipt"), "{why}");
+                Some(request_id.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(missing, ["r1"], "{:?}", report.findings);
+}

@@ -98,7 +98,9 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
                 report.receipts
             );
             if report.findings.is_empty() {
-                println!("OK: the chain is intact and every receipt verifies");
+                println!(
+                    "OK: the chain is intact and every answer from another region has a valid receipt"
+                );
                 Ok(())
             } else {
                 for f in &report.findings {

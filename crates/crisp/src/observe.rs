@@ -25,9 +25,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// Flushes exported spans at exit.
+/// Flushes log lines and exported spans at exit.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    _logs: tracing_appender::non_blocking::WorkerGuard,
 }
 
 impl Telemetry {
@@ -44,15 +45,22 @@ impl Telemetry {
 pub fn init(default: &str, format: LogFormat, otlp: Option<&str>) -> anyhow::Result<Telemetry> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Lines are formatted on the thread that logs and written to stderr by a thread of
+    // their own, so a request never waits for the terminal or the log pipe. When that
+    // thread falls behind, callers wait rather than lines being dropped.
+    let (stderr, logs) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("crisp-logs")
+        .finish(std::io::stderr());
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .compact()
-            .with_writer(std::io::stderr)
+            .with_writer(stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
-            .with_writer(std::io::stderr)
+            .with_writer(stderr)
             .boxed(),
     };
     let (otel, provider) = match otlp {
@@ -76,7 +84,10 @@ pub fn init(default: &str, format: LogFormat, otlp: Option<&str>) -> anyhow::Res
         .with(otel)
         .with(filter)
         .try_init();
-    Ok(Telemetry { provider })
+    Ok(Telemetry {
+        provider,
+        _logs: logs,
+    })
 }
 
 /// Installs the Prometheus recorder for this process and returns its renderer.

@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::backbone::wire;
 use crate::error::{Attempt, PipelineError};
-use crate::{Node, ReceiptFacts, observe};
+use crate::{Node, observe};
 
 /// A request in the pipeline's own terms.
 #[derive(Clone, Debug)]
@@ -40,7 +40,8 @@ pub type ReceiptSlot = Arc<OnceLock<SignedReceipt>>;
 
 /// A request an engine has admitted: where, after which attempts, and its token stream.
 pub struct Admitted {
-    /// The signed receipt of the region that ran it, once the stream has finished.
+    /// The signed receipt of the region that ran it, once the stream has finished; only
+    /// answers from another region carry one.
     pub receipt: ReceiptSlot,
     pub inference_region: String,
     pub profile_id: String,
@@ -358,7 +359,9 @@ async fn try_region(
         let backend = node.backend(model).ok_or_else(|| {
             BackendError::Unavailable(format!("no engine for {model} in this region"))
         })?;
-        let stream = backend
+        // No receipt: the region that ran it is the one writing the audit event, and the
+        // sealed audit file is signed with the same key a receipt would be.
+        return backend
             .generate(GenerateRequest {
                 request_id: req.request_id.clone(),
                 model: model.to_owned(),
@@ -367,20 +370,7 @@ async fn try_region(
                 temperature: req.temperature,
                 stop: req.stop.clone(),
             })
-            .await?;
-        // A region attests its own work the same way it attests forwarded work.
-        let facts = ReceiptFacts {
-            request_id: req.request_id.clone(),
-            profile: profile.to_owned(),
-            model: model.to_owned(),
-            source_region: node.region_code().to_owned(),
-        };
-        let (node, slot) = (node.clone(), receipt.clone());
-        return Ok(Box::pin(stream.inspect(move |item| {
-            if let Ok(Chunk::Done { usage, .. }) = item {
-                let _ = slot.set(node.sign_receipt(&facts, *usage));
-            }
-        })));
+            .await;
     }
     let (addr, code) = node
         .catalog
