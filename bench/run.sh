@@ -6,7 +6,7 @@
 #   bench/run.sh soak       crisp's RSS under steady load (BENCH_SOAK_SECONDS, 600)
 #   bench/run.sh streams    crisp's peak RSS with BENCH_STREAMS (1000) SSE streams open
 #   bench/run.sh profile    where crisp's time goes: perf at 64 connections, and crisp
-#                           measured again without the disk flush and the request log
+#                           measured again with durability "write" and on tmpfs
 #   bench/run.sh all        compare, soak, profile and streams in turn
 #
 # Settings (environment): BENCH_SECONDS (10) per run, BENCH_ROUNDS (3), BENCH_CONCURRENCY
@@ -52,7 +52,7 @@ CRISP_IN=$((BASE + 86))  # in-region node: client, +100 peer, +200 admin
 CRISP_A=$((BASE + 87))   # cross-region, entry node (eu-central-1)
 CRISP_B=$((BASE + 88))   # cross-region, serving node (eu-west-1)
 CRISP_TMPFS=$((BASE + 89))   # profile mode: audit trail on tmpfs
-CRISP_QUIET=$((BASE + 90))   # profile mode: audit trail on tmpfs, no request log
+CRISP_WRITE=$((BASE + 90))   # in-region node with [audit] durability = "write"
 
 NPROC=$(nproc)
 STARTED=$(date -u '+%Y-%m-%d %H:%M UTC')
@@ -169,7 +169,7 @@ for p in $UP_JSON $UP_SSE $UP_SLOW $NGINX_PROXY $LITELLM_PORT $PORTKEY_PORT \
     $CRISP_IN $((CRISP_IN + 100)) $((CRISP_IN + 200)) $CRISP_A $((CRISP_A + 100)) \
     $((CRISP_A + 200)) $CRISP_B $((CRISP_B + 100)) $((CRISP_B + 200)) \
     $CRISP_TMPFS $((CRISP_TMPFS + 100)) $((CRISP_TMPFS + 200)) \
-    $CRISP_QUIET $((CRISP_QUIET + 100)) $((CRISP_QUIET + 200)); do
+    $CRISP_WRITE $((CRISP_WRITE + 100)) $((CRISP_WRITE + 200)); do
     port_free "$p" || die "port $p is in use; move every port with BENCH_PORT_BASE=N (now $BASE)"
 done
 
@@ -250,14 +250,14 @@ crisp_files() { # dir config-template regions... (the key is left in DIR/api-key
     "$CRISP" profiles lock --config "$dir/crisp.toml" >/dev/null
 }
 
-start_crisp_in_region() { # upstream-port max-concurrency [client-port name audit-dir]
-    local port=${3:-$CRISP_IN} name=${4:-crisp-in} audit=${5:-audit/{region\}}
-    step "Starting $name: crisp in one region (API key, Cedar policy, audit trail in $audit; backend :$1)"
+start_crisp_in_region() { # upstream-port max-concurrency [client-port name audit-dir durability]
+    local port=${3:-$CRISP_IN} name=${4:-crisp-in} audit=${5:-audit/{region\}} durability=${6:-fsync}
+    step "Starting $name: crisp in one region (API key, Cedar policy, audit trail in $audit with durability $durability; backend :$1)"
     local dir=$RUN/$name
     mkdir -p "$dir"
     render "$BENCH/conf/crisp-in-region.toml" "$dir/crisp.toml" CLIENT_PORT="$port" \
         PEER_PORT=$((port + 100)) ADMIN_PORT=$((port + 200)) UPSTREAM_PORT="$1" \
-        MAX_CONCURRENCY="$2" AUDIT_DIR="$audit"
+        MAX_CONCURRENCY="$2" AUDIT_DIR="$audit" DURABILITY="$durability"
     crisp_files "$dir" eu-central-1
     start "$name" "$dir" "$CRISP" serve --config crisp.toml --region eu-central-1
     CRISP_IN_PID=$LAST_PID
@@ -390,6 +390,15 @@ run_compare() {
         "authorization: Bearer wrong-key" && die "crisp answered a request with a wrong key"
     add_target crisp "crisp, in-region" "http://127.0.0.1:$CRISP_IN/v1/chat/completions" \
         "$(body_for bench)" "$CRISP_IN_PID" "authorization: Bearer $CRISP_KEY"
+    local in_pid=$CRISP_IN_PID in_key=$CRISP_KEY
+    start_crisp_in_region $UP_SSE 256 $CRISP_WRITE crisp-w audit/{region} write
+    OTHERS+=("$CRISP_IN_PID")
+    retry_check 20 "http://127.0.0.1:$CRISP_WRITE/v1/chat/completions" "$(body_for bench)" \
+        'Hello from the bench' "authorization: Bearer $CRISP_KEY" || die "crisp-w: $CHECK_ERR"
+    add_target crisp-w "crisp, in-region, durability write" \
+        "http://127.0.0.1:$CRISP_WRITE/v1/chat/completions" \
+        "$(body_for bench)" "$CRISP_IN_PID" "authorization: Bearer $CRISP_KEY"
+    CRISP_IN_PID=$in_pid CRISP_KEY=$in_key
 
     start_crisp_cross_region
     retry_check 30 "http://127.0.0.1:$CRISP_A/v1/chat/completions" "$(body_for global.bench)" \
@@ -464,30 +473,31 @@ EOF
 run_profile() {
     [[ -n ${UPSTREAM_PID:-} ]] || start_upstream
     # Three crisp nodes, each with the API key, the Cedar policy and the audit trail: as
-    # benchmarked; with the trail on tmpfs (its fdatasync returns at once); and that
-    # without the per-request log line. What each step gains is what that feature costs.
+    # benchmarked (answers wait for the fdatasync); with [audit] durability = "write"
+    # (answers wait for the write, flushes batched); and with the trail on tmpfs (its
+    # fdatasync returns at once, a diagnostic, not a setting to run with).
     SHM=$(mktemp -d /dev/shm/crisp-bench.XXXXXX)
     : >"$TARGETS"
     add_target direct "direct (nginx upstream)" "http://127.0.0.1:$UP_JSON/v1/chat/completions" \
         "$(body_for bench)" "$UPSTREAM_PID"
-    local variants=("$CRISP_IN crisp-in audit/{region} info crisp"
-        "$CRISP_TMPFS crisp-tmpfs $SHM/tmpfs/{region} info crisp-tmpfs"
-        "$CRISP_QUIET crisp-quiet $SHM/quiet/{region} warn crisp-quiet")
-    local v port name audit level key label profiled_pid=""
+    local variants=("$CRISP_IN crisp-in audit/{region} fsync crisp"
+        "$CRISP_WRITE crisp-w audit/{region} write crisp-w"
+        "$CRISP_TMPFS crisp-tmpfs $SHM/tmpfs/{region} fsync crisp-tmpfs")
+    local v port name audit durability key label profiled_pid=""
     for v in "${variants[@]}"; do
-        read -r port name audit level key <<<"$v"
+        read -r port name audit durability key <<<"$v"
         if [[ $name == crisp-in && -n ${CRISP_IN_PID:-} ]]; then
             note "reusing the running crisp-in"
         else
-            RUST_LOG=$level start_crisp_in_region $UP_SSE 256 "$port" "$name" "$audit"
+            start_crisp_in_region $UP_SSE 256 "$port" "$name" "$audit" "$durability"
         fi
         retry_check 20 "http://127.0.0.1:$port/v1/chat/completions" "$(body_for bench)" \
             'Hello from the bench' "authorization: Bearer $(cat "$RUN/$name/api-key")" ||
             die "$name: $CHECK_ERR"
         case $name in
         crisp-in) label="crisp, as benchmarked" profiled_pid=$CRISP_IN_PID ;;
-        crisp-tmpfs) label="crisp, audit trail on tmpfs" ;;
-        *) label="crisp, tmpfs, no request log" ;;
+        crisp-w) label="crisp, durability write" ;;
+        *) label="crisp, audit trail on tmpfs" ;;
         esac
         add_target "$key" "$label" "http://127.0.0.1:$port/v1/chat/completions" \
             "$(body_for bench)" "$CRISP_IN_PID" "authorization: Bearer $(cat "$RUN/$name/api-key")"
@@ -512,7 +522,7 @@ run_profile() {
     else
         note "perf cannot count here (perf stat -e instructions true fails): no call-graph profile"
     fi
-    step "What each feature costs: crisp as benchmarked, without the disk flush, without the log"
+    step "What durability costs: crisp as benchmarked, with durability write, on tmpfs"
     BENCH_CONCURRENCY=1,64 BENCH_ROUNDS=${BENCH_PROFILE_ROUNDS:-3} BENCH_WARMUP_SECONDS=2 \
         "$PY" "$BENCH/lib/bench.py" compare "$RUN/profile-targets.json" "$RUN/profile.json"
     [[ -f $RUN/meta.json ]] || versions

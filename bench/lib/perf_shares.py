@@ -15,7 +15,7 @@ import sys
 COMPONENTS = [
     ("receipt signing (Ed25519)", r"sign_receipt|SignedReceipt>::sign|SignedReceipt::sign"),
     ("audit trail (records, writes, fsync)", r"crisp_audit|crisp_node::audit"),
-    ("logs and trace spans", r"tracing_subscriber|format_event|tracing_core::dispatcher|opentelemetry"),
+    ("logs and trace spans", r"tracing_subscriber|tracing_appender|format_event|tracing_core::dispatcher|opentelemetry"),
     ("metrics", r"\bmetrics::|metrics_exporter|metrics_util"),
     ("authorization (key lookup, Cedar)", r"cedar|crisp_policy|crisp_node::access"),
     ("routing", r"crisp_routing|crisp_node::fleet"),

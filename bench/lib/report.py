@@ -19,7 +19,7 @@ import sys
 from html import escape
 
 COLOURS = {"direct": "#9e9e9e", "nginx": "#4caf50", "litellm": "#e57373", "portkey": "#ffb74d",
-           "crisp": "#1e88e5", "crisp-x": "#0d47a1"}
+           "crisp": "#1e88e5", "crisp-w": "#64b5f6", "crisp-x": "#0d47a1"}
 
 
 def median(xs):
@@ -91,25 +91,30 @@ def ratios(rows):
     def get(t, c, k):
         return rows.get((t, c), {}).get(k)
     out = []
-    cr, ng = get("crisp", 64, "rps"), get("nginx", 64, "rps")
-    if cr and ng:
-        v = cr / ng
-        out.append(("crisp in-region req/s at 64 connections, as a share of nginx proxy_pass",
-                    f"{v:.0%}", "≥ 80%", v >= 0.8))
-    ca, na = get("crisp", 1, "added_p50_ms"), get("nginx", 1, "added_p50_ms")
-    if ca is not None and na is not None:
-        v = ca / na if na > 0 else math.inf
-        out.append(("crisp in-region added p50 at 1 connection vs nginx's added p50",
-                    f"{ca * 1000:.0f} µs vs {na * 1000:.0f} µs = {v:.1f}x", "≤ 2x", v <= 2))
-    for other, name, goal in (("litellm", "LiteLLM", 100), ("portkey", "Portkey", 20)):
-        o = get(other, 64, "rps")
-        if cr and o:
-            v = cr / o
-            out.append((f"crisp in-region req/s vs {name} at 64 connections",
-                        f"{v:.1f}x", f"≥ {goal}x", v >= goal))
-        elif cr:
-            out.append((f"crisp in-region req/s vs {name} at 64 connections",
-                        "not measured", f"≥ {goal}x", None))
+    # The default (every answer waits for its event's fdatasync), then the durability
+    # that waits only for the write, when it was measured.
+    for key, what in (("crisp", "crisp in-region"), ("crisp-w", "crisp in-region, durability write")):
+        if not any(t == key for t, _ in rows):
+            continue
+        cr, ng = get(key, 64, "rps"), get("nginx", 64, "rps")
+        if cr and ng:
+            v = cr / ng
+            out.append((f"{what} req/s at 64 connections, as a share of nginx proxy_pass",
+                        f"{v:.0%}", "≥ 80%", v >= 0.8))
+        ca, na = get(key, 1, "added_p50_ms"), get("nginx", 1, "added_p50_ms")
+        if ca is not None and na is not None:
+            v = ca / na if na > 0 else math.inf
+            out.append((f"{what} added p50 at 1 connection vs nginx's added p50",
+                        f"{ca * 1000:.0f} µs vs {na * 1000:.0f} µs = {v:.1f}x", "≤ 2x", v <= 2))
+        for other, name, goal in (("litellm", "LiteLLM", 100), ("portkey", "Portkey", 20)):
+            o = get(other, 64, "rps")
+            if cr and o:
+                v = cr / o
+                out.append((f"{what} req/s vs {name} at 64 connections",
+                            f"{v:.1f}x", f"≥ {goal}x", v >= goal))
+            elif cr:
+                out.append((f"{what} req/s vs {name} at 64 connections",
+                            "not measured", f"≥ {goal}x", None))
     return out
 
 

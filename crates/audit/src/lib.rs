@@ -9,8 +9,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -125,6 +125,19 @@ impl Default for Sealing {
     }
 }
 
+/// When an event counts as recorded, i.e. when `AuditLog::record` returns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Once it is on disk (`fdatasync`): it survives a crash of the machine. Writes that
+    /// wait at the same time share one flush.
+    #[default]
+    Fsync,
+    /// Once it is written to the file (the operating system's page cache): it survives a
+    /// crash of the process, and is flushed to disk within `flush_within` (and before
+    /// its file is sealed).
+    Write { flush_within: Duration },
+}
+
 /// A digest: signed, chained, listing one sealed file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -153,6 +166,8 @@ type Job = (Vec<u8>, tokio::sync::oneshot::Sender<Result<(), String>>);
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Job>,
+    writer: Arc<Mutex<Writer>>,
+    durability: Durability,
     dir: PathBuf,
 }
 
@@ -178,6 +193,10 @@ struct Writer {
     signer: Arc<dyn Signer>,
     sealing: Sealing,
     file: File,
+    /// Written since the last flush to disk.
+    unflushed: bool,
+    /// The last flush failed.
+    flush_failed: bool,
     bytes: u64,
     events: u64,
     opened: Instant,
@@ -220,6 +239,8 @@ impl Writer {
             signer,
             sealing,
             file,
+            unflushed: false,
+            flush_failed: false,
             bytes,
             events,
             opened: Instant::now(),
@@ -235,16 +256,27 @@ impl Writer {
         Ok(w)
     }
 
-    fn append(&mut self, batch: &[Vec<u8>]) -> std::io::Result<()> {
-        let mut buf = Vec::with_capacity(batch.iter().map(|b| b.len() + 1).sum());
-        for line in batch {
-            buf.extend_from_slice(line);
-            buf.push(b'\n');
+    /// Appends whole lines (`events` of them); they are flushed by [`Writer::flush`].
+    fn append(&mut self, lines: &[u8], events: u64) -> std::io::Result<()> {
+        // A flush that failed is retried first; while it fails, so do new events, and
+        // the node learns that its log is failing.
+        if self.flush_failed {
+            self.flush()?;
         }
-        self.file.write_all(&buf)?;
-        self.file.sync_data()?;
-        self.bytes += buf.len() as u64;
-        self.events += batch.len() as u64;
+        self.file.write_all(lines)?;
+        self.unflushed = true;
+        self.bytes += lines.len() as u64;
+        self.events += events;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.unflushed {
+            self.flush_failed = true;
+            self.file.sync_data()?;
+            self.flush_failed = false;
+            self.unflushed = false;
+        }
         Ok(())
     }
 
@@ -256,6 +288,7 @@ impl Writer {
 
     /// Renames the open file to its sealed name and writes its signed digest.
     fn seal(&mut self) -> std::io::Result<()> {
+        self.flush()?;
         let name = format!("audit-{:010}.jsonl", self.sequence);
         let sealed = self.dir.join(&name);
         std::fs::rename(self.dir.join(OPEN), &sealed)?;
@@ -320,58 +353,41 @@ fn digests(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
 }
 
 impl AuditLog {
-    /// Opens (or continues) the log in `dir`, writing from a dedicated thread.
+    /// Opens (or continues) the log in `dir`; an event is recorded once it is on disk.
     pub fn open(
         dir: &Path,
         region: &str,
         signer: Arc<dyn Signer>,
         sealing: Sealing,
     ) -> Result<AuditLog, AuditError> {
-        let mut writer = Writer::open(dir, region, signer, sealing)
+        Self::open_with(dir, region, signer, sealing, Durability::Fsync)
+    }
+
+    /// Opens (or continues) the log in `dir` with the given durability. A thread of its
+    /// own flushes and seals; with [`Durability::Fsync`] it also writes, in group commits.
+    pub fn open_with(
+        dir: &Path,
+        region: &str,
+        signer: Arc<dyn Signer>,
+        sealing: Sealing,
+        durability: Durability,
+    ) -> Result<AuditLog, AuditError> {
+        let writer = Writer::open(dir, region, signer, sealing)
             .map_err(|e| AuditError::Io(e.to_string()))?;
+        let writer = Arc::new(Mutex::new(writer));
         let (tx, rx) = mpsc::channel::<Job>();
+        let shared = writer.clone();
         std::thread::Builder::new()
             .name(format!("audit-{region}"))
-            .spawn(move || {
-                let tick = Duration::from_millis(500);
-                loop {
-                    let first = match rx.recv_timeout(tick) {
-                        Ok(job) => job,
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
-                            if writer.due()
-                                && let Err(e) = writer.seal()
-                            {
-                                tracing::error!(error = %e, "cannot seal the audit file");
-                            }
-                            continue;
-                        }
-                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                    };
-                    // Group commit: everything queued meanwhile shares one fsync.
-                    let mut jobs = vec![first];
-                    while let Ok(job) = rx.try_recv() {
-                        jobs.push(job);
-                        if jobs.len() >= 4096 {
-                            break;
-                        }
-                    }
-                    let lines: Vec<Vec<u8>> =
-                        jobs.iter_mut().map(|(l, _)| std::mem::take(l)).collect();
-                    let result = writer.append(&lines).map_err(|e| e.to_string());
-                    for (_, done) in jobs {
-                        let _ = done.send(result.clone());
-                    }
-                    if result.is_ok()
-                        && writer.due()
-                        && let Err(e) = writer.seal()
-                    {
-                        tracing::error!(error = %e, "cannot seal the audit file");
-                    }
-                }
+            .spawn(move || match durability {
+                Durability::Fsync => commit_loop(&shared, &rx),
+                Durability::Write { flush_within } => flush_loop(&shared, &rx, flush_within),
             })
             .map_err(|e| AuditError::Io(e.to_string()))?;
         Ok(AuditLog {
             tx,
+            writer,
+            durability,
             dir: dir.to_owned(),
         })
     }
@@ -380,9 +396,18 @@ impl AuditLog {
         &self.dir
     }
 
-    /// Appends an event; resolves once it is on disk.
+    /// Appends an event; resolves once it is recorded (see [`Durability`]).
     pub async fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
-        let line = serde_json::to_vec(event).map_err(|e| AuditError::Io(e.to_string()))?;
+        let mut line = serde_json::to_vec(event).map_err(|e| AuditError::Io(e.to_string()))?;
+        line.push(b'\n');
+        if let Durability::Write { .. } = self.durability {
+            // A write to the page cache takes microseconds: cheaper here than a hand-off
+            // to the log's thread and back.
+            let mut writer = self.writer.lock().map_err(|_| AuditError::Stopped)?;
+            return writer
+                .append(&line, 1)
+                .map_err(|e| AuditError::Io(e.to_string()));
+        }
         let (done, wait) = tokio::sync::oneshot::channel();
         self.tx
             .send((line, done))
@@ -390,6 +415,78 @@ impl AuditLog {
         wait.await
             .map_err(|_| AuditError::Stopped)?
             .map_err(AuditError::Io)
+    }
+}
+
+fn seal_if_due(writer: &mut Writer) {
+    if writer.due()
+        && let Err(e) = writer.seal()
+    {
+        tracing::error!(error = %e, "cannot seal the audit file");
+    }
+}
+
+fn flush(writer: &mut Writer) {
+    if let Err(e) = writer.flush() {
+        tracing::error!(error = %e, "cannot flush the audit file");
+    }
+}
+
+/// `Durability::Fsync`: writes what is queued in one batch, flushes it, then answers every
+/// event in it. Requests that wait at the same time share one `fdatasync`.
+fn commit_loop(writer: &Mutex<Writer>, rx: &mpsc::Receiver<Job>) {
+    let tick = Duration::from_millis(500);
+    loop {
+        let first = match rx.recv_timeout(tick) {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Ok(mut w) = writer.lock() {
+                    seal_if_due(&mut w);
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let mut jobs = vec![first];
+        while let Ok(job) = rx.try_recv() {
+            jobs.push(job);
+            if jobs.len() >= 4096 {
+                break;
+            }
+        }
+        let mut buf = Vec::with_capacity(jobs.iter().map(|(l, _)| l.len()).sum());
+        for (line, _) in &jobs {
+            buf.extend_from_slice(line);
+        }
+        let Ok(mut w) = writer.lock() else { return };
+        let result = w
+            .append(&buf, jobs.len() as u64)
+            .and_then(|()| w.flush())
+            .map_err(|e| e.to_string());
+        for (_, done) in jobs {
+            let _ = done.send(result.clone());
+        }
+        if result.is_ok() {
+            seal_if_due(&mut w);
+        }
+    }
+}
+
+/// `Durability::Write`: events are written by `record`; this flushes whatever was written
+/// every `flush_within`, and seals. At shutdown it flushes what is left.
+fn flush_loop(writer: &Mutex<Writer>, rx: &mpsc::Receiver<Job>, flush_within: Duration) {
+    let wait = flush_within.min(Duration::from_millis(500));
+    loop {
+        let stopping = matches!(
+            rx.recv_timeout(wait),
+            Err(mpsc::RecvTimeoutError::Disconnected)
+        );
+        let Ok(mut w) = writer.lock() else { return };
+        flush(&mut w);
+        if stopping {
+            return;
+        }
+        seal_if_due(&mut w);
     }
 }
 

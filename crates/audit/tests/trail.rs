@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crisp_audit::{
-    AdditionalEventData, AuditEvent, AuditLog, Finding, RequestParameters, Sealing, Signer, verify,
+    AdditionalEventData, AuditEvent, AuditLog, Durability, Finding, RequestParameters, Sealing,
+    Signer, verify,
 };
 use crisp_transport::receipt::{Receipt, SignedReceipt};
 use crisp_transport::{Ca, RegionIdentity, TlsMaterial};
@@ -314,4 +315,41 @@ async fn only_answers_from_other_regions_need_a_receipt() {
         })
         .collect();
     assert_eq!(missing, ["r1"], "{:?}", report.findings);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_write_durability_events_are_in_the_file_when_recorded_and_sealed_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let log = AuditLog::open_with(
+        dir.path(),
+        "us-east-1",
+        Arc::new(NodeKey(material(&ca, "us-east-1"))),
+        Sealing {
+            max_bytes: 400,
+            max_age: Duration::from_secs(3600),
+        },
+        Durability::Write {
+            flush_within: Duration::from_millis(20),
+        },
+    )
+    .unwrap();
+    for i in 0..10 {
+        log.record(&event(i, None, "us-east-1")).await.unwrap();
+        // Recorded means written: readable from the files at once.
+        let ids: Vec<String> = crisp_audit::events(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|e| e.request_id)
+            .collect();
+        assert!(ids.contains(&format!("r{i}")), "{ids:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(log);
+    let v =
+        crisp_transport::tls::CaVerifier::from_ca_pem("demo", ca.cert_pem().as_bytes()).unwrap();
+    let report = verify(dir.path(), &v, "us-east-1").unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    // Sealed by the log's thread once the file passed its size.
+    assert_eq!(report.events, 10);
 }

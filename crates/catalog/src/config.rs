@@ -11,7 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    AccessSettings, AuditSettings, BackendSpec, Catalog, Deployment, Geography,
+    AccessSettings, AuditDurability, AuditSettings, BackendSpec, Catalog, Deployment, Geography,
     InvocationLogSettings, Limits, Model, OpenAiSpec, Price, Region, RegionIx, RoutingSettings,
     SimulatedSpec, is_valid_id,
 };
@@ -125,6 +125,8 @@ struct RawAudit {
     seal_bytes: Option<u64>,
     seal_after_s: Option<u64>,
     store: Option<String>,
+    durability: Option<Spanned<String>>,
+    flush_within_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -324,7 +326,35 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>) -> Catalog {
                 true
             }
         };
+        let durability = match a.durability.as_ref().map(|v| v.get_ref().as_str()) {
+            None | Some("fsync") => {
+                if let Some(v) = &a.flush_within_ms {
+                    p.at(
+                        v.span(),
+                        "audit.flush_within_ms applies only with durability = \"write\"; remove it or set durability = \"write\"".into(),
+                    );
+                }
+                AuditDurability::Fsync
+            }
+            Some("write") => AuditDurability::Write {
+                flush_within_ms: a
+                    .flush_within_ms
+                    .as_ref()
+                    .map_or(100, |v| *v.get_ref())
+                    .max(1),
+            },
+            Some(other) => {
+                if let Some(v) = &a.durability {
+                    p.at(
+                        v.span(),
+                        format!("audit.durability {other:?} must be \"fsync\" (an answer waits until its event is on disk) or \"write\" (until it is written to the log file, flushed within flush_within_ms)"),
+                    );
+                }
+                AuditDurability::Fsync
+            }
+        };
         catalog.audit = AuditSettings {
+            durability,
             dir: a.dir.unwrap_or(d.dir),
             refuse_on_failure: refuse,
             seal_bytes: a.seal_bytes.unwrap_or(d.seal_bytes).max(1),

@@ -235,6 +235,19 @@ pub struct AuditSettings {
     /// Where sealed files are shipped (`s3://bucket/prefix` or `file:///path`); the
     /// region is appended to the prefix.
     pub store: Option<String>,
+    /// When an answer may complete: once its event is on disk, or once it is written.
+    pub durability: AuditDurability,
+}
+
+/// `[audit] durability`: what an answer waits for before it completes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AuditDurability {
+    /// `"fsync"`: its event is on disk (survives a crash of the machine).
+    #[default]
+    Fsync,
+    /// `"write"`: its event is written to the log file (survives a crash of crisp) and
+    /// flushed to disk within `flush_within_ms`.
+    Write { flush_within_ms: u64 },
 }
 
 impl Default for AuditSettings {
@@ -245,6 +258,7 @@ impl Default for AuditSettings {
             seal_bytes: 8 << 20,
             seal_after_s: 300,
             store: None,
+            durability: AuditDurability::Fsync,
         }
     }
 }

@@ -95,3 +95,40 @@ fn a_newer_config_version_is_refused() {
     let errs = parse_config(&src).unwrap_err();
     assert!(errs.to_string().contains("unsupported config version 7"));
 }
+
+#[test]
+fn audit_durability_is_fsync_unless_write_is_asked_for() {
+    use crisp_catalog::AuditDurability;
+    // A table after the demo's last one.
+    let at_end = |audit: &str| format!("{DEMO}\n{audit}\n");
+    let c = parse_config(DEMO).unwrap();
+    assert_eq!(c.audit.durability, AuditDurability::Fsync);
+    let c = parse_config(&at_end("[audit]\ndurability = \"write\"")).unwrap();
+    assert_eq!(
+        c.audit.durability,
+        AuditDurability::Write {
+            flush_within_ms: 100
+        }
+    );
+    let c = parse_config(&at_end(
+        "[audit]\ndurability = \"write\"\nflush_within_ms = 20",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.audit.durability,
+        AuditDurability::Write {
+            flush_within_ms: 20
+        }
+    );
+    let e = parse_config(&at_end("[audit]\ndurability = \"lazy\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("audit.durability \"lazy\" must be \"fsync\""),
+        "{e}"
+    );
+    let e = parse_config(&at_end("[audit]\nflush_within_ms = 20"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("only with durability = \"write\""), "{e}");
+}

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use crisp_audit::{AuditLog, Sealing};
-use crisp_catalog::Catalog;
+use crisp_audit::{AuditLog, Durability, Sealing};
+use crisp_catalog::{AuditDurability, Catalog};
 use crisp_node::audit::{Audit, NodeSigner};
 use crisp_transport::TlsStore;
 
@@ -58,7 +58,13 @@ pub fn open(
     tls: Arc<TlsStore>,
 ) -> anyhow::Result<Arc<Audit>> {
     let settings = &catalog.audit;
-    let log = AuditLog::open(
+    let durability = match settings.durability {
+        AuditDurability::Fsync => Durability::Fsync,
+        AuditDurability::Write { flush_within_ms } => Durability::Write {
+            flush_within: Duration::from_millis(flush_within_ms),
+        },
+    };
+    let log = AuditLog::open_with(
         dir,
         region,
         Arc::new(NodeSigner(tls)),
@@ -66,6 +72,7 @@ pub fn open(
             max_bytes: settings.seal_bytes,
             max_age: Duration::from_secs(settings.seal_after_s),
         },
+        durability,
     )
     .with_context(|| format!("cannot open the audit log in {}", dir.display()))?;
     Ok(Arc::new(Audit::new(log, settings.refuse_on_failure)))

@@ -57,6 +57,39 @@ pub fn request(o: &RequestOutcome<'_>) {
     .record(o.duration.as_secs_f64());
 }
 
+/// Logs where an admitted request runs: at `info` when it had to fail over, otherwise at
+/// `debug` (every request is in the audit trail and the metrics already; a log line per
+/// request at full rate would cost more than the rest of its logging).
+pub fn admitted(
+    node: &Node,
+    request_id: &str,
+    admitted: &crate::pipeline::Admitted,
+    api: &'static str,
+    stream: bool,
+) {
+    let failovers = admitted.attempts.len();
+    macro_rules! line {
+        ($level:ident) => {
+            tracing::$level!(
+                request_id,
+                source = node.region_code(),
+                profile = %admitted.profile_id,
+                inference_region = %admitted.inference_region,
+                failovers,
+                reason = %admitted.reason,
+                api,
+                stream,
+                "request admitted"
+            )
+        };
+    }
+    if failovers > 0 {
+        line!(info);
+    } else {
+        line!(debug);
+    }
+}
+
 pub fn time_to_first_token(source: &str, inference_region: &str, ttft: Duration) {
     metrics::histogram!(
         "crisp_time_to_first_token_seconds",

@@ -422,16 +422,7 @@ async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Respo
         .map_err(|e| (PipelineError::InvalidRequest(e), None))?;
     infer.principal = principal;
     let admitted = pipeline::run(node, infer).await.map_err(|e| (e, None))?;
-    tracing::info!(
-        request_id = %request_id,
-        source = node.region_code(),
-        profile = %admitted.profile_id,
-        inference_region = %admitted.inference_region,
-        failovers = admitted.attempts.len(),
-        reason = %admitted.reason,
-        stream,
-        "request admitted"
-    );
+    observe::admitted(node, &request_id, &admitted, "openai", stream);
     let ran = Ran::of(&admitted);
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&admitted.inference_region) {

@@ -367,15 +367,8 @@ async fn admit(
         Ok(a) => a,
         Err(e) => return Err(fail(e, call).await),
     };
-    tracing::info!(
-        request_id,
-        source = node.region_code(),
-        profile = %admitted.profile_id,
-        inference_region = %admitted.inference_region,
-        reason = %admitted.reason,
-        api = "bedrock",
-        "request admitted"
-    );
+    let stream = action == crisp_policy::Action::InvokeModelWithResponseStream;
+    crate::observe::admitted(node, request_id, &admitted, "bedrock", stream);
     Ok((admitted, call))
 }
 
