@@ -16,7 +16,7 @@ pub mod pool;
 pub mod sim;
 
 /// One chat message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Message {
     pub role: String,
     pub content: String,

@@ -18,8 +18,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 use crate::metrics::EngineMetrics;
 use crate::{
@@ -64,6 +63,8 @@ impl std::fmt::Debug for OpenAiConfig {
 
 struct Shared {
     cfg: OpenAiConfig,
+    /// `{base_url}/chat/completions`.
+    completions_url: String,
     client: reqwest::Client,
     in_flight: AtomicU32,
     scraped: Mutex<Option<EngineMetrics>>,
@@ -93,6 +94,7 @@ impl OpenAiBackend {
             .map_err(|e| BackendError::Internal(format!("HTTP client: {e}")))?;
         Ok(OpenAiBackend {
             shared: Arc::new(Shared {
+                completions_url: format!("{}/chat/completions", cfg.base_url.trim_end_matches('/')),
                 cfg,
                 client,
                 in_flight: AtomicU32::new(0),
@@ -201,6 +203,26 @@ fn classify(
     }
 }
 
+/// The chat completion request sent upstream: always streamed, with usage at the end.
+#[derive(Serialize)]
+struct UpstreamRequest<'a> {
+    model: &'a str,
+    messages: &'a [crate::Message],
+    stream: bool,
+    stream_options: StreamOptions,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
 #[derive(Deserialize)]
 struct StreamChunk {
     #[serde(default)]
@@ -296,28 +318,18 @@ impl Backend for OpenAiBackend {
                 .iter()
                 .map(|m| count_tokens(&m.content).saturating_add(4))
                 .sum();
-            let mut body = json!({
-                "model": cfg.upstream_model,
-                "messages": req.messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
-                "stream": true,
-                "stream_options": {"include_usage": true},
-            });
-            if let Some(n) = req.max_tokens {
-                body["max_tokens"] = json!(n);
-            }
-            if let Some(t) = req.temperature {
-                body["temperature"] = json!(t);
-            }
-            if !req.stop.is_empty() {
-                body["stop"] = json!(req.stop);
-            }
-            let mut request = shared
-                .client
-                .post(format!(
-                    "{}/chat/completions",
-                    cfg.base_url.trim_end_matches('/')
-                ))
-                .json(&body);
+            let body = UpstreamRequest {
+                model: &cfg.upstream_model,
+                messages: &req.messages,
+                stream: true,
+                stream_options: StreamOptions {
+                    include_usage: true,
+                },
+                max_tokens: req.max_tokens,
+                temperature: req.temperature,
+                stop: &req.stop,
+            };
+            let mut request = shared.client.post(&shared.completions_url).json(&body);
             if let Some(key) = &cfg.api_key {
                 request = request.bearer_auth(key);
             }

@@ -450,23 +450,20 @@ async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Respo
         let (completion, usage) = collect(admitted, &requested, &request_id)
             .await
             .map_err(|e| (e, Some(ran.clone())))?;
-        // The answer is complete only once its audit event is durable.
-        let text = completion["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        audit::completed(node, call, &ran, usage, &text)
+        // The answer is complete only once its audit event is recorded.
+        let [Choice { message, .. }] = &completion.choices;
+        audit::completed(node, call, &ran, usage, &message.content)
             .await
             .map_err(|e| (e, Some(ran.clone())))?;
         Ok((headers, Json(completion)).into_response())
     }
 }
 
-async fn collect(
+async fn collect<'a>(
     admitted: Admitted,
-    requested: &str,
+    requested: &'a str,
     request_id: &str,
-) -> Result<(serde_json::Value, Usage), PipelineError> {
+) -> Result<(Completion<'a>, Usage), PipelineError> {
     let mut stream = admitted.stream;
     let mut content = String::new();
     while let Some(item) = stream.next().await {
@@ -491,9 +488,7 @@ async fn collect(
                     }],
                     usage: usage.into(),
                 };
-                let value =
-                    serde_json::to_value(c).map_err(|e| PipelineError::Internal(e.to_string()))?;
-                return Ok((value, usage));
+                return Ok((c, usage));
             }
         }
     }
