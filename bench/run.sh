@@ -17,7 +17,8 @@
 # BENCH_SOAK_CONNECTIONS (64), BENCH_SOAK_INTERVAL (5 s between RSS samples). Streams:
 # BENCH_STREAMS (1000), BENCH_STREAM_SECONDS (30), BENCH_SLOW_RATE (100 bytes/s per
 # stream from the upstream). Profile: BENCH_PROFILE_SECONDS (10 s under perf),
-# BENCH_PROFILE_ROUNDS (3). Target names: direct, nginx, litellm, portkey, crisp, crisp-x.
+# BENCH_PROFILE_ROUNDS (3), BENCH_PROFILE_TARGET (the node under perf: crisp, crisp-w or
+# crisp-tmpfs). Target names: direct, nginx, litellm, portkey, crisp, crisp-w, crisp-x.
 # Everything listens on 127.0.0.1 only and every process started here is stopped on exit.
 set -euo pipefail
 
@@ -483,7 +484,8 @@ run_profile() {
     local variants=("$CRISP_IN crisp-in audit/{region} fsync crisp"
         "$CRISP_WRITE crisp-w audit/{region} write crisp-w"
         "$CRISP_TMPFS crisp-tmpfs $SHM/tmpfs/{region} fsync crisp-tmpfs")
-    local v port name audit durability key label profiled_pid=""
+    local v port name audit durability key label in_pid="" profiled_pid=""
+    local profiled=${BENCH_PROFILE_TARGET:-crisp}
     for v in "${variants[@]}"; do
         read -r port name audit durability key <<<"$v"
         if [[ $name == crisp-in && -n ${CRISP_IN_PID:-} ]]; then
@@ -495,22 +497,24 @@ run_profile() {
             'Hello from the bench' "authorization: Bearer $(cat "$RUN/$name/api-key")" ||
             die "$name: $CHECK_ERR"
         case $name in
-        crisp-in) label="crisp, as benchmarked" profiled_pid=$CRISP_IN_PID ;;
+        crisp-in) label="crisp, as benchmarked" in_pid=$CRISP_IN_PID ;;
         crisp-w) label="crisp, durability write" ;;
         *) label="crisp, audit trail on tmpfs" ;;
         esac
+        [[ $key == "$profiled" ]] && profiled_pid=$CRISP_IN_PID
         add_target "$key" "$label" "http://127.0.0.1:$port/v1/chat/completions" \
             "$(body_for bench)" "$CRISP_IN_PID" "authorization: Bearer $(cat "$RUN/$name/api-key")"
     done
-    CRISP_IN_PID=$profiled_pid
+    CRISP_IN_PID=$in_pid
     CRISP_KEY=$(cat "$RUN/crisp-in/api-key")
+    [[ -n $profiled_pid ]] || die "BENCH_PROFILE_TARGET=$profiled: not one of crisp, crisp-w, crisp-tmpfs"
     "$PY" -c 'import json,sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])]))' \
         "$TARGETS" >"$RUN/profile-targets.json"
     local seconds=${BENCH_PROFILE_SECONDS:-10}
     : >"$RUN/perf-shares.md"
     if perf stat -e instructions true >/dev/null 2>&1; then
-        step "perf: crisp at 64 connections for $seconds s (call graphs by DWARF unwinding)"
-        "$PY" "$BENCH/lib/bench.py" load "$RUN/profile-targets.json" crisp:64:$((seconds + 2)) &
+        step "perf: $profiled at 64 connections for $seconds s (call graphs by DWARF unwinding)"
+        "$PY" "$BENCH/lib/bench.py" load "$RUN/profile-targets.json" "$profiled:64:$((seconds + 2))" &
         local load=$!
         sleep 1
         perf record -q -F 499 -g --call-graph dwarf,16384 -p "$profiled_pid" -o "$RUN/perf.data" \

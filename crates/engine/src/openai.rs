@@ -251,6 +251,25 @@ struct WireUsage {
     completion_tokens: u32,
 }
 
+/// The `data:` payload of one SSE event (its `data:` lines joined by newlines), without
+/// copying in the usual case of a single line; `None` for events without data.
+fn sse_data(event: &Bytes) -> Option<Bytes> {
+    let mut lines = event
+        .split(|&b| b == b'\n')
+        .filter_map(|l| l.strip_prefix(b"data:"))
+        .map(|l| l.strip_prefix(b" ").unwrap_or(l));
+    let first = lines.next()?;
+    let Some(second) = lines.next() else {
+        return Some(event.slice_ref(first));
+    };
+    let mut joined = BytesMut::from(first);
+    for line in std::iter::once(second).chain(lines) {
+        joined.extend_from_slice(b"\n");
+        joined.extend_from_slice(line);
+    }
+    Some(joined.freeze())
+}
+
 /// Turns an SSE byte stream into `data:` payloads.
 fn sse_events<S>(body: S) -> impl Stream<Item = Result<Bytes, String>>
 where
@@ -261,16 +280,11 @@ where
         |(mut body, mut buf, mut done)| async move {
             loop {
                 if let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
-                    let event = buf.split_to(pos + 2);
-                    let data: Vec<u8> = event[..]
-                        .split(|&b| b == b'\n')
-                        .filter_map(|l| l.strip_prefix(b"data:"))
-                        .flat_map(|l| l.strip_prefix(b" ").unwrap_or(l).iter().copied())
-                        .collect();
-                    if data.is_empty() {
+                    let event = buf.split_to(pos + 2).freeze();
+                    let Some(data) = sse_data(&event) else {
                         continue;
-                    }
-                    return Some((Ok(Bytes::from(data)), (body, buf, done)));
+                    };
+                    return Some((Ok(data), (body, buf, done)));
                 }
                 if done {
                     return None;
@@ -549,6 +563,18 @@ impl Relay {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sse_data_lines_are_extracted_and_joined() {
+        let one = Bytes::from_static(b"data: {\"a\":1}\n\n");
+        let data = sse_data(&one).unwrap();
+        assert_eq!(&data[..], b"{\"a\":1}");
+        // A slice of the event, not a copy.
+        assert_eq!(data.as_ptr(), one[6..].as_ptr());
+        let two = Bytes::from_static(b"event: x\ndata:a\ndata: b\n\n");
+        assert_eq!(&sse_data(&two).unwrap()[..], b"a\nb");
+        assert!(sse_data(&Bytes::from_static(b": keep-alive\n\n")).is_none());
+    }
 
     fn cfg() -> OpenAiConfig {
         OpenAiConfig {
