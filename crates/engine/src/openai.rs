@@ -65,6 +65,9 @@ struct Shared {
     cfg: OpenAiConfig,
     /// `{base_url}/chat/completions`.
     completions_url: String,
+    /// Connections driven by their requests, for `http://` backends; `https://` ones go
+    /// through `client`.
+    plain: Option<Arc<crate::http1::Pool>>,
     client: reqwest::Client,
     in_flight: AtomicU32,
     scraped: Mutex<Option<EngineMetrics>>,
@@ -86,6 +89,7 @@ impl std::fmt::Debug for OpenAiBackend {
 
 impl OpenAiBackend {
     pub fn new(cfg: OpenAiConfig) -> Result<OpenAiBackend, BackendError> {
+        let completions_url = format!("{}/chat/completions", cfg.base_url.trim_end_matches('/'));
         let client = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -94,7 +98,15 @@ impl OpenAiBackend {
             .map_err(|e| BackendError::Internal(format!("HTTP client: {e}")))?;
         Ok(OpenAiBackend {
             shared: Arc::new(Shared {
-                completions_url: format!("{}/chat/completions", cfg.base_url.trim_end_matches('/')),
+                plain: crate::http1::Pool::for_url(
+                    &completions_url,
+                    cfg.connect_timeout,
+                    usize::try_from(cfg.max_concurrency.saturating_add(cfg.queue_limit))
+                        .unwrap_or(1024)
+                        .min(1024),
+                )
+                .map(Arc::new),
+                completions_url,
                 cfg,
                 client,
                 in_flight: AtomicU32::new(0),
@@ -149,6 +161,81 @@ impl OpenAiBackend {
                 }
             }
         }))
+    }
+}
+
+/// An answer's body, from whichever client carried it.
+struct Body(std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>);
+
+impl Body {
+    /// At most `limit` bytes of it, as text (for error answers).
+    async fn text(mut self, limit: usize) -> String {
+        let mut out = Vec::new();
+        while out.len() < limit
+            && let Some(Ok(chunk)) = self.0.next().await
+        {
+            out.extend_from_slice(&chunk[..chunk.len().min(limit - out.len())]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+impl Shared {
+    /// POSTs a chat completion request; returns the answer's status, headers and body.
+    async fn send(
+        &self,
+        payload: Vec<u8>,
+    ) -> Result<(http::StatusCode, http::HeaderMap, Body), BackendError> {
+        let cfg = &self.cfg;
+        let bearer = match &cfg.api_key {
+            Some(key) => {
+                let mut v =
+                    http::HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                        BackendError::Internal(format!(
+                            "the API key for {} is not a valid header value",
+                            cfg.base_url
+                        ))
+                    })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        if let Some(pool) = &self.plain {
+            let mut req = http::Request::post(pool.path())
+                .header(http::header::HOST, pool.authority())
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(http::header::ACCEPT, "text/event-stream")
+                .body(http_body_util::Full::new(Bytes::from(payload)))
+                .map_err(|e| BackendError::Internal(format!("request to {}: {e}", cfg.base_url)))?;
+            if let Some(v) = bearer {
+                req.headers_mut().insert(http::header::AUTHORIZATION, v);
+            }
+            let (status, headers, answer) = pool.send(req).await.map_err(|e| {
+                BackendError::Unavailable(format!("{} unreachable: {e}", cfg.base_url))
+            })?;
+            return Ok((status, headers, Body(Box::pin(answer))));
+        }
+        let mut request = self
+            .client
+            .post(&self.completions_url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(payload);
+        if let Some(v) = bearer {
+            request = request.header(http::header::AUTHORIZATION, v);
+        }
+        let response = request.send().await.map_err(|e| {
+            if e.is_timeout() {
+                BackendError::Timeout(format!("{}: {e}", cfg.base_url))
+            } else {
+                BackendError::Unavailable(format!("{} unreachable: {e}", cfg.base_url))
+            }
+        })?;
+        let (status, headers) = (response.status(), response.headers().clone());
+        let body = response
+            .bytes_stream()
+            .map(|r| r.map_err(|e| e.to_string()));
+        Ok((status, headers, Body(Box::pin(body))))
     }
 }
 
@@ -273,7 +360,7 @@ fn sse_data(event: &Bytes) -> Option<Bytes> {
 /// Turns an SSE byte stream into `data:` payloads.
 fn sse_events<S>(body: S) -> impl Stream<Item = Result<Bytes, String>>
 where
-    S: Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin,
+    S: Stream<Item = Result<Bytes, String>> + Send + Unpin,
 {
     futures::stream::unfold(
         (body, BytesMut::new(), false),
@@ -299,7 +386,7 @@ where
                         }
                     }
                     Some(Err(e)) => {
-                        return Some((Err(e.to_string()), (body, BytesMut::new(), true)));
+                        return Some((Err(e), (body, BytesMut::new(), true)));
                     }
                     None => {
                         done = true;
@@ -343,34 +430,24 @@ impl Backend for OpenAiBackend {
                 temperature: req.temperature,
                 stop: &req.stop,
             };
-            let mut request = shared.client.post(&shared.completions_url).json(&body);
-            if let Some(key) = &cfg.api_key {
-                request = request.bearer_auth(key);
-            }
-            let response = tokio::time::timeout(cfg.first_token_timeout, request.send())
-                .await
-                .map_err(|_| {
-                    BackendError::Timeout(format!(
-                        "{} did not answer in {:?}",
-                        cfg.base_url, cfg.first_token_timeout
-                    ))
-                })?
-                .map_err(|e| {
-                    if e.is_timeout() {
-                        BackendError::Timeout(format!("{}: {e}", cfg.base_url))
-                    } else {
-                        BackendError::Unavailable(format!("{} unreachable: {e}", cfg.base_url))
-                    }
-                })?;
-            let status = response.status();
+            let payload = serde_json::to_vec(&body)
+                .map_err(|e| BackendError::Internal(format!("request JSON: {e}")))?;
+            let (status, headers, answer) =
+                tokio::time::timeout(cfg.first_token_timeout, shared.send(payload))
+                    .await
+                    .map_err(|_| {
+                        BackendError::Timeout(format!(
+                            "{} did not answer in {:?}",
+                            cfg.base_url, cfg.first_token_timeout
+                        ))
+                    })??;
             if !status.is_success() {
-                let headers = response.headers().clone();
-                let text = response.text().await.unwrap_or_default();
+                let text = answer.text(64 << 10).await;
                 return Err(classify(status, &headers, &text, cfg));
             }
             let first_token_timeout = cfg.first_token_timeout;
             let deadline = tokio::time::Instant::now() + cfg.total_timeout;
-            let events = Box::pin(sse_events(response.bytes_stream()));
+            let events = Box::pin(sse_events(answer.0));
             let state = Relay {
                 events,
                 guard: Some(guard),

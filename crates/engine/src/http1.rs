@@ -1,0 +1,274 @@
+//! HTTP/1.1 to a plain-HTTP backend (`http://`, the usual way to reach a model server
+//! inside a region), with keep-alive connections that are driven by the request using
+//! them.
+//!
+//! A general-purpose client runs each connection in a task of its own and hands the
+//! request, the response head and every body chunk across channels between that task and
+//! the caller. Here the caller polls its connection itself while it waits for the head and
+//! reads the body, so an answer costs no task hand-offs; the connection goes back to the
+//! pool once its answer has been read to the end, and is closed if the answer is dropped
+//! half-read (which is how the backend learns that the client went away).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use http::{HeaderMap, Request, StatusCode, Uri};
+use http_body::Body as _;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+type Connection = http1::Connection<TokioIo<TcpStream>, Full<Bytes>>;
+
+/// One keep-alive connection: the handle to send on and the connection state machine,
+/// which makes progress only while someone polls it.
+struct Conn {
+    send: http1::SendRequest<Full<Bytes>>,
+    /// `None` once the connection has closed.
+    conn: Option<Pin<Box<Connection>>>,
+}
+
+impl Conn {
+    /// Lets the connection read and write what it can; `false` once it has closed.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(c) = self.conn.as_mut()
+            && let Poll::Ready(result) = c.as_mut().poll(cx)
+        {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "backend connection ended");
+            }
+            // Dropping it fails whatever was queued on it, returning unsent requests.
+            self.conn = None;
+        }
+        self.conn.is_some()
+    }
+
+    /// Drives the connection until it can take a request; `false` if it has closed.
+    async fn ready(&mut self) -> bool {
+        futures::future::poll_fn(|cx| {
+            if !self.drive(cx) {
+                return Poll::Ready(false);
+            }
+            self.send.poll_ready(cx).map(|r| r.is_ok())
+        })
+        .await
+    }
+}
+
+/// Idle connections to one `host:port`.
+pub(crate) struct Pool {
+    /// `host:port`, for connecting and for the `Host` header.
+    authority: String,
+    /// The URL's path and query, what a request names.
+    path: String,
+    connect_timeout: Duration,
+    max_idle: usize,
+    idle: Mutex<VecDeque<Conn>>,
+}
+
+/// A failure before the backend answered.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// No connection could be made (refused, unreachable, timed out).
+    Connect(String),
+    /// The connection broke before an answer arrived.
+    Io(String),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(e) => write!(f, "cannot connect: {e}"),
+            SendError::Io(e) => write!(f, "connection failed: {e}"),
+        }
+    }
+}
+
+impl Pool {
+    /// For an `http://host:port/...` URL; `None` for other schemes.
+    pub(crate) fn for_url(url: &str, connect_timeout: Duration, max_idle: usize) -> Option<Pool> {
+        let uri: Uri = url.parse().ok()?;
+        if uri.scheme_str() != Some("http") {
+            return None;
+        }
+        let host = uri.host()?;
+        let port = uri.port_u16().unwrap_or(80);
+        Some(Pool {
+            authority: format!("{host}:{port}"),
+            path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+            connect_timeout,
+            max_idle: max_idle.max(1),
+            idle: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    pub(crate) fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    pub(crate) fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn take_idle(&self) -> Option<Conn> {
+        self.idle.lock().ok()?.pop_front()
+    }
+
+    fn put_back(&self, conn: Conn) {
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < self.max_idle
+        {
+            // Most recently used first: it is the least likely to have been closed.
+            idle.push_front(conn);
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, SendError> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.authority))
+            .await
+            .map_err(|_| {
+                SendError::Connect(format!("no connection within {:?}", self.connect_timeout))
+            })?
+            .map_err(|e| SendError::Connect(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let (send, conn) = http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| SendError::Connect(e.to_string()))?;
+        Ok(Conn {
+            send,
+            conn: Some(Box::pin(conn)),
+        })
+    }
+
+    /// Sends `req` on an idle connection (or a new one) and returns the response head with
+    /// its body, which keeps the connection until it has been read to the end. A request
+    /// that an idle connection could not take (it had been closed) is sent again on a new
+    /// one; one that was written is never sent twice.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, HeaderMap, Answer), SendError> {
+        loop {
+            let (mut conn, reused) = match self.take_idle() {
+                Some(c) => (c, true),
+                None => (self.connect().await?, false),
+            };
+            if !conn.ready().await {
+                if reused {
+                    continue;
+                }
+                return Err(SendError::Io("the backend closed the connection".into()));
+            }
+            let mut sending = std::pin::pin!(conn.send.try_send_request(req));
+            // The connection writes the request and reads the head only when polled.
+            let result = futures::future::poll_fn(|cx| {
+                conn.drive(cx);
+                sending.as_mut().poll(cx)
+            })
+            .await;
+            match result {
+                Ok(response) => {
+                    let (parts, body) = response.into_parts();
+                    let answer = Answer {
+                        conn: Some(conn),
+                        body,
+                        pool: self.clone(),
+                        done: false,
+                    };
+                    return Ok((parts.status, parts.headers, answer));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: safe to send on a fresh connection.
+                    Some(back) if reused => req = back,
+                    _ => return Err(SendError::Io(e.into_error().to_string())),
+                },
+            }
+        }
+    }
+}
+
+/// A response body that owns the connection it arrives on.
+pub(crate) struct Answer {
+    conn: Option<Conn>,
+    body: Incoming,
+    pool: Arc<Pool>,
+    done: bool,
+}
+
+impl Stream for Answer {
+    type Item = Result<Bytes, String>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Some(c) = this.conn.as_mut()
+            && !c.drive(cx)
+        {
+            // Closed: whatever the body already holds is still read below.
+            this.conn = None;
+        }
+        loop {
+            match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Poll::Ready(Some(Ok(data)));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e.to_string())));
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    if let Some(conn) = this.conn.take() {
+                        this.pool.put_back(conn);
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Answer {
+    /// An answer dropped before its end keeps its connection only if the rest of the body
+    /// is already here (the usual case after an SSE `[DONE]`: only the end of the chunked
+    /// body or nothing is left). Otherwise the connection is closed, which tells the
+    /// backend to stop generating.
+    fn drop(&mut self) {
+        if self.done || self.conn.is_none() {
+            return;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if let Some(c) = self.conn.as_mut()
+            && !c.drive(&mut cx)
+        {
+            return;
+        }
+        loop {
+            match Pin::new(&mut self.body).poll_frame(&mut cx) {
+                // Already received, not wanted: read past it.
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(None) => {
+                    if let Some(conn) = self.conn.take() {
+                        self.pool.put_back(conn);
+                    }
+                    return;
+                }
+                Poll::Pending | Poll::Ready(Some(Err(_))) => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! How the OpenAI backend uses its connections to a plain-HTTP server: kept alive and
+//! reused, replaced when the server has closed them, closed when an answer is abandoned,
+//! and the bearer key and path sent as configured. The server is a small HTTP/1.1 server
+//! on a real socket, so the test sees every connection and every byte.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crisp_engine::openai::{OpenAiBackend, OpenAiConfig};
+use crisp_engine::{Backend, BackendError, Chunk, GenerateRequest, Message};
+use futures::StreamExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+const ANSWER: &str = concat!(
+    "data: {\"choices\":[{\"delta\":{\"content\":\"Hello\"},\"finish_reason\":null}]}\n\n",
+    "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+    "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n",
+    "data: [DONE]\n\n",
+);
+
+#[derive(Clone, Copy)]
+enum Behaviour {
+    /// Answers every request on a connection, chunked.
+    KeepAlive,
+    /// Answers one request per connection and then closes it without saying so.
+    CloseAfterOne,
+    /// Sends the first event and then nothing more, keeping the connection open.
+    Stall,
+    /// Answers 429 with Retry-After.
+    Busy,
+}
+
+#[derive(Default)]
+struct Seen {
+    connections: AtomicUsize,
+    requests: AtomicUsize,
+    /// Connections that the client closed.
+    closed_by_client: AtomicUsize,
+    last_head: std::sync::Mutex<String>,
+}
+
+async fn server(behaviour: Behaviour) -> (u16, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
+            s.connections.fetch_add(1, Ordering::SeqCst);
+            let s = s.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = sock.into_split();
+                let mut read = BufReader::new(read);
+                loop {
+                    // Request head, then a Content-Length body.
+                    let mut head = String::new();
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            s.closed_by_client.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    let mut body = vec![0; length];
+                    read.read_exact(&mut body).await.unwrap();
+                    s.requests.fetch_add(1, Ordering::SeqCst);
+                    *s.last_head.lock().unwrap() = head;
+                    match behaviour {
+                        Behaviour::Busy => {
+                            let msg = r#"{"error":{"message":"busy"}}"#;
+                            let r = format!(
+                                "HTTP/1.1 429 Too Many Requests\r\nretry-after: 7\r\ncontent-length: {}\r\n\r\n{msg}",
+                                msg.len()
+                            );
+                            write.write_all(r.as_bytes()).await.unwrap();
+                        }
+                        Behaviour::Stall => {
+                            let first = ANSWER.split("\n\n").next().unwrap();
+                            let chunk = format!("{first}\n\n");
+                            let r = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n",
+                                chunk.len()
+                            );
+                            write.write_all(r.as_bytes()).await.unwrap();
+                        }
+                        Behaviour::KeepAlive | Behaviour::CloseAfterOne => {
+                            let r = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{ANSWER}\r\n0\r\n\r\n",
+                                ANSWER.len()
+                            );
+                            write.write_all(r.as_bytes()).await.unwrap();
+                        }
+                    }
+                    if matches!(behaviour, Behaviour::CloseAfterOne) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+fn backend(port: u16) -> OpenAiBackend {
+    OpenAiBackend::new(OpenAiConfig {
+        base_url: format!("http://127.0.0.1:{port}/v1"),
+        api_key: Some("sk-upstream".into()),
+        upstream_model: "m".into(),
+        connect_timeout: Duration::from_secs(1),
+        first_token_timeout: Duration::from_secs(5),
+        total_timeout: Duration::from_secs(10),
+        max_concurrency: 8,
+        queue_limit: 8,
+        metrics_url: None,
+        default_retry_after: Duration::from_secs(1),
+    })
+    .unwrap()
+}
+
+fn request() -> GenerateRequest {
+    GenerateRequest {
+        request_id: "r".into(),
+        model: "m".into(),
+        messages: vec![Message {
+            role: "user".into(),
+            content: "hi".into(),
+        }],
+        max_tokens: Some(4),
+        temperature: None,
+        stop: Vec::new(),
+    }
+}
+
+/// Reads an answer the way the pipeline does: up to its final chunk, then drops it.
+async fn answer(b: &OpenAiBackend) -> Result<String, BackendError> {
+    let mut stream = b.generate(request()).await?;
+    let mut text = String::new();
+    while let Some(item) = stream.next().await {
+        match item? {
+            Chunk::Delta(t) => text.push_str(&t),
+            Chunk::Done { usage, .. } => {
+                assert_eq!(usage.completion_tokens, 1);
+                return Ok(text);
+            }
+        }
+    }
+    panic!("the answer did not finish")
+}
+
+#[tokio::test]
+async fn connections_are_kept_alive_and_reused() {
+    let (port, seen) = server(Behaviour::KeepAlive).await;
+    let b = backend(port);
+    for _ in 0..20 {
+        assert_eq!(answer(&b).await.unwrap(), "Hello");
+    }
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 20);
+    assert_eq!(
+        seen.connections.load(Ordering::SeqCst),
+        1,
+        "one connection for all"
+    );
+    let head = seen.last_head.lock().unwrap().to_ascii_lowercase();
+    assert!(
+        head.starts_with("post /v1/chat/completions http/1.1"),
+        "{head}"
+    );
+    assert!(head.contains(&format!("host: 127.0.0.1:{port}")), "{head}");
+    assert!(head.contains("authorization: bearer sk-upstream"), "{head}");
+    // Concurrent answers each get a connection, and those are kept for later.
+    let all = futures::future::join_all((0..5).map(|_| answer(&b))).await;
+    assert!(all.iter().all(|a| a.as_deref() == Ok("Hello")));
+    assert!(seen.connections.load(Ordering::SeqCst) <= 5);
+}
+
+#[tokio::test]
+async fn a_connection_the_server_closed_is_replaced_without_an_error() {
+    let (port, seen) = server(Behaviour::CloseAfterOne).await;
+    let b = backend(port);
+    for _ in 0..10 {
+        // Give the close time to arrive, so the idle connection is known dead or found so.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(answer(&b).await.unwrap(), "Hello");
+    }
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 10, "each sent once");
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 10);
+}
+
+#[tokio::test]
+async fn an_abandoned_answer_closes_its_connection() {
+    let (port, seen) = server(Behaviour::Stall).await;
+    let b = backend(port);
+    let mut stream = b.generate(request()).await.unwrap();
+    assert!(matches!(stream.next().await, Some(Ok(Chunk::Delta(_)))));
+    drop(stream);
+    // The server sees the close: that is how an engine learns to stop generating.
+    for _ in 0..100 {
+        if seen.closed_by_client.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen.closed_by_client.load(Ordering::SeqCst), 1);
+    assert_eq!(b.load().running, 0, "the slot is free again");
+}
+
+#[tokio::test]
+async fn a_busy_server_is_a_capacity_refusal_with_its_retry_after() {
+    let (port, seen) = server(Behaviour::Busy).await;
+    let b = backend(port);
+    for _ in 0..3 {
+        match b.generate(request()).await {
+            Err(BackendError::Capacity {
+                retry_after,
+                message,
+            }) => {
+                assert_eq!(retry_after, Some(Duration::from_secs(7)));
+                assert!(message.contains("busy"), "{message}");
+            }
+            Err(other) => panic!("expected a capacity refusal, got {other:?}"),
+            Ok(_) => panic!("expected a capacity refusal, got an answer"),
+        }
+    }
+    // The error answers were read to their end, so their connection was kept.
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_unreachable_server_makes_the_engine_unavailable() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    match backend(port).generate(request()).await {
+        Err(BackendError::Unavailable(m)) => assert!(m.contains("unreachable"), "{m}"),
+        Err(other) => panic!("expected unavailable, got {other:?}"),
+        Ok(_) => panic!("expected unavailable, got an answer"),
+    }
+}
