@@ -13,6 +13,10 @@ import sys
 
 # (component, pattern over one frame's symbol); the first frame matching any wins.
 COMPONENTS = [
+    # Socket system calls (and the kernel's TCP work under them, which on loopback includes
+    # waking the process at the other end) are charged here, not to whoever made the call:
+    # every proxy pays them, per read and write.
+    ("sockets: kernel TCP send and receive", r"__GI___writev|__libc_recv|__libc_send|__GI___libc_writev|\bwritev\b|__libc_recvfrom|__libc_sendto|\bsendmsg\b|\brecvmsg\b"),
     ("receipt signing (Ed25519)", r"sign_receipt|SignedReceipt>::sign|SignedReceipt::sign"),
     ("audit trail (records, writes, fsync)", r"crisp_audit|crisp_node::audit"),
     ("logs and trace spans", r"tracing_subscriber|tracing_appender|format_event|tracing_core::dispatcher|opentelemetry"),

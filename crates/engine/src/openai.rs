@@ -445,8 +445,11 @@ impl Backend for OpenAiBackend {
                 let text = answer.text(64 << 10).await;
                 return Err(classify(status, &headers, &text, cfg));
             }
-            let first_token_timeout = cfg.first_token_timeout;
-            let deadline = tokio::time::Instant::now() + cfg.total_timeout;
+            let now = tokio::time::Instant::now();
+            let deadline = now + cfg.total_timeout;
+            let timer = Box::pin(tokio::time::sleep_until(
+                (now + cfg.first_token_timeout).min(deadline),
+            ));
             let events = Box::pin(sse_events(answer.0));
             let state = Relay {
                 events,
@@ -457,7 +460,7 @@ impl Backend for OpenAiBackend {
                 prompt_tokens,
                 first: true,
                 done: false,
-                first_token_timeout,
+                timer,
                 deadline,
             };
             let stream = futures::stream::unfold(state, |mut s| async move {
@@ -528,7 +531,9 @@ struct Relay {
     prompt_tokens: u32,
     first: bool,
     done: bool,
-    first_token_timeout: Duration,
+    /// Fires at the first-token deadline until the first token, then at the deadline for
+    /// the whole answer: one timer per answer, not one per event.
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     deadline: tokio::time::Instant,
 }
 
@@ -538,17 +543,13 @@ impl Relay {
             if self.done {
                 return None;
             }
-            let wait = if self.first {
-                self.first_token_timeout.min(
-                    self.deadline
-                        .saturating_duration_since(tokio::time::Instant::now()),
-                )
-            } else {
-                self.deadline
-                    .saturating_duration_since(tokio::time::Instant::now())
+            let next = tokio::select! {
+                biased;
+                event = self.events.next() => Ok(event),
+                () = self.timer.as_mut() => Err(()),
             };
-            let event = match tokio::time::timeout(wait, self.events.next()).await {
-                Err(_) => {
+            let event = match next {
+                Err(()) => {
                     self.done = true;
                     self.guard = None;
                     return Some(Err(BackendError::Timeout(
@@ -604,7 +605,10 @@ impl Relay {
                 }
             }
             if !text.is_empty() {
-                self.first = false;
+                if self.first {
+                    self.first = false;
+                    self.timer.as_mut().reset(self.deadline);
+                }
                 self.completion_counted = self
                     .completion_counted
                     .saturating_add(count_tokens(&text).max(1));

@@ -31,6 +31,8 @@ enum Behaviour {
     Stall,
     /// Answers 429 with Retry-After.
     Busy,
+    /// Sends a role-only event (no token) and then nothing.
+    Silent,
 }
 
 #[derive(Default)]
@@ -88,8 +90,12 @@ async fn server(behaviour: Behaviour) -> (u16, Arc<Seen>) {
                             );
                             write.write_all(r.as_bytes()).await.unwrap();
                         }
-                        Behaviour::Stall => {
-                            let first = ANSWER.split("\n\n").next().unwrap();
+                        Behaviour::Stall | Behaviour::Silent => {
+                            let first = if matches!(behaviour, Behaviour::Stall) {
+                                ANSWER.split("\n\n").next().unwrap()
+                            } else {
+                                r#"data: {"choices":[{"delta":{"role":"assistant"},"finish_reason":null}]}"#
+                            };
                             let chunk = format!("{first}\n\n");
                             let r = format!(
                                 "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n",
@@ -116,12 +122,16 @@ async fn server(behaviour: Behaviour) -> (u16, Arc<Seen>) {
 }
 
 fn backend(port: u16) -> OpenAiBackend {
+    backend_with(port, Duration::from_secs(5))
+}
+
+fn backend_with(port: u16, first_token_timeout: Duration) -> OpenAiBackend {
     OpenAiBackend::new(OpenAiConfig {
         base_url: format!("http://127.0.0.1:{port}/v1"),
         api_key: Some("sk-upstream".into()),
         upstream_model: "m".into(),
         connect_timeout: Duration::from_secs(1),
-        first_token_timeout: Duration::from_secs(5),
+        first_token_timeout,
         total_timeout: Duration::from_secs(10),
         max_concurrency: 8,
         queue_limit: 8,
@@ -250,4 +260,22 @@ async fn an_unreachable_server_makes_the_engine_unavailable() {
         Err(other) => panic!("expected unavailable, got {other:?}"),
         Ok(_) => panic!("expected unavailable, got an answer"),
     }
+}
+
+#[tokio::test]
+async fn an_engine_that_sends_no_token_in_time_times_out() {
+    let (port, _seen) = server(Behaviour::Silent).await;
+    let b = backend_with(port, Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let mut stream = b.generate(request()).await.unwrap();
+    match stream.next().await {
+        Some(Err(BackendError::Timeout(m))) => assert!(m.contains("in time"), "{m}"),
+        other => panic!("expected a time-out, got {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    assert_eq!(b.load().running, 0, "the slot is free again");
 }
