@@ -255,6 +255,8 @@ start_crisp_in_region() { # upstream-port max-concurrency [client-port name audi
     local port=${3:-$CRISP_IN} name=${4:-crisp-in} audit=${5:-audit/{region\}} durability=${6:-fsync}
     step "Starting $name: crisp in one region (API key, Cedar policy, audit trail in $audit with durability $durability; backend :$1)"
     local dir=$RUN/$name
+    # A fresh node each time (a mode run after another may reuse the name).
+    rm -rf "$dir"
     mkdir -p "$dir"
     render "$BENCH/conf/crisp-in-region.toml" "$dir/crisp.toml" CLIENT_PORT="$port" \
         PEER_PORT=$((port + 100)) ADMIN_PORT=$((port + 200)) UPSTREAM_PORT="$1" \
