@@ -273,20 +273,26 @@ async fn a_recorded_event_is_on_disk_when_record_returns_and_the_chain_continues
     assert_eq!(crisp_audit::events(dir.path()).unwrap().len(), 2);
 }
 
+/// A us-east-1 log in `dir` sealing files once they reach `max_bytes`.
+fn us_log(dir: &std::path::Path, ca: &Ca, max_bytes: u64, durability: Durability) -> AuditLog {
+    AuditLog::open_with(
+        dir,
+        "us-east-1",
+        Arc::new(NodeKey(material(ca, "us-east-1"))),
+        Sealing {
+            max_bytes,
+            max_age: Duration::from_secs(3600),
+        },
+        durability,
+    )
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_answers_from_other_regions_need_a_receipt() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
-    let log = AuditLog::open(
-        dir.path(),
-        "us-east-1",
-        Arc::new(NodeKey(material(&ca, "us-east-1"))),
-        Sealing {
-            max_bytes: 1,
-            max_age: Duration::from_secs(3600),
-        },
-    )
-    .unwrap();
+    let log = us_log(dir.path(), &ca, 1, Durability::Fsync);
     // Run here: the signed digest attests it. Run elsewhere without a receipt: unproven.
     log.record(&event(0, None, "us-east-1")).await.unwrap();
     log.record(&event(1, None, "eu-west-1")).await.unwrap();
@@ -321,19 +327,10 @@ async fn only_answers_from_other_regions_need_a_receipt() {
 async fn with_write_durability_events_are_in_the_file_when_recorded_and_sealed_intact() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
-    let log = AuditLog::open_with(
-        dir.path(),
-        "us-east-1",
-        Arc::new(NodeKey(material(&ca, "us-east-1"))),
-        Sealing {
-            max_bytes: 400,
-            max_age: Duration::from_secs(3600),
-        },
-        Durability::Write {
-            flush_within: Duration::from_millis(20),
-        },
-    )
-    .unwrap();
+    let write = Durability::Write {
+        flush_within: Duration::from_millis(20),
+    };
+    let log = us_log(dir.path(), &ca, 400, write);
     for i in 0..10 {
         log.record(&event(i, None, "us-east-1")).await.unwrap();
         // Recorded means written: readable from the files at once.
