@@ -14,7 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::Stream;
@@ -71,8 +71,16 @@ pub(crate) struct Pool {
     path: String,
     connect_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<VecDeque<Conn>>,
+    /// How long a connection may sit idle before it is closed rather than reused.
+    idle_limit: Duration,
+    /// Most recently used first, with when each became idle.
+    idle: Mutex<VecDeque<(Instant, Conn)>>,
 }
+
+/// Idle connections older than this are closed instead of reused: servers close theirs
+/// after a keep-alive timeout (uvicorn, which vLLM and SGLang use, after 5 s), and a
+/// request written just as the server closes would fail.
+const IDLE_LIMIT: Duration = Duration::from_secs(4);
 
 /// A failure before the backend answered.
 #[derive(Debug)]
@@ -106,6 +114,7 @@ impl Pool {
             path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
             connect_timeout,
             max_idle: max_idle.max(1),
+            idle_limit: IDLE_LIMIT,
             idle: Mutex::new(VecDeque::new()),
         })
     }
@@ -119,7 +128,14 @@ impl Pool {
     }
 
     fn take_idle(&self) -> Option<Conn> {
-        self.idle.lock().ok()?.pop_front()
+        let mut idle = self.idle.lock().ok()?;
+        let (since, conn) = idle.pop_front()?;
+        if since.elapsed() < self.idle_limit {
+            return Some(conn);
+        }
+        // This was the most recently used one: all the others are older still.
+        idle.clear();
+        None
     }
 
     fn put_back(&self, conn: Conn) {
@@ -127,7 +143,7 @@ impl Pool {
             && idle.len() < self.max_idle
         {
             // Most recently used first: it is the least likely to have been closed.
-            idle.push_front(conn);
+            idle.push_front((Instant::now(), conn));
         }
     }
 
@@ -270,5 +286,83 @@ impl Drop for Answer {
                 Poll::Pending | Poll::Ready(Some(Err(_))) => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A server answering every request on a connection with a tiny fixed body; counts
+    /// the connections it accepted.
+    async fn server() -> (u16, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 4096];
+                    // Each request here fits one read and has no body.
+                    while sock.read(&mut buf).await.unwrap_or(0) > 0 {
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if sock.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    async fn get(pool: &Arc<Pool>) {
+        let req = Request::post(pool.path())
+            .header(http::header::HOST, pool.authority())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (status, _, mut answer) = pool.send(req).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        while answer.next().await.is_some() {}
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_reused_until_they_are_too_old() {
+        let (port, accepted) = server().await;
+        let mut pool = Pool::for_url(
+            &format!("http://127.0.0.1:{port}/v1/x"),
+            Duration::from_secs(1),
+            4,
+        )
+        .unwrap();
+        pool.idle_limit = Duration::from_millis(100);
+        let pool = Arc::new(pool);
+        get(&pool).await;
+        get(&pool).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused while fresh");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        get(&pool).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new one once too old");
+    }
+
+    #[test]
+    fn only_plain_http_urls_get_a_pool() {
+        let d = Duration::from_secs(1);
+        let p = Pool::for_url("http://10.0.0.5:8000/v1/chat/completions", d, 1).unwrap();
+        assert_eq!(p.authority(), "10.0.0.5:8000");
+        assert_eq!(p.path(), "/v1/chat/completions");
+        assert_eq!(
+            Pool::for_url("http://vllm/v1", d, 1).unwrap().authority(),
+            "vllm:80"
+        );
+        assert!(Pool::for_url("https://api.example.com/v1", d, 1).is_none());
     }
 }
