@@ -1,5 +1,6 @@
 //! The source region's audit of each call: the API edges describe the call, this module
-//! turns it into an event and waits until it is durable. Only the source node writes
+//! turns it into an event and waits until it is recorded (on disk, or written to the log
+//! file with `[audit] durability = "write"`). Only the source node writes
 //! events; a destination never keeps anything of a forwarded request.
 
 use std::net::SocketAddr;
@@ -173,7 +174,7 @@ fn base(node: &Node, call: &Call) -> AuditEvent {
     }
 }
 
-/// Records a completed call; returns once the event is durable.
+/// Records a completed call; returns once the event is recorded.
 pub async fn completed(
     node: &Node,
     call: &Call,
@@ -247,7 +248,7 @@ pub async fn failed(node: &Node, call: &Call, ran: Option<&Ran>, code: &str, err
 }
 
 /// Wraps an admitted answer so that its final chunk is released only once the audit event
-/// is durable (a failed write turns it into an error), and a broken answer is audited as
+/// is recorded (a failed write turns it into an error), and a broken answer is audited as
 /// failed.
 pub fn audited(
     node: Arc<Node>,

@@ -557,7 +557,7 @@ fn sse_body(
                         u["usage"] = json!(WireUsage::from(usage));
                         v.push(sse(&u));
                     }
-                    // The final event goes out only once the audit event is durable.
+                    // The final event goes out only once the audit event is recorded.
                     let output = text.lock().map(|t| t.clone()).unwrap_or_default();
                     match audit::completed(&node, &call, &ran, usage, &output).await {
                         Ok(()) => v.push(Bytes::from_static(b"data: [DONE]\n\n")),

@@ -419,7 +419,7 @@ async fn invoke(
     answer_whole(node, model_id, req, "InvokeModel").await
 }
 
-/// A non-streamed answer, returned once its audit event is durable.
+/// A non-streamed answer, returned once its audit event is recorded.
 async fn answer_whole(
     node: Arc<Node>,
     model_id: String,
