@@ -140,6 +140,43 @@ fn err<E: std::fmt::Debug>(e: E) -> String {
     format!("drawing a chart: {e:?}")
 }
 
+/// One labelled line of a chart, with its colour in the legend.
+fn line<X, Y>(
+    chart: &mut ChartContext<'_, SVGBackend<'_>, Cartesian2d<X, Y>>,
+    points: impl IntoIterator<Item = (f64, f64)>,
+    c: RGBColor,
+    label: &str,
+) -> Result<(), String>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .draw_series(LineSeries::new(points, c.stroke_width(2)))
+        .map_err(err)?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
+    Ok(())
+}
+
+/// The legend of a chart's lines, at `position`.
+fn legend<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    position: SeriesLabelPosition,
+) -> Result<(), String>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .draw()
+        .map_err(err)
+}
+
 /// Lines over time: `series` is (label, colour, values per bucket).
 fn time_chart(
     title: &str,
@@ -179,24 +216,17 @@ fn time_chart(
                 .iter()
                 .enumerate()
                 .map(|(i, v)| ((i as f64 + 0.5) * bucket_s / 60.0, *v));
-            chart
-                .draw_series(LineSeries::new(points, c.stroke_width(2)))
-                .map_err(err)?
-                .label(label.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2))
-                });
+            line(&mut chart, points, c, label)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         root.present().map_err(err)?;
     }
     Ok(buf)
+}
+
+/// Time to first token or end to end, per served request.
+fn latency(o: &Outcome, ttft: bool) -> &hdrhistogram::Histogram<u64> {
+    if ttft { &o.ttft_us } else { &o.e2e_us }
 }
 
 /// Cumulative distributions of a latency per strategy, on a log axis.
@@ -205,21 +235,14 @@ fn cdf_chart(title: &str, outcomes: &[Outcome], ttft: bool) -> Plot {
     {
         let root = SVGBackend::with_string(&mut buf, (760, 340)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
-        let hist = |o: &Outcome| {
-            if ttft {
-                o.ttft_us.clone()
-            } else {
-                o.e2e_us.clone()
-            }
-        };
         let x_max = outcomes
             .iter()
-            .map(|o| hist(o).max() as f64 / 1000.0)
+            .map(|o| latency(o, ttft).max() as f64 / 1000.0)
             .fold(10.0_f64, f64::max);
         let x_min = outcomes
             .iter()
             .filter(|o| o.served > 0)
-            .map(|o| hist(o).min().max(1) as f64 / 1000.0)
+            .map(|o| latency(o, ttft).min().max(1) as f64 / 1000.0)
             .fold(f64::INFINITY, f64::min)
             .min(x_max / 10.0)
             .max(0.01);
@@ -241,7 +264,7 @@ fn cdf_chart(title: &str, outcomes: &[Outcome], ttft: bool) -> Plot {
             if o.served == 0 {
                 continue;
             }
-            let h = hist(o);
+            let h = latency(o, ttft);
             let c = color(o.strategy);
             let points: Vec<(f64, f64)> = (0..=200)
                 .map(|i| {
@@ -249,21 +272,9 @@ fn cdf_chart(title: &str, outcomes: &[Outcome], ttft: bool) -> Plot {
                     ((h.value_at_quantile(q) as f64 / 1000.0).max(x_min), q)
                 })
                 .collect();
-            chart
-                .draw_series(LineSeries::new(points, c.stroke_width(2)))
-                .map_err(err)?
-                .label(o.strategy.name())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2))
-                });
+            line(&mut chart, points, c, o.strategy.name())?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         root.present().map_err(err)?;
     }
     Ok(buf)
