@@ -65,8 +65,10 @@ impl Conn {
 
 /// Idle connections to one `host:port`.
 pub(crate) struct Pool {
-    /// `host:port`, for connecting and for the `Host` header.
+    /// `host:port`, for connecting.
     authority: String,
+    /// The same, as every request's `Host` header.
+    host: http::HeaderValue,
     /// The URL's path and query, what a request names.
     path: String,
     connect_timeout: Duration,
@@ -109,8 +111,10 @@ impl Pool {
         }
         let host = uri.host()?;
         let port = uri.port_u16().unwrap_or(80);
+        let authority = format!("{host}:{port}");
         Some(Pool {
-            authority: format!("{host}:{port}"),
+            host: http::HeaderValue::from_str(&authority).ok()?,
+            authority,
             path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
             connect_timeout,
             max_idle: max_idle.max(1),
@@ -119,8 +123,8 @@ impl Pool {
         })
     }
 
-    pub(crate) fn authority(&self) -> &str {
-        &self.authority
+    pub(crate) fn host(&self) -> &http::HeaderValue {
+        &self.host
     }
 
     pub(crate) fn path(&self) -> &str {
@@ -326,7 +330,7 @@ mod tests {
 
     async fn get(pool: &Arc<Pool>) {
         let req = Request::post(pool.path())
-            .header(http::header::HOST, pool.authority())
+            .header(http::header::HOST, pool.host().clone())
             .body(Full::new(Bytes::new()))
             .unwrap();
         let (status, _, mut answer) = pool.send(req).await.unwrap();
@@ -357,10 +361,10 @@ mod tests {
     fn only_plain_http_urls_get_a_pool() {
         let d = Duration::from_secs(1);
         let p = Pool::for_url("http://10.0.0.5:8000/v1/chat/completions", d, 1).unwrap();
-        assert_eq!(p.authority(), "10.0.0.5:8000");
+        assert_eq!(p.host(), "10.0.0.5:8000");
         assert_eq!(p.path(), "/v1/chat/completions");
         assert_eq!(
-            Pool::for_url("http://vllm/v1", d, 1).unwrap().authority(),
+            Pool::for_url("http://vllm/v1", d, 1).unwrap().host(),
             "vllm:80"
         );
         assert!(Pool::for_url("https://api.example.com/v1", d, 1).is_none());

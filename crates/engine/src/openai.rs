@@ -68,6 +68,8 @@ struct Shared {
     /// Connections driven by their requests, for `http://` backends; `https://` ones go
     /// through `client`.
     plain: Option<Arc<crate::http1::Pool>>,
+    /// `Authorization: Bearer <api_key>`, marked sensitive.
+    bearer: Option<http::HeaderValue>,
     client: reqwest::Client,
     in_flight: AtomicU32,
     scraped: Mutex<Option<EngineMetrics>>,
@@ -90,6 +92,20 @@ impl std::fmt::Debug for OpenAiBackend {
 impl OpenAiBackend {
     pub fn new(cfg: OpenAiConfig) -> Result<OpenAiBackend, BackendError> {
         let completions_url = format!("{}/chat/completions", cfg.base_url.trim_end_matches('/'));
+        let bearer = match &cfg.api_key {
+            Some(key) => {
+                let mut v =
+                    http::HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                        BackendError::Internal(format!(
+                            "the API key for {} is not a valid header value",
+                            cfg.base_url
+                        ))
+                    })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
         let client = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -106,6 +122,7 @@ impl OpenAiBackend {
                         .min(1024),
                 )
                 .map(Arc::new),
+                bearer,
                 completions_url,
                 cfg,
                 client,
@@ -187,23 +204,10 @@ impl Shared {
         payload: Vec<u8>,
     ) -> Result<(http::StatusCode, http::HeaderMap, Body), BackendError> {
         let cfg = &self.cfg;
-        let bearer = match &cfg.api_key {
-            Some(key) => {
-                let mut v =
-                    http::HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-                        BackendError::Internal(format!(
-                            "the API key for {} is not a valid header value",
-                            cfg.base_url
-                        ))
-                    })?;
-                v.set_sensitive(true);
-                Some(v)
-            }
-            None => None,
-        };
+        let bearer = self.bearer.clone();
         if let Some(pool) = &self.plain {
             let mut req = http::Request::post(pool.path())
-                .header(http::header::HOST, pool.authority())
+                .header(http::header::HOST, pool.host().clone())
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .header(http::header::ACCEPT, "text/event-stream")
                 .body(http_body_util::Full::new(Bytes::from(payload)))
