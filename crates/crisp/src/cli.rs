@@ -71,6 +71,11 @@ enum Command {
         /// ...and this key (PEM).
         #[arg(long, requires = "client_cert")]
         client_key: Option<PathBuf>,
+        /// Threads serving client connections, each with an event loop of its own that a
+        /// connection stays on [default: one per core]. 0 serves them on the shared
+        /// work-stealing runtime instead.
+        #[arg(long, env = "CRISP_CLIENT_THREADS")]
+        client_threads: Option<usize>,
     },
     /// Create the deployment CA and issue region certificates for the backbone.
     Certs {
@@ -179,12 +184,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             certs,
             client_cert,
             client_key,
+            client_threads,
         } => {
             let client_tls = match (client_cert, client_key) {
                 (Some(c), Some(k)) => Some((c, k)),
                 _ => None,
             };
-            serve(&config, &region, lock, certs, client_tls).await
+            serve(&config, &region, lock, certs, client_tls, client_threads).await
         }
         Command::Certs { command } => crate::certs::run(command),
         Command::Keys { command } => crate::access::run_keys(command),
@@ -335,6 +341,7 @@ struct ServeSetup {
     lock: Option<PathBuf>,
     certs: Option<PathBuf>,
     client_tls: Option<Arc<rustls::ServerConfig>>,
+    client_threads: Option<usize>,
     metrics: crisp_node::admin::MetricsRender,
 }
 
@@ -466,6 +473,9 @@ fn start_node(
             on_reload: Some(Arc::new(move || {
                 let _ = reload.try_send(());
             })),
+            client_threads: setup
+                .client_threads
+                .unwrap_or_else(|| ServeOptions::default().client_threads),
             ..ServeOptions::default()
         },
     )?;
@@ -485,6 +495,7 @@ async fn serve(
     lock: Option<PathBuf>,
     certs: Option<PathBuf>,
     client_tls: Option<(PathBuf, PathBuf)>,
+    client_threads: Option<usize>,
 ) -> anyhow::Result<()> {
     let client_tls = match client_tls {
         Some((cert, key)) => {
@@ -503,6 +514,7 @@ async fn serve(
         lock,
         certs,
         client_tls,
+        client_threads,
         metrics: install_metrics()?,
     };
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(1);

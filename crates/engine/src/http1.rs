@@ -8,12 +8,18 @@
 //! reads the body, so an answer costs no task hand-offs; the connection goes back to the
 //! pool once its answer has been read to the end, and is closed if the answer is dropped
 //! half-read (which is how the backend learns that the client went away).
+//!
+//! Idle connections are kept per thread. A socket belongs to the runtime that opened it,
+//! whose thread learns when it is readable; on a node serving clients from one
+//! single-threaded runtime per core, a connection taken up by another thread would cost a
+//! cross-thread wake-up at every step of every answer.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -75,9 +81,12 @@ pub(crate) struct Pool {
     max_idle: usize,
     /// How long a connection may sit idle before it is closed rather than reused.
     idle_limit: Duration,
-    /// Most recently used first, with when each became idle.
-    idle: Mutex<VecDeque<(Instant, Conn)>>,
+    /// Per thread.
+    idle: Mutex<Vec<(ThreadId, Idle)>>,
 }
+
+/// One thread's idle connections, most recently used first, with when each became idle.
+type Idle = VecDeque<(Instant, Conn)>;
 
 /// Idle connections older than this are closed instead of reused: servers close theirs
 /// after a keep-alive timeout (uvicorn, which vLLM and SGLang use, after 5 s), and a
@@ -119,7 +128,7 @@ impl Pool {
             connect_timeout,
             max_idle: max_idle.max(1),
             idle_limit: IDLE_LIMIT,
-            idle: Mutex::new(VecDeque::new()),
+            idle: Mutex::new(Vec::new()),
         })
     }
 
@@ -132,7 +141,9 @@ impl Pool {
     }
 
     fn take_idle(&self) -> Option<Conn> {
-        let mut idle = self.idle.lock().ok()?;
+        let me = std::thread::current().id();
+        let mut shards = self.idle.lock().ok()?;
+        let idle = &mut shards.iter_mut().find(|(t, _)| *t == me)?.1;
         let (since, conn) = idle.pop_front()?;
         if since.elapsed() < self.idle_limit {
             return Some(conn);
@@ -143,9 +154,17 @@ impl Pool {
     }
 
     fn put_back(&self, conn: Conn) {
-        if let Ok(mut idle) = self.idle.lock()
-            && idle.len() < self.max_idle
-        {
+        let me = std::thread::current().id();
+        let Ok(mut shards) = self.idle.lock() else {
+            return;
+        };
+        if !shards.iter().any(|(t, _)| *t == me) {
+            shards.push((me, VecDeque::new()));
+        }
+        let Some((_, idle)) = shards.iter_mut().find(|(t, _)| *t == me) else {
+            return;
+        };
+        if idle.len() < self.max_idle {
             // Most recently used first: it is the least likely to have been closed.
             idle.push_front((Instant::now(), conn));
         }
@@ -355,6 +374,45 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(150)).await;
         get(&pool).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new one once too old");
+    }
+
+    // The server runs on the runtime's workers while this thread waits for the other.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_are_kept_per_thread() {
+        let (port, accepted) = server().await;
+        let pool = Arc::new(
+            Pool::for_url(
+                &format!("http://127.0.0.1:{port}/v1/x"),
+                Duration::from_secs(1),
+                4,
+            )
+            .unwrap(),
+        );
+        get(&pool).await;
+        let elsewhere = pool.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                get(&elsewhere).await;
+                get(&elsewhere).await;
+            });
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the other thread opened one of its own and reused it"
+        );
+        get(&pool).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "this thread's is still idle"
+        );
     }
 
     #[test]

@@ -436,24 +436,27 @@ impl Backend for OpenAiBackend {
             };
             let payload = serde_json::to_vec(&body)
                 .map_err(|e| BackendError::Internal(format!("request JSON: {e}")))?;
-            let (status, headers, answer) =
-                tokio::time::timeout(cfg.first_token_timeout, shared.send(payload))
-                    .await
-                    .map_err(|_| {
-                        BackendError::Timeout(format!(
-                            "{} did not answer in {:?}",
-                            cfg.base_url, cfg.first_token_timeout
-                        ))
-                    })??;
+            // One timer per answer: it bounds the wait for the answer's head and its first
+            // token, then the whole answer (each timer registered costs the runtime a wake-up).
+            let now = tokio::time::Instant::now();
+            let deadline = now + cfg.total_timeout;
+            let mut timer = Box::pin(tokio::time::sleep_until(
+                (now + cfg.first_token_timeout).min(deadline),
+            ));
+            let (status, headers, answer) = tokio::select! {
+                biased;
+                sent = shared.send(payload) => sent?,
+                () = timer.as_mut() => {
+                    return Err(BackendError::Timeout(format!(
+                        "{} did not answer in {:?}",
+                        cfg.base_url, cfg.first_token_timeout
+                    )));
+                }
+            };
             if !status.is_success() {
                 let text = answer.text(64 << 10).await;
                 return Err(classify(status, &headers, &text, cfg));
             }
-            let now = tokio::time::Instant::now();
-            let deadline = now + cfg.total_timeout;
-            let timer = Box::pin(tokio::time::sleep_until(
-                (now + cfg.first_token_timeout).min(deadline),
-            ));
             let events = Box::pin(sse_events(answer.0));
             let state = Relay {
                 events,

@@ -73,6 +73,8 @@ pub struct Node {
     sigv4: Option<api::bedrock::sigv4::SigV4Keys>,
     /// Turns true when the node begins to shut down; endless streams end on it.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Metric handles of admitted requests.
+    served: observe::ServedCache,
 }
 
 /// Why a node cannot start.
@@ -154,6 +156,7 @@ impl Node {
             audit_shipper: None,
             invocation_log: None,
             stopping: tokio::sync::watch::Sender::new(false),
+            served: observe::ServedCache::default(),
         })
     }
 
@@ -371,6 +374,9 @@ pub struct ServeOptions {
     /// Called by `POST /admin/reload` after the node's own reload, so the process can
     /// reload its configuration too.
     pub on_reload: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Threads serving client connections, each with a single-threaded runtime of its
+    /// own; 0 serves them on the runtime that starts the node.
+    pub client_threads: usize,
 }
 
 impl Default for ServeOptions {
@@ -381,6 +387,7 @@ impl Default for ServeOptions {
             reload_interval: Duration::from_secs(10),
             metrics: None,
             on_reload: None,
+            client_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -556,6 +563,7 @@ impl RunningNode {
                 serve::Security::Plain,
                 rx.clone(),
                 grace,
+                None,
             ));
         }
         if let Some(log) = node.invocation_log.clone() {
@@ -629,12 +637,17 @@ impl RunningNode {
             Some(config) => serve::Security::Tls(config),
             None => serve::Security::Plain,
         };
+        let workers = match options.client_threads {
+            0 => None,
+            n => Some(Arc::new(serve::Workers::start(n, "crisp-client")?)),
+        };
         tasks.spawn(serve::serve(
             listeners.client,
             api::router(node.clone()),
             client_security,
             rx.clone(),
             grace,
+            workers,
         ));
         tasks.spawn(serve::serve(
             listeners.peer,
@@ -642,6 +655,7 @@ impl RunningNode {
             serve::Security::Mutual(node.tls.clone()),
             rx.clone(),
             grace,
+            None,
         ));
         let watched = node.clone();
         let mut stop = rx.clone();

@@ -4,9 +4,12 @@
 //! The `metrics` facade is used; the binary installs the Prometheus recorder and the admin
 //! listener renders it.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crisp_routing::Scope;
+use metrics::{Counter, Histogram};
 
 use crate::Node;
 
@@ -42,12 +45,7 @@ pub fn request(o: &RequestOutcome<'_>) {
     ];
     metrics::counter!("crisp_requests_total", &labels).increment(1);
     if o.inference_region != "-" && o.inference_region != o.source {
-        metrics::counter!(
-            "crisp_cross_region_requests_total",
-            "source" => o.source.to_owned(),
-            "inference_region" => o.inference_region.to_owned()
-        )
-        .increment(1);
+        cross_region(o.source, o.inference_region);
     }
     metrics::histogram!(
         "crisp_request_duration_seconds",
@@ -55,6 +53,158 @@ pub fn request(o: &RequestOutcome<'_>) {
         "outcome" => o.outcome.to_owned()
     )
     .record(o.duration.as_secs_f64());
+}
+
+/// The metrics of requests admitted to one profile in one region, with their handles
+/// resolved once: looking a metric up by its labels builds, hashes and compares its key
+/// every time, six times per request.
+pub struct Served {
+    pub source: String,
+    pub profile: String,
+    pub scope: &'static str,
+    pub region: String,
+    pub model: String,
+    requests_ok: Counter,
+    duration_ok: Histogram,
+    first_token: Histogram,
+    input_tokens: Counter,
+    output_tokens: Counter,
+    cost: Counter,
+    /// For answers from another region.
+    cross_region: Option<Counter>,
+}
+
+impl Served {
+    /// A request that ended: the handles for `ok`, the labels for anything else.
+    pub fn finished(&self, outcome: &str, duration: Duration) {
+        if outcome != "ok" {
+            request(&RequestOutcome {
+                source: &self.source,
+                profile: &self.profile,
+                scope: self.scope,
+                inference_region: &self.region,
+                outcome,
+                duration,
+            });
+            return;
+        }
+        self.requests_ok.increment(1);
+        if let Some(c) = &self.cross_region {
+            c.increment(1);
+        }
+        self.duration_ok.record(duration.as_secs_f64());
+    }
+
+    pub fn first_token(&self, ttft: Duration) {
+        self.first_token.record(ttft.as_secs_f64());
+    }
+
+    /// Tokens and cost of a completed request; cost in US dollars.
+    pub fn usage(&self, input: u32, output: u32, cost_usd: f64) {
+        self.input_tokens.increment(u64::from(input));
+        self.output_tokens.increment(u64::from(output));
+        if let Some(micros) = cost_micros(cost_usd) {
+            self.cost.increment(micros);
+        }
+    }
+}
+
+/// [`Served`] by profile and region, for one node (the node is built after the metrics
+/// recorder is installed, so its handles record into it). Bounded like the labels are:
+/// profiles times regions.
+#[derive(Default)]
+pub struct ServedCache(Mutex<HashMap<String, HashMap<String, Arc<Served>>>>);
+
+impl ServedCache {
+    pub fn get(
+        &self,
+        source: &str,
+        profile: &str,
+        scope: Scope,
+        region: &str,
+        model: &str,
+    ) -> Arc<Served> {
+        let Ok(mut cache) = self.0.lock() else {
+            return Arc::new(Served::new(source, profile, scope, region, model));
+        };
+        if let Some(served) = cache.get(profile).and_then(|by| by.get(region)) {
+            return served.clone();
+        }
+        let served = Arc::new(Served::new(source, profile, scope, region, model));
+        cache
+            .entry(profile.to_owned())
+            .or_default()
+            .insert(region.to_owned(), served.clone());
+        served
+    }
+}
+
+impl Served {
+    fn new(source: &str, profile: &str, scope: Scope, region: &str, model: &str) -> Served {
+        let scope = scope_label(scope);
+        let requests = [
+            ("source", source.to_owned()),
+            ("profile", profile.to_owned()),
+            ("scope", scope.to_owned()),
+            ("inference_region", region.to_owned()),
+            ("outcome", "ok".to_owned()),
+        ];
+        let tokens = |direction: &'static str| {
+            [
+                ("source", source.to_owned()),
+                ("inference_region", region.to_owned()),
+                ("model", model.to_owned()),
+                ("direction", direction.to_owned()),
+            ]
+        };
+        Served {
+            requests_ok: metrics::counter!("crisp_requests_total", &requests),
+            duration_ok: metrics::histogram!(
+                "crisp_request_duration_seconds",
+                "source" => source.to_owned(),
+                "outcome" => "ok"
+            ),
+            first_token: metrics::histogram!(
+                "crisp_time_to_first_token_seconds",
+                "source" => source.to_owned(),
+                "inference_region" => region.to_owned()
+            ),
+            input_tokens: metrics::counter!("crisp_tokens_total", &tokens("input")),
+            output_tokens: metrics::counter!("crisp_tokens_total", &tokens("output")),
+            cost: metrics::counter!(
+                "crisp_cost_usd_micros_total",
+                "source" => source.to_owned(),
+                "model" => model.to_owned()
+            ),
+            cross_region: (region != source).then(|| {
+                metrics::counter!(
+                    "crisp_cross_region_requests_total",
+                    "source" => source.to_owned(),
+                    "inference_region" => region.to_owned()
+                )
+            }),
+            source: source.to_owned(),
+            profile: profile.to_owned(),
+            scope,
+            region: region.to_owned(),
+            model: model.to_owned(),
+        }
+    }
+}
+
+fn cross_region(source: &str, region: &str) {
+    metrics::counter!(
+        "crisp_cross_region_requests_total",
+        "source" => source.to_owned(),
+        "inference_region" => region.to_owned()
+    )
+    .increment(1);
+}
+
+fn cost_micros(cost_usd: f64) -> Option<u64> {
+    let micros = (cost_usd * 1e6).round();
+    // Whole micro-dollars; the price table keeps costs far below u64::MAX.
+    (micros.is_finite() && micros > 0.0).then_some(micros as u64)
 }
 
 /// Logs where an admitted request runs: at `info` when it had to fail over, otherwise at
@@ -90,15 +240,6 @@ pub fn admitted(
     }
 }
 
-pub fn time_to_first_token(source: &str, inference_region: &str, ttft: Duration) {
-    metrics::histogram!(
-        "crisp_time_to_first_token_seconds",
-        "source" => source.to_owned(),
-        "inference_region" => inference_region.to_owned()
-    )
-    .record(ttft.as_secs_f64());
-}
-
 /// A candidate region refused a request and the next one was tried (or none was left).
 pub fn failover(source: &str, region: &str, cause: &'static str) {
     metrics::counter!(
@@ -117,38 +258,6 @@ pub fn cooldown(observer: &str, region: &str) {
         "region" => region.to_owned()
     )
     .increment(1);
-}
-
-/// Tokens and cost of a completed request; cost in millionths of a US dollar.
-pub fn usage(
-    source: &str,
-    inference_region: &str,
-    model: &str,
-    input: u32,
-    output: u32,
-    cost_usd: f64,
-) {
-    let base = [
-        ("source", source.to_owned()),
-        ("inference_region", inference_region.to_owned()),
-        ("model", model.to_owned()),
-    ];
-    let with = |dir: &'static str| {
-        let mut l = base.to_vec();
-        l.push(("direction", dir.to_owned()));
-        l
-    };
-    metrics::counter!("crisp_tokens_total", &with("input")).increment(u64::from(input));
-    metrics::counter!("crisp_tokens_total", &with("output")).increment(u64::from(output));
-    let micros = (cost_usd * 1e6).round();
-    if micros.is_finite() && micros > 0.0 {
-        metrics::counter!(
-            "crisp_cost_usd_micros_total",
-            "source" => source.to_owned(),
-            "model" => model.to_owned()
-        )
-        .increment(micros as u64);
-    }
 }
 
 /// Publishes this node's view of the fleet as gauges (called before each scrape, so ages

@@ -72,11 +72,7 @@ fn outcome(e: &BackendError) -> String {
 /// Records what happened to an admitted request as its answer streams: time to first
 /// token, tokens and cost at the end, and the outcome (also when the client goes away).
 struct Watch {
-    source: String,
-    profile: String,
-    scope: &'static str,
-    region: String,
-    model: String,
+    served: Arc<observe::Served>,
     price: crisp_catalog::Price,
     started: std::time::Instant,
     first_token: bool,
@@ -86,14 +82,7 @@ struct Watch {
 impl Watch {
     fn finish(&mut self, outcome: &str) {
         self.finished = true;
-        observe::request(&observe::RequestOutcome {
-            source: &self.source,
-            profile: &self.profile,
-            scope: self.scope,
-            inference_region: &self.region,
-            outcome,
-            duration: self.started.elapsed(),
-        });
+        self.served.finished(outcome, self.started.elapsed());
     }
 }
 
@@ -109,7 +98,7 @@ fn watched(stream: ChunkStream, mut watch: Watch) -> ChunkStream {
     Box::pin(stream.inspect(move |item| match item {
         Ok(Chunk::Delta(_)) if !watch.first_token => {
             watch.first_token = true;
-            observe::time_to_first_token(&watch.source, &watch.region, watch.started.elapsed());
+            watch.served.first_token(watch.started.elapsed());
         }
         Ok(Chunk::Delta(_)) => {}
         Ok(Chunk::Done { usage, .. }) => {
@@ -117,14 +106,9 @@ fn watched(stream: ChunkStream, mut watch: Watch) -> ChunkStream {
                 u64::from(usage.prompt_tokens),
                 u64::from(usage.completion_tokens),
             );
-            observe::usage(
-                &watch.source,
-                &watch.region,
-                &watch.model,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                cost,
-            );
+            watch
+                .served
+                .usage(usage.prompt_tokens, usage.completion_tokens, cost);
             watch.finish("ok");
         }
         Err(_) => watch.finish("stream_error"),
@@ -280,11 +264,13 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                     _ => target.model.price,
                 };
                 let watch = Watch {
-                    source: node.region_code().to_owned(),
-                    profile: target.id().to_owned(),
-                    scope: observe::scope_label(target.scope),
-                    region: code.clone(),
-                    model: target.model.id.clone(),
+                    served: node.served.get(
+                        node.region_code(),
+                        target.id(),
+                        target.scope,
+                        &code,
+                        &target.model.id,
+                    ),
                     price,
                     started,
                     first_token: false,

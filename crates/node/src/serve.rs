@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -39,14 +40,61 @@ pub enum Security {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerIdentity(pub RegionIdentity);
 
+/// Single-threaded runtimes, each on a thread of its own, that accepted connections are
+/// handed to in turn. A connection and everything its requests do (backend calls, audit
+/// appends, timers) then stay on one thread: no wake-ups of other threads, no work
+/// stealing, no shared I/O driver. The threads end when this is dropped.
+pub struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: AtomicUsize,
+    /// Dropping these ends the threads' runtimes.
+    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Workers {
+    /// `threads` runtimes named `{name}-{i}`.
+    pub fn start(threads: usize, name: &str) -> std::io::Result<Workers> {
+        let mut handles = Vec::with_capacity(threads);
+        let mut stop = Vec::with_capacity(threads);
+        for i in 0..threads.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            handles.push(runtime.handle().clone());
+            stop.push(tx);
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async {
+                        let _ = rx.await;
+                    });
+                })?;
+        }
+        Ok(Workers {
+            handles,
+            next: AtomicUsize::new(0),
+            _stop: stop,
+        })
+    }
+
+    /// The runtime for the next connection.
+    fn next(&self) -> Option<&tokio::runtime::Handle> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.handles.get(i % self.handles.len().max(1))
+    }
+}
+
 /// Serves `app` until `stop` turns true, then drains for at most `grace`. Each request
-/// carries the peer's address as `ConnectInfo`.
+/// carries the peer's address as `ConnectInfo`. With `workers`, each connection is served
+/// on one of their runtimes; otherwise on the caller's.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     security: Security,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
+    workers: Option<Arc<Workers>>,
 ) {
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
@@ -63,13 +111,25 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                connections.spawn(connection(
-                    stream,
-                    remote,
-                    app.clone(),
-                    security.clone(),
-                    graceful.watcher(),
-                ));
+                let (app, security, watcher) = (app.clone(), security.clone(), graceful.watcher());
+                match workers.as_deref().and_then(Workers::next) {
+                    Some(runtime) => {
+                        // The socket moves to the worker's I/O driver.
+                        let Ok(stream) = stream.into_std() else { continue };
+                        connections.spawn_on(
+                            async move {
+                                match TcpStream::from_std(stream) {
+                                    Ok(stream) => connection(stream, remote, app, security, watcher).await,
+                                    Err(e) => tracing::warn!(%remote, error = %e, "cannot serve the connection"),
+                                }
+                            },
+                            runtime,
+                        );
+                    }
+                    None => {
+                        connections.spawn(connection(stream, remote, app, security, watcher));
+                    }
+                }
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             () = stopped(&mut stop) => break,
@@ -181,4 +241,64 @@ fn classify(e: &std::io::Error) -> &'static str {
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// One request on a fresh connection; the answer names the thread that served it.
+    async fn served_by(addr: SocketAddr) -> String {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).await.unwrap();
+        answer.rsplit("\r\n\r\n").next().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn connections_are_spread_over_the_worker_threads_and_stay_on_them() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route(
+            "/",
+            axum::routing::get(|| async {
+                // Whatever the request awaits wakes it on the same thread.
+                let before = std::thread::current().name().unwrap_or("?").to_owned();
+                tokio::task::yield_now().await;
+                let after = std::thread::current().name().unwrap_or("?").to_owned();
+                format!("{before} {after}")
+            }),
+        );
+        let workers = Arc::new(Workers::start(2, "test-client").unwrap());
+        let (stop, rx) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            app,
+            Security::Plain,
+            rx,
+            Duration::from_secs(1),
+            Some(workers),
+        ));
+        let mut threads = BTreeSet::new();
+        for _ in 0..4 {
+            let answer = served_by(addr).await;
+            let (before, after) = answer.split_once(' ').unwrap();
+            assert_eq!(before, after, "a request moved threads: {answer}");
+            threads.insert(before.to_owned());
+        }
+        assert_eq!(
+            threads,
+            BTreeSet::from(["test-client-0".to_owned(), "test-client-1".to_owned()])
+        );
+        stop.send(true).unwrap();
+        server.await.unwrap();
+    }
 }

@@ -147,6 +147,7 @@ pub async fn run_fake(f: &mut Federation, mode: Fake) {
             Security::Mutual(store),
             stop,
             Duration::from_secs(1),
+            None,
         )
         .await;
     });
