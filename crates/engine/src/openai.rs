@@ -11,6 +11,7 @@
 //! The engine's own load is read from its Prometheus `/metrics` when it has one, combined
 //! with the requests in flight through this backend.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -314,26 +315,38 @@ struct StreamOptions {
     include_usage: bool,
 }
 
+/// One streamed chunk, borrowing its strings from the event where they need no
+/// unescaping.
 #[derive(Deserialize)]
-struct StreamChunk {
-    #[serde(default)]
-    choices: Vec<StreamChoice>,
+struct StreamChunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<StreamChoice<'a>>,
     #[serde(default)]
     usage: Option<WireUsage>,
 }
 
 #[derive(Deserialize)]
-struct StreamChoice {
-    #[serde(default)]
-    delta: Option<Delta>,
-    #[serde(default)]
-    finish_reason: Option<String>,
+struct StreamChoice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(default, borrow, deserialize_with = "maybe_borrowed")]
+    finish_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
-struct Delta {
-    #[serde(default)]
-    content: Option<String>,
+struct Delta<'a> {
+    #[serde(default, borrow, deserialize_with = "maybe_borrowed")]
+    content: Option<Cow<'a, str>>,
+}
+
+/// serde borrows a `Cow<str>` field, but not one inside an `Option`.
+fn maybe_borrowed<'de: 'a, 'a, D>(d: D) -> Result<Option<Cow<'a, str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Text<'a>>::deserialize(d)?.map(|t| t.0))
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -370,7 +383,7 @@ where
         (body, BytesMut::new(), false),
         |(mut body, mut buf, mut done)| async move {
             loop {
-                if let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
+                if let Some(pos) = memchr::memmem::find(&buf, b"\n\n") {
                     let event = buf.split_to(pos + 2).freeze();
                     let Some(data) = sse_data(&event) else {
                         continue;
@@ -601,7 +614,11 @@ impl Relay {
             let mut text = String::new();
             for c in chunk.choices {
                 if let Some(d) = c.delta.and_then(|d| d.content) {
-                    text.push_str(&d);
+                    if text.is_empty() {
+                        text = d.into_owned();
+                    } else {
+                        text.push_str(&d);
+                    }
                 }
                 if let Some(f) = c.finish_reason {
                     self.finish = Some(if f == "length" {
@@ -662,6 +679,23 @@ mod tests {
         let two = Bytes::from_static(b"event: x\ndata:a\ndata: b\n\n");
         assert_eq!(&sse_data(&two).unwrap()[..], b"a\nb");
         assert!(sse_data(&Bytes::from_static(b": keep-alive\n\n")).is_none());
+    }
+
+    #[test]
+    fn chunk_text_is_borrowed_unless_it_has_escapes() {
+        let plain = br#"{"choices":[{"delta":{"content":"Hello"},"finish_reason":null}]}"#;
+        let chunk: StreamChunk = serde_json::from_slice(plain).unwrap();
+        let content = chunk.choices[0].delta.as_ref().unwrap().content.as_ref();
+        assert!(matches!(content, Some(Cow::Borrowed("Hello"))));
+        let escaped =
+            br#"{"choices":[{"delta":{"content":"a\nb \"q\" \u00e9"},"finish_reason":"length"}]}"#;
+        let chunk: StreamChunk = serde_json::from_slice(escaped).unwrap();
+        let choice = &chunk.choices[0];
+        assert_eq!(
+            choice.delta.as_ref().unwrap().content.as_deref(),
+            Some("a\nb \"q\" \u{e9}")
+        );
+        assert_eq!(choice.finish_reason.as_deref(), Some("length"));
     }
 
     fn cfg() -> OpenAiConfig {
