@@ -1,7 +1,8 @@
 //! The source side of the backbone: forwarding requests and subscribing to telemetry.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -31,8 +32,9 @@ const DRAIN_AFTER_LAST_EVENT: Duration = Duration::from_secs(1);
 type Connector = HttpsConnector<HttpConnector>;
 type HttpClient = Client<Connector, Full<Bytes>>;
 
-/// Persistent HTTP/2 connections over mutual TLS to peer nodes, one per peer, shared by
-/// forwarded requests and telemetry. Rebuilt when the node's certificates rotate.
+/// Persistent HTTP/2 connections over mutual TLS to peer nodes, one per peer and thread,
+/// shared by that thread's forwarded requests and telemetry. Rebuilt when the node's
+/// certificates rotate.
 pub struct PeerClient {
     tls: Arc<TlsStore>,
     /// `host:port` of each peer → the name its certificate must carry.
@@ -42,7 +44,11 @@ pub struct PeerClient {
 
 struct Cached {
     material: Arc<TlsMaterial>,
-    client: HttpClient,
+    /// A client (and so a connection per peer) per thread: a connection's task runs on
+    /// the runtime that opened it, and a request from another thread's runtime would
+    /// wake that one at every frame. A node serving clients on one event loop per core
+    /// forwards from each of them.
+    clients: Mutex<Vec<(ThreadId, HttpClient)>>,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -95,25 +101,36 @@ impl PeerClient {
                 .collect(),
         );
         let material = tls.current();
-        let client = build(&material, &names);
         PeerClient {
             tls,
             names,
-            cached: ArcSwap::from_pointee(Cached { material, client }),
+            cached: ArcSwap::from_pointee(Cached {
+                material,
+                clients: Mutex::default(),
+            }),
         }
     }
 
+    /// This thread's client for the current certificates.
     fn client(&self) -> HttpClient {
         let current = self.tls.current();
-        let cached = self.cached.load();
-        if Arc::ptr_eq(&cached.material, &current) {
-            return cached.client.clone();
+        let mut cached = self.cached.load_full();
+        if !Arc::ptr_eq(&cached.material, &current) {
+            cached = Arc::new(Cached {
+                material: current,
+                clients: Mutex::default(),
+            });
+            self.cached.store(cached.clone());
         }
-        let client = build(&current, &self.names);
-        self.cached.store(Arc::new(Cached {
-            material: current,
-            client: client.clone(),
-        }));
+        let me = std::thread::current().id();
+        let Ok(mut clients) = cached.clients.lock() else {
+            return build(&cached.material, &self.names);
+        };
+        if let Some((_, client)) = clients.iter().find(|(t, _)| *t == me) {
+            return client.clone();
+        }
+        let client = build(&cached.material, &self.names);
+        clients.push((me, client.clone()));
         client
     }
 
