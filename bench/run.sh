@@ -17,8 +17,8 @@
 # BENCH_SOAK_CONNECTIONS (64), BENCH_SOAK_INTERVAL (5 s between RSS samples). Streams:
 # BENCH_STREAMS (1000), BENCH_STREAM_SECONDS (30), BENCH_SLOW_RATE (100 bytes/s per
 # stream from the upstream). Profile: BENCH_PROFILE_SECONDS (10 s under perf),
-# BENCH_PROFILE_ROUNDS (3), BENCH_PROFILE_TARGET (the node under perf: crisp, crisp-w or
-# crisp-tmpfs). Target names: direct, nginx, litellm, portkey, crisp, crisp-w, crisp-x.
+# BENCH_PROFILE_ROUNDS (3), BENCH_PROFILE_TARGET (the node under perf: crisp, crisp-w,
+# crisp-tmpfs or crisp-shared). Target names: direct, nginx, litellm, portkey, crisp, crisp-w, crisp-x.
 # Everything listens on 127.0.0.1 only and every process started here is stopped on exit.
 set -euo pipefail
 
@@ -54,6 +54,7 @@ CRISP_A=$((BASE + 87))   # cross-region, entry node (eu-central-1)
 CRISP_B=$((BASE + 88))   # cross-region, serving node (eu-west-1)
 CRISP_TMPFS=$((BASE + 89))   # profile mode: audit trail on tmpfs
 CRISP_WRITE=$((BASE + 90))   # in-region node with [audit] durability = "write"
+CRISP_SHARED=$((BASE + 91))  # profile mode: "write" node serving clients on the shared runtime
 
 NPROC=$(nproc)
 STARTED=$(date -u '+%Y-%m-%d %H:%M UTC')
@@ -170,7 +171,8 @@ for p in $UP_JSON $UP_SSE $UP_SLOW $NGINX_PROXY $LITELLM_PORT $PORTKEY_PORT \
     $CRISP_IN $((CRISP_IN + 100)) $((CRISP_IN + 200)) $CRISP_A $((CRISP_A + 100)) \
     $((CRISP_A + 200)) $CRISP_B $((CRISP_B + 100)) $((CRISP_B + 200)) \
     $CRISP_TMPFS $((CRISP_TMPFS + 100)) $((CRISP_TMPFS + 200)) \
-    $CRISP_WRITE $((CRISP_WRITE + 100)) $((CRISP_WRITE + 200)); do
+    $CRISP_WRITE $((CRISP_WRITE + 100)) $((CRISP_WRITE + 200)) \
+    $CRISP_SHARED $((CRISP_SHARED + 100)) $((CRISP_SHARED + 200)); do
     port_free "$p" || die "port $p is in use; move every port with BENCH_PORT_BASE=N (now $BASE)"
 done
 
@@ -251,8 +253,10 @@ crisp_files() { # dir config-template regions... (the key is left in DIR/api-key
     "$CRISP" profiles lock --config "$dir/crisp.toml" >/dev/null
 }
 
-start_crisp_in_region() { # upstream-port max-concurrency [client-port name audit-dir durability]
+start_crisp_in_region() { # upstream-port max-concurrency [client-port name audit-dir durability client-threads]
     local port=${3:-$CRISP_IN} name=${4:-crisp-in} audit=${5:-audit/{region\}} durability=${6:-fsync}
+    local threads=()
+    [[ -z ${7:-} ]] || threads=(--client-threads "$7")
     step "Starting $name: crisp in one region (API key, Cedar policy, audit trail in $audit with durability $durability; backend :$1)"
     local dir=$RUN/$name
     # A fresh node each time (a mode run after another may reuse the name).
@@ -262,7 +266,7 @@ start_crisp_in_region() { # upstream-port max-concurrency [client-port name audi
         PEER_PORT=$((port + 100)) ADMIN_PORT=$((port + 200)) UPSTREAM_PORT="$1" \
         MAX_CONCURRENCY="$2" AUDIT_DIR="$audit" DURABILITY="$durability"
     crisp_files "$dir" eu-central-1
-    start "$name" "$dir" "$CRISP" serve --config crisp.toml --region eu-central-1
+    start "$name" "$dir" "$CRISP" serve --config crisp.toml --region eu-central-1 "${threads[@]}"
     CRISP_IN_PID=$LAST_PID
     CRISP_KEY=$(cat "$dir/api-key")
     wait_port "$port" 20 || die "crisp did not start: $(tail -n 20 "$RUN/$name.log")"
@@ -475,25 +479,29 @@ EOF
 
 run_profile() {
     [[ -n ${UPSTREAM_PID:-} ]] || start_upstream
-    # Three crisp nodes, each with the API key, the Cedar policy and the audit trail: as
+    # Four crisp nodes, each with the API key, the Cedar policy and the audit trail: as
     # benchmarked (answers wait for the fdatasync); with [audit] durability = "write"
-    # (answers wait for the write, flushes batched); and with the trail on tmpfs (its
-    # fdatasync returns at once, a diagnostic, not a setting to run with).
+    # (answers wait for the write, flushes batched); with the trail on tmpfs (its
+    # fdatasync returns at once, a diagnostic, not a setting to run with); and "write"
+    # with client connections on the shared work-stealing runtime (--client-threads 0)
+    # instead of one event loop per core.
     SHM=$(mktemp -d /dev/shm/crisp-bench.XXXXXX)
     : >"$TARGETS"
     add_target direct "direct (nginx upstream)" "http://127.0.0.1:$UP_JSON/v1/chat/completions" \
         "$(body_for bench)" "$UPSTREAM_PID"
     local variants=("$CRISP_IN crisp-in audit/{region} fsync crisp"
         "$CRISP_WRITE crisp-w audit/{region} write crisp-w"
-        "$CRISP_TMPFS crisp-tmpfs $SHM/tmpfs/{region} fsync crisp-tmpfs")
-    local v port name audit durability key label in_pid="" profiled_pid=""
+        "$CRISP_TMPFS crisp-tmpfs $SHM/tmpfs/{region} fsync crisp-tmpfs"
+        "$CRISP_SHARED crisp-shared audit/{region} write crisp-shared 0")
+    local v port name audit durability key threads label in_pid="" profiled_pid=""
     local profiled=${BENCH_PROFILE_TARGET:-crisp}
     for v in "${variants[@]}"; do
-        read -r port name audit durability key <<<"$v"
+        threads=""
+        read -r port name audit durability key threads <<<"$v"
         if [[ $name == crisp-in && -n ${CRISP_IN_PID:-} ]]; then
             note "reusing the running crisp-in"
         else
-            start_crisp_in_region $UP_SSE 256 "$port" "$name" "$audit" "$durability"
+            start_crisp_in_region $UP_SSE 256 "$port" "$name" "$audit" "$durability" "$threads"
         fi
         retry_check 20 "http://127.0.0.1:$port/v1/chat/completions" "$(body_for bench)" \
             'Hello from the bench' "authorization: Bearer $(cat "$RUN/$name/api-key")" ||
@@ -501,6 +509,7 @@ run_profile() {
         case $name in
         crisp-in) label="crisp, as benchmarked" in_pid=$CRISP_IN_PID ;;
         crisp-w) label="crisp, durability write" ;;
+        crisp-shared) label="crisp, durability write, clients on the shared runtime" ;;
         *) label="crisp, audit trail on tmpfs" ;;
         esac
         [[ $key == "$profiled" ]] && profiled_pid=$CRISP_IN_PID
@@ -509,7 +518,7 @@ run_profile() {
     done
     CRISP_IN_PID=$in_pid
     CRISP_KEY=$(cat "$RUN/crisp-in/api-key")
-    [[ -n $profiled_pid ]] || die "BENCH_PROFILE_TARGET=$profiled: not one of crisp, crisp-w, crisp-tmpfs"
+    [[ -n $profiled_pid ]] || die "BENCH_PROFILE_TARGET=$profiled: not one of crisp, crisp-w, crisp-tmpfs, crisp-shared"
     "$PY" -c 'import json,sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])]))' \
         "$TARGETS" >"$RUN/profile-targets.json"
     local seconds=${BENCH_PROFILE_SECONDS:-10}
@@ -528,7 +537,7 @@ run_profile() {
     else
         note "perf cannot count here (perf stat -e instructions true fails): no call-graph profile"
     fi
-    step "What durability costs: crisp as benchmarked, with durability write, on tmpfs"
+    step "What durability and threading cost: crisp as benchmarked, durability write, on tmpfs, on the shared runtime"
     BENCH_CONCURRENCY=1,64 BENCH_ROUNDS=${BENCH_PROFILE_ROUNDS:-3} BENCH_WARMUP_SECONDS=2 \
         "$PY" "$BENCH/lib/bench.py" compare "$RUN/profile-targets.json" "$RUN/profile.json"
     [[ -f $RUN/meta.json ]] || versions

@@ -299,7 +299,8 @@ def profile_md(results, rows, meta, perf_md):
                   "Each sample is charged to the innermost component on its stack, so "
                   "allocator, library and kernel time count where they are caused:", "",
                   perf_md.strip(), ""]
-    lines += ["The same node measured again beside two variants (each a separate node with "
+    variants = sum(1 for t in results["targets"] if t["name"] not in ("direct", "crisp"))
+    lines += [f"The same node measured again beside {variants} variants (each a separate node with "
               "the API key, the Cedar policy and the audit trail; "
               f"{results['rounds']} rounds of {results['seconds']} s, medians):", "",
               "| variant | req/s at 64 conns | p50 ms at 1 conn | added p50 ms at 1 conn "
