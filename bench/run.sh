@@ -18,7 +18,7 @@
 # BENCH_STREAMS (1000), BENCH_STREAM_SECONDS (30), BENCH_SLOW_RATE (100 bytes/s per
 # stream from the upstream). Profile: BENCH_PROFILE_SECONDS (10 s under perf),
 # BENCH_PROFILE_ROUNDS (3), BENCH_PROFILE_TARGET (the node under perf: crisp, crisp-w,
-# crisp-tmpfs or crisp-shared). Target names: direct, nginx, litellm, portkey, crisp, crisp-w, crisp-x.
+# crisp-tmpfs or crisp-loops). Target names: direct, nginx, litellm, portkey, crisp, crisp-w, crisp-x.
 # Everything listens on 127.0.0.1 only and every process started here is stopped on exit.
 set -euo pipefail
 
@@ -54,7 +54,7 @@ CRISP_A=$((BASE + 87))   # cross-region, entry node (eu-central-1)
 CRISP_B=$((BASE + 88))   # cross-region, serving node (eu-west-1)
 CRISP_TMPFS=$((BASE + 89))   # profile mode: audit trail on tmpfs
 CRISP_WRITE=$((BASE + 90))   # in-region node with [audit] durability = "write"
-CRISP_SHARED=$((BASE + 91))  # profile mode: "write" node serving clients on the shared runtime
+CRISP_LOOPS=$((BASE + 91))   # profile mode: "write" node serving clients on one event loop per core
 
 NPROC=$(nproc)
 STARTED=$(date -u '+%Y-%m-%d %H:%M UTC')
@@ -172,7 +172,7 @@ for p in $UP_JSON $UP_SSE $UP_SLOW $NGINX_PROXY $LITELLM_PORT $PORTKEY_PORT \
     $((CRISP_A + 200)) $CRISP_B $((CRISP_B + 100)) $((CRISP_B + 200)) \
     $CRISP_TMPFS $((CRISP_TMPFS + 100)) $((CRISP_TMPFS + 200)) \
     $CRISP_WRITE $((CRISP_WRITE + 100)) $((CRISP_WRITE + 200)) \
-    $CRISP_SHARED $((CRISP_SHARED + 100)) $((CRISP_SHARED + 200)); do
+    $CRISP_LOOPS $((CRISP_LOOPS + 100)) $((CRISP_LOOPS + 200)); do
     port_free "$p" || die "port $p is in use; move every port with BENCH_PORT_BASE=N (now $BASE)"
 done
 
@@ -483,8 +483,8 @@ run_profile() {
     # benchmarked (answers wait for the fdatasync); with [audit] durability = "write"
     # (answers wait for the write, flushes batched); with the trail on tmpfs (its
     # fdatasync returns at once, a diagnostic, not a setting to run with); and "write"
-    # with client connections on the shared work-stealing runtime (--client-threads 0)
-    # instead of one event loop per core.
+    # with client connections on one event loop per core (--client-threads N) instead of
+    # the shared work-stealing runtime.
     SHM=$(mktemp -d /dev/shm/crisp-bench.XXXXXX)
     : >"$TARGETS"
     add_target direct "direct (nginx upstream)" "http://127.0.0.1:$UP_JSON/v1/chat/completions" \
@@ -492,7 +492,7 @@ run_profile() {
     local variants=("$CRISP_IN crisp-in audit/{region} fsync crisp"
         "$CRISP_WRITE crisp-w audit/{region} write crisp-w"
         "$CRISP_TMPFS crisp-tmpfs $SHM/tmpfs/{region} fsync crisp-tmpfs"
-        "$CRISP_SHARED crisp-shared audit/{region} write crisp-shared 0")
+        "$CRISP_LOOPS crisp-loops audit/{region} write crisp-loops $NPROC")
     local v port name audit durability key threads label in_pid="" profiled_pid=""
     local profiled=${BENCH_PROFILE_TARGET:-crisp}
     for v in "${variants[@]}"; do
@@ -509,7 +509,7 @@ run_profile() {
         case $name in
         crisp-in) label="crisp, as benchmarked" in_pid=$CRISP_IN_PID ;;
         crisp-w) label="crisp, durability write" ;;
-        crisp-shared) label="crisp, durability write, clients on the shared runtime" ;;
+        crisp-loops) label="crisp, durability write, one event loop per core" ;;
         *) label="crisp, audit trail on tmpfs" ;;
         esac
         [[ $key == "$profiled" ]] && profiled_pid=$CRISP_IN_PID
@@ -518,7 +518,7 @@ run_profile() {
     done
     CRISP_IN_PID=$in_pid
     CRISP_KEY=$(cat "$RUN/crisp-in/api-key")
-    [[ -n $profiled_pid ]] || die "BENCH_PROFILE_TARGET=$profiled: not one of crisp, crisp-w, crisp-tmpfs, crisp-shared"
+    [[ -n $profiled_pid ]] || die "BENCH_PROFILE_TARGET=$profiled: not one of crisp, crisp-w, crisp-tmpfs, crisp-loops"
     "$PY" -c 'import json,sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])]))' \
         "$TARGETS" >"$RUN/profile-targets.json"
     local seconds=${BENCH_PROFILE_SECONDS:-10}
@@ -537,7 +537,7 @@ run_profile() {
     else
         note "perf cannot count here (perf stat -e instructions true fails): no call-graph profile"
     fi
-    step "What durability and threading cost: crisp as benchmarked, durability write, on tmpfs, on the shared runtime"
+    step "What durability and threading cost: crisp as benchmarked, durability write, on tmpfs, on one event loop per core"
     BENCH_CONCURRENCY=1,64 BENCH_ROUNDS=${BENCH_PROFILE_ROUNDS:-3} BENCH_WARMUP_SECONDS=2 \
         "$PY" "$BENCH/lib/bench.py" compare "$RUN/profile-targets.json" "$RUN/profile.json"
     [[ -f $RUN/meta.json ]] || versions

@@ -71,11 +71,11 @@ enum Command {
         /// ...and this key (PEM).
         #[arg(long, requires = "client_cert")]
         client_key: Option<PathBuf>,
-        /// Threads serving client connections, each with an event loop of its own that a
-        /// connection stays on [default: one per core]. 0 serves them on the shared
-        /// work-stealing runtime instead.
-        #[arg(long, env = "CRISP_CLIENT_THREADS")]
-        client_threads: Option<usize>,
+        /// Serve client connections on this many threads, each with an event loop of its
+        /// own that a connection stays on, instead of on the shared work-stealing runtime
+        /// (0, the default).
+        #[arg(long, env = "CRISP_CLIENT_THREADS", default_value_t = 0)]
+        client_threads: usize,
     },
     /// Create the deployment CA and issue region certificates for the backbone.
     Certs {
@@ -341,7 +341,7 @@ struct ServeSetup {
     lock: Option<PathBuf>,
     certs: Option<PathBuf>,
     client_tls: Option<Arc<rustls::ServerConfig>>,
-    client_threads: Option<usize>,
+    client_threads: usize,
     metrics: crisp_node::admin::MetricsRender,
 }
 
@@ -473,9 +473,7 @@ fn start_node(
             on_reload: Some(Arc::new(move || {
                 let _ = reload.try_send(());
             })),
-            client_threads: setup
-                .client_threads
-                .unwrap_or_else(|| ServeOptions::default().client_threads),
+            client_threads: setup.client_threads,
             ..ServeOptions::default()
         },
     )?;
@@ -495,7 +493,7 @@ async fn serve(
     lock: Option<PathBuf>,
     certs: Option<PathBuf>,
     client_tls: Option<(PathBuf, PathBuf)>,
-    client_threads: Option<usize>,
+    client_threads: usize,
 ) -> anyhow::Result<()> {
     let client_tls = match client_tls {
         Some((cert, key)) => {

@@ -203,8 +203,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let options = ServeOptions {
             grace: Duration::from_secs(5),
             metrics: Some(metrics.clone()),
-            // Eleven nodes share this process's cores: one event loop each is plenty.
-            client_threads: 1,
             ..ServeOptions::default()
         };
         nodes.push(RunningNode::start(node, l, options)?);

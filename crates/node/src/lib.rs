@@ -375,7 +375,9 @@ pub struct ServeOptions {
     /// reload its configuration too.
     pub on_reload: Option<Arc<dyn Fn() + Send + Sync>>,
     /// Threads serving client connections, each with a single-threaded runtime of its
-    /// own; 0 serves them on the runtime that starts the node.
+    /// own; 0 (the default) serves them on the runtime that starts the node, which was
+    /// as fast at 64 connections and faster for a lone request where it was measured
+    /// (docs/performance.md).
     pub client_threads: usize,
 }
 
@@ -387,7 +389,7 @@ impl Default for ServeOptions {
             reload_interval: Duration::from_secs(10),
             metrics: None,
             on_reload: None,
-            client_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            client_threads: 0,
         }
     }
 }
