@@ -9,9 +9,9 @@
 //! pool once its answer has been read to the end, and is closed if the answer is dropped
 //! half-read (which is how the backend learns that the client went away).
 //!
-//! Idle connections are kept per thread. A socket belongs to the runtime that opened it,
-//! whose thread learns when it is readable; on a node serving clients from one
-//! single-threaded runtime per core, a connection taken up by another thread would cost a
+//! Idle connections are kept per event loop ([`crate::event_loop`]): a socket belongs to
+//! the runtime that opened it, and on a node serving clients from dedicated
+//! single-threaded runtimes, a connection taken up by another one would cost a
 //! cross-thread wake-up at every step of every answer.
 
 use std::collections::VecDeque;
@@ -19,7 +19,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -81,11 +80,11 @@ pub(crate) struct Pool {
     max_idle: usize,
     /// How long a connection may sit idle before it is closed rather than reused.
     idle_limit: Duration,
-    /// Per thread.
-    idle: Mutex<Vec<(ThreadId, Idle)>>,
+    /// Per event loop.
+    idle: Mutex<Vec<(usize, Idle)>>,
 }
 
-/// One thread's idle connections, most recently used first, with when each became idle.
+/// One event loop's idle connections, most recently used first, with when each became idle.
 type Idle = VecDeque<(Instant, Conn)>;
 
 /// Idle connections older than this are closed instead of reused: servers close theirs
@@ -141,7 +140,7 @@ impl Pool {
     }
 
     fn take_idle(&self) -> Option<Conn> {
-        let me = std::thread::current().id();
+        let me = crate::event_loop::current();
         let mut shards = self.idle.lock().ok()?;
         let idle = &mut shards.iter_mut().find(|(t, _)| *t == me)?.1;
         let (since, conn) = idle.pop_front()?;
@@ -154,7 +153,7 @@ impl Pool {
     }
 
     fn put_back(&self, conn: Conn) {
-        let me = std::thread::current().id();
+        let me = crate::event_loop::current();
         let Ok(mut shards) = self.idle.lock() else {
             return;
         };
@@ -376,9 +375,30 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new one once too old");
     }
 
-    // The server runs on the runtime's workers while this thread waits for the other.
+    /// Runs `f` on a thread of its own with a single-threaded runtime, in event loop `id`.
+    fn on_thread(id: Option<usize>, pool: &Arc<Pool>, gets: usize) {
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            if let Some(id) = id {
+                crate::event_loop::enter(id);
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                for _ in 0..gets {
+                    get(&pool).await;
+                }
+            });
+        })
+        .join()
+        .unwrap();
+    }
+
+    // The server runs on the runtime's workers while this thread waits for the others.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn idle_connections_are_kept_per_thread() {
+    async fn idle_connections_are_kept_per_event_loop() {
         let (port, accepted) = server().await;
         let pool = Arc::new(
             Pool::for_url(
@@ -389,29 +409,18 @@ mod tests {
             .unwrap(),
         );
         get(&pool).await;
-        let elsewhere = pool.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                get(&elsewhere).await;
-                get(&elsewhere).await;
-            });
-        })
-        .join()
-        .unwrap();
+        on_thread(Some(1), &pool, 2);
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             2,
-            "the other thread opened one of its own and reused it"
+            "event loop 1 opened one of its own and reused it"
         );
+        on_thread(None, &pool, 1);
         get(&pool).await;
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             2,
-            "this thread's is still idle"
+            "threads of the shared loop share its idle connection"
         );
     }
 

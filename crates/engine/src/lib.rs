@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::Stream;
 use futures::future::BoxFuture;
 
+pub mod event_loop;
 mod http1;
 pub mod metrics;
 pub mod openai;

@@ -66,6 +66,8 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
+                    // Loop 0 is the shared runtime.
+                    crisp_engine::event_loop::enter(i + 1);
                     runtime.block_on(async {
                         let _ = rx.await;
                     });

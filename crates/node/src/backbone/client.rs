@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::thread::ThreadId;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -32,8 +31,8 @@ const DRAIN_AFTER_LAST_EVENT: Duration = Duration::from_secs(1);
 type Connector = HttpsConnector<HttpConnector>;
 type HttpClient = Client<Connector, Full<Bytes>>;
 
-/// Persistent HTTP/2 connections over mutual TLS to peer nodes, one per peer and thread,
-/// shared by that thread's forwarded requests and telemetry. Rebuilt when the node's
+/// Persistent HTTP/2 connections over mutual TLS to peer nodes, one per peer and event
+/// loop, shared by that loop's forwarded requests and telemetry. Rebuilt when the node's
 /// certificates rotate.
 pub struct PeerClient {
     tls: Arc<TlsStore>,
@@ -44,11 +43,11 @@ pub struct PeerClient {
 
 struct Cached {
     material: Arc<TlsMaterial>,
-    /// A client (and so a connection per peer) per thread: a connection's task runs on
-    /// the runtime that opened it, and a request from another thread's runtime would
-    /// wake that one at every frame. A node serving clients on one event loop per core
-    /// forwards from each of them.
-    clients: Mutex<Vec<(ThreadId, HttpClient)>>,
+    /// A client (and so a connection per peer) per event loop
+    /// ([`crisp_engine::event_loop`]): a connection's task runs on the runtime that
+    /// opened it, and a request from another loop would wake that one at every frame. A
+    /// node serving clients on dedicated event loops forwards from each of them.
+    clients: Mutex<Vec<(usize, HttpClient)>>,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -111,7 +110,7 @@ impl PeerClient {
         }
     }
 
-    /// This thread's client for the current certificates.
+    /// This event loop's client for the current certificates.
     fn client(&self) -> HttpClient {
         let current = self.tls.current();
         let mut cached = self.cached.load_full();
@@ -122,7 +121,7 @@ impl PeerClient {
             });
             self.cached.store(cached.clone());
         }
-        let me = std::thread::current().id();
+        let me = crisp_engine::event_loop::current();
         let Ok(mut clients) = cached.clients.lock() else {
             return build(&cached.material, &self.names);
         };
