@@ -375,7 +375,8 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new one once too old");
     }
 
-    /// Runs `f` on a thread of its own with a single-threaded runtime, in event loop `id`.
+    /// Makes `gets` requests from a thread of its own with a single-threaded runtime, in
+    /// event loop `id` (the shared loop 0 when `None`).
     fn on_thread(id: Option<usize>, pool: &Arc<Pool>, gets: usize) {
         let pool = pool.clone();
         std::thread::spawn(move || {

@@ -113,23 +113,16 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let (app, security, watcher) = (app.clone(), security.clone(), graceful.watcher());
+                let accepted = Accepted {
+                    remote,
+                    app: app.clone(),
+                    security: security.clone(),
+                    watcher: graceful.watcher(),
+                };
                 match workers.as_deref().and_then(Workers::next) {
-                    Some(runtime) => {
-                        // The socket moves to the worker's I/O driver.
-                        let Ok(stream) = stream.into_std() else { continue };
-                        connections.spawn_on(
-                            async move {
-                                match TcpStream::from_std(stream) {
-                                    Ok(stream) => connection(stream, remote, app, security, watcher).await,
-                                    Err(e) => tracing::warn!(%remote, error = %e, "cannot serve the connection"),
-                                }
-                            },
-                            runtime,
-                        );
-                    }
+                    Some(runtime) => accepted.spawn_on(&mut connections, stream, runtime),
                     None => {
-                        connections.spawn(connection(stream, remote, app, security, watcher));
+                        connections.spawn(accepted.serve(stream));
                     }
                 }
             }
@@ -145,6 +138,48 @@ pub async fn serve(
         }
     }
     connections.abort_all();
+}
+
+/// What serving one accepted connection needs.
+struct Accepted {
+    remote: SocketAddr,
+    app: Router,
+    security: Security,
+    watcher: Watcher,
+}
+
+impl Accepted {
+    async fn serve(self, stream: TcpStream) {
+        connection(stream, self.remote, self.app, self.security, self.watcher).await;
+    }
+
+    /// Serves the connection on `runtime`, whose I/O driver the socket moves to.
+    fn spawn_on(
+        self,
+        tasks: &mut JoinSet<()>,
+        stream: TcpStream,
+        runtime: &tokio::runtime::Handle,
+    ) {
+        let remote = self.remote;
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%remote, error = %e, "cannot hand the connection to a client thread");
+                return;
+            }
+        };
+        tasks.spawn_on(
+            async move {
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => self.serve(stream).await,
+                    Err(e) => {
+                        tracing::warn!(%remote, error = %e, "cannot serve the connection");
+                    }
+                }
+            },
+            runtime,
+        );
+    }
 }
 
 async fn connection(
