@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,8 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use crate::event_loop::PerLoop;
 
 type Connection = http1::Connection<TokioIo<TcpStream>, Full<Bytes>>;
 
@@ -80,8 +82,7 @@ pub(crate) struct Pool {
     max_idle: usize,
     /// How long a connection may sit idle before it is closed rather than reused.
     idle_limit: Duration,
-    /// Per event loop.
-    idle: Mutex<Vec<(usize, Idle)>>,
+    idle: PerLoop<Idle>,
 }
 
 /// One event loop's idle connections, most recently used first, with when each became idle.
@@ -127,7 +128,7 @@ impl Pool {
             connect_timeout,
             max_idle: max_idle.max(1),
             idle_limit: IDLE_LIMIT,
-            idle: Mutex::new(Vec::new()),
+            idle: PerLoop::default(),
         })
     }
 
@@ -140,33 +141,26 @@ impl Pool {
     }
 
     fn take_idle(&self) -> Option<Conn> {
-        let me = crate::event_loop::current();
-        let mut shards = self.idle.lock().ok()?;
-        let idle = &mut shards.iter_mut().find(|(t, _)| *t == me)?.1;
-        let (since, conn) = idle.pop_front()?;
-        if since.elapsed() < self.idle_limit {
-            return Some(conn);
-        }
-        // This was the most recently used one: all the others are older still.
-        idle.clear();
-        None
+        self.idle
+            .with(VecDeque::new, |idle| {
+                let (since, conn) = idle.pop_front()?;
+                if since.elapsed() < self.idle_limit {
+                    return Some(conn);
+                }
+                // This was the most recently used one: all the others are older still.
+                idle.clear();
+                None
+            })
+            .flatten()
     }
 
     fn put_back(&self, conn: Conn) {
-        let me = crate::event_loop::current();
-        let Ok(mut shards) = self.idle.lock() else {
-            return;
-        };
-        if !shards.iter().any(|(t, _)| *t == me) {
-            shards.push((me, VecDeque::new()));
-        }
-        let Some((_, idle)) = shards.iter_mut().find(|(t, _)| *t == me) else {
-            return;
-        };
-        if idle.len() < self.max_idle {
-            // Most recently used first: it is the least likely to have been closed.
-            idle.push_front((Instant::now(), conn));
-        }
+        self.idle.with(VecDeque::new, |idle| {
+            if idle.len() < self.max_idle {
+                // Most recently used first: it is the least likely to have been closed.
+                idle.push_front((Instant::now(), conn));
+            }
+        });
     }
 
     async fn connect(&self) -> Result<Conn, SendError> {

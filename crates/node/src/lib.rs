@@ -375,9 +375,8 @@ pub struct ServeOptions {
     /// reload its configuration too.
     pub on_reload: Option<Arc<dyn Fn() + Send + Sync>>,
     /// Threads serving client connections, each with a single-threaded runtime of its
-    /// own; 0 (the default) serves them on the runtime that starts the node, which was
-    /// as fast at 64 connections and faster for a lone request where it was measured
-    /// (docs/performance.md).
+    /// own; 0 (the default) serves them on the runtime that starts the node, which
+    /// answered a lone request faster where it was measured (docs/performance.md).
     pub client_threads: usize,
 }
 

@@ -45,7 +45,7 @@ pub fn request(o: &RequestOutcome<'_>) {
     ];
     metrics::counter!("crisp_requests_total", &labels).increment(1);
     if o.inference_region != "-" && o.inference_region != o.source {
-        cross_region(o.source, o.inference_region);
+        cross_region(o.source, o.inference_region).increment(1);
     }
     metrics::histogram!(
         "crisp_request_duration_seconds",
@@ -59,11 +59,11 @@ pub fn request(o: &RequestOutcome<'_>) {
 /// resolved once: looking a metric up by its labels builds, hashes and compares its key
 /// every time, six times per request.
 pub struct Served {
-    pub source: String,
-    pub profile: String,
-    pub scope: &'static str,
-    pub region: String,
-    pub model: String,
+    /// The labels, for outcomes other than `ok`.
+    source: String,
+    profile: String,
+    scope: &'static str,
+    region: String,
     requests_ok: Counter,
     duration_ok: Histogram,
     first_token: Histogram,
@@ -107,39 +107,7 @@ impl Served {
             self.cost.increment(micros);
         }
     }
-}
 
-/// [`Served`] by profile and region, for one node (the node is built after the metrics
-/// recorder is installed, so its handles record into it). Bounded like the labels are:
-/// profiles times regions.
-#[derive(Default)]
-pub struct ServedCache(Mutex<HashMap<String, HashMap<String, Arc<Served>>>>);
-
-impl ServedCache {
-    pub fn get(
-        &self,
-        source: &str,
-        profile: &str,
-        scope: Scope,
-        region: &str,
-        model: &str,
-    ) -> Arc<Served> {
-        let Ok(mut cache) = self.0.lock() else {
-            return Arc::new(Served::new(source, profile, scope, region, model));
-        };
-        if let Some(served) = cache.get(profile).and_then(|by| by.get(region)) {
-            return served.clone();
-        }
-        let served = Arc::new(Served::new(source, profile, scope, region, model));
-        cache
-            .entry(profile.to_owned())
-            .or_default()
-            .insert(region.to_owned(), served.clone());
-        served
-    }
-}
-
-impl Served {
     fn new(source: &str, profile: &str, scope: Scope, region: &str, model: &str) -> Served {
         let scope = scope_label(scope);
         let requests = [
@@ -176,29 +144,51 @@ impl Served {
                 "source" => source.to_owned(),
                 "model" => model.to_owned()
             ),
-            cross_region: (region != source).then(|| {
-                metrics::counter!(
-                    "crisp_cross_region_requests_total",
-                    "source" => source.to_owned(),
-                    "inference_region" => region.to_owned()
-                )
-            }),
+            cross_region: (region != source).then(|| cross_region(source, region)),
             source: source.to_owned(),
             profile: profile.to_owned(),
             scope,
             region: region.to_owned(),
-            model: model.to_owned(),
         }
     }
 }
 
-fn cross_region(source: &str, region: &str) {
+/// [`Served`] by profile and region, for one node (the node is built after the metrics
+/// recorder is installed, so its handles record into it). Bounded like the labels are:
+/// profiles times regions.
+#[derive(Default)]
+pub struct ServedCache(Mutex<HashMap<String, HashMap<String, Arc<Served>>>>);
+
+impl ServedCache {
+    pub fn get(
+        &self,
+        source: &str,
+        profile: &str,
+        scope: Scope,
+        region: &str,
+        model: &str,
+    ) -> Arc<Served> {
+        let Ok(mut cache) = self.0.lock() else {
+            return Arc::new(Served::new(source, profile, scope, region, model));
+        };
+        if let Some(served) = cache.get(profile).and_then(|by| by.get(region)) {
+            return served.clone();
+        }
+        let served = Arc::new(Served::new(source, profile, scope, region, model));
+        cache
+            .entry(profile.to_owned())
+            .or_default()
+            .insert(region.to_owned(), served.clone());
+        served
+    }
+}
+
+fn cross_region(source: &str, region: &str) -> Counter {
     metrics::counter!(
         "crisp_cross_region_requests_total",
         "source" => source.to_owned(),
         "inference_region" => region.to_owned()
     )
-    .increment(1);
 }
 
 fn cost_micros(cost_usd: f64) -> Option<u64> {

@@ -1,10 +1,11 @@
 //! The source side of the backbone: forwarding requests and subscribing to telemetry.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use crisp_engine::event_loop::PerLoop;
 use crisp_transport::identity::server_name;
 use crisp_transport::tls::CaVerifier;
 use crisp_transport::{SignedReceipt, TlsMaterial, TlsStore};
@@ -47,7 +48,7 @@ struct Cached {
     /// ([`crisp_engine::event_loop`]): a connection's task runs on the runtime that
     /// opened it, and a request from another loop would wake that one at every frame. A
     /// node serving clients on dedicated event loops forwards from each of them.
-    clients: Mutex<Vec<(usize, HttpClient)>>,
+    clients: PerLoop<HttpClient>,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -105,7 +106,7 @@ impl PeerClient {
             names,
             cached: ArcSwap::from_pointee(Cached {
                 material,
-                clients: Mutex::default(),
+                clients: PerLoop::default(),
             }),
         }
     }
@@ -117,20 +118,15 @@ impl PeerClient {
         if !Arc::ptr_eq(&cached.material, &current) {
             cached = Arc::new(Cached {
                 material: current,
-                clients: Mutex::default(),
+                clients: PerLoop::default(),
             });
             self.cached.store(cached.clone());
         }
-        let me = crisp_engine::event_loop::current();
-        let Ok(mut clients) = cached.clients.lock() else {
-            return build(&cached.material, &self.names);
-        };
-        if let Some((_, client)) = clients.iter().find(|(t, _)| *t == me) {
-            return client.clone();
-        }
-        let client = build(&cached.material, &self.names);
-        clients.push((me, client.clone()));
-        client
+        let make = || build(&cached.material, &self.names);
+        cached
+            .clients
+            .with(make, |client| client.clone())
+            .unwrap_or_else(make)
     }
 
     /// Forwards a request to the node at `addr` in `region`. Resolves when that node's
