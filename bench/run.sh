@@ -18,7 +18,8 @@
 # BENCH_STREAMS (1000), BENCH_STREAM_SECONDS (30), BENCH_SLOW_RATE (100 bytes/s per
 # stream from the upstream). Profile: BENCH_PROFILE_SECONDS (10 s under perf),
 # BENCH_PROFILE_ROUNDS (3), BENCH_PROFILE_TARGET (the node under perf: crisp, crisp-w,
-# crisp-tmpfs or crisp-loops). Target names: direct, nginx, litellm, portkey, crisp, crisp-w, crisp-x.
+# crisp-tmpfs, crisp-loops or crisp-p). Target names: direct, nginx, litellm, portkey, crisp,
+# crisp-w, crisp-p, crisp-x.
 # Everything listens on 127.0.0.1 only and every process started here is stopped on exit.
 set -euo pipefail
 
@@ -55,6 +56,8 @@ CRISP_B=$((BASE + 88))   # cross-region, serving node (eu-west-1)
 CRISP_TMPFS=$((BASE + 89))   # profile mode: audit trail on tmpfs
 CRISP_WRITE=$((BASE + 90))   # in-region node with [audit] durability = "write"
 CRISP_LOOPS=$((BASE + 91))   # profile mode: "write" node serving clients on one event loop per core
+CRISP_POLL=$((BASE + 92))    # "write" node whose client event loops busy-poll (--busy-poll)
+BUSY_POLL_US=100             # how long those loops poll after their last read or write
 
 NPROC=$(nproc)
 STARTED=$(date -u '+%Y-%m-%d %H:%M UTC')
@@ -172,7 +175,8 @@ for p in $UP_JSON $UP_SSE $UP_SLOW $NGINX_PROXY $LITELLM_PORT $PORTKEY_PORT \
     $((CRISP_A + 200)) $CRISP_B $((CRISP_B + 100)) $((CRISP_B + 200)) \
     $CRISP_TMPFS $((CRISP_TMPFS + 100)) $((CRISP_TMPFS + 200)) \
     $CRISP_WRITE $((CRISP_WRITE + 100)) $((CRISP_WRITE + 200)) \
-    $CRISP_LOOPS $((CRISP_LOOPS + 100)) $((CRISP_LOOPS + 200)); do
+    $CRISP_LOOPS $((CRISP_LOOPS + 100)) $((CRISP_LOOPS + 200)) \
+    $CRISP_POLL $((CRISP_POLL + 100)) $((CRISP_POLL + 200)); do
     port_free "$p" || die "port $p is in use; move every port with BENCH_PORT_BASE=N (now $BASE)"
 done
 
@@ -253,10 +257,11 @@ crisp_files() { # dir config-template regions... (the key is left in DIR/api-key
     "$CRISP" profiles lock --config "$dir/crisp.toml" >/dev/null
 }
 
-start_crisp_in_region() { # upstream-port max-concurrency [client-port name audit-dir durability client-threads]
+start_crisp_in_region() { # upstream-port max-concurrency [client-port name audit-dir durability client-threads busy-poll-us]
     local port=${3:-$CRISP_IN} name=${4:-crisp-in} audit=${5:-audit/{region\}} durability=${6:-fsync}
     local threads=()
     [[ -z ${7:-} ]] || threads=(--client-threads "$7")
+    [[ -z ${8:-} ]] || threads+=(--busy-poll "$8")
     step "Starting $name: crisp in one region (API key, Cedar policy, audit trail in $audit with durability $durability; backend :$1)"
     local dir=$RUN/$name
     # A fresh node each time (a mode run after another may reuse the name).
@@ -405,6 +410,13 @@ run_compare() {
     add_target crisp-w "crisp, in-region, durability write" \
         "http://127.0.0.1:$CRISP_WRITE/v1/chat/completions" \
         "$(body_for bench)" "$CRISP_IN_PID" "authorization: Bearer $CRISP_KEY"
+    start_crisp_in_region $UP_SSE 256 $CRISP_POLL crisp-p audit/{region} write "$NPROC" $BUSY_POLL_US
+    OTHERS+=("$CRISP_IN_PID")
+    retry_check 20 "http://127.0.0.1:$CRISP_POLL/v1/chat/completions" "$(body_for bench)" \
+        'Hello from the bench' "authorization: Bearer $CRISP_KEY" || die "crisp-p: $CHECK_ERR"
+    add_target crisp-p "crisp, in-region, durability write, busy-polling client threads" \
+        "http://127.0.0.1:$CRISP_POLL/v1/chat/completions" \
+        "$(body_for bench)" "$CRISP_IN_PID" "authorization: Bearer $CRISP_KEY"
     CRISP_IN_PID=$in_pid CRISP_KEY=$in_key
 
     start_crisp_cross_region
@@ -479,12 +491,12 @@ EOF
 
 run_profile() {
     [[ -n ${UPSTREAM_PID:-} ]] || start_upstream
-    # Four crisp nodes, each with the API key, the Cedar policy and the audit trail: as
+    # Five crisp nodes, each with the API key, the Cedar policy and the audit trail: as
     # benchmarked (answers wait for the fdatasync); with [audit] durability = "write"
     # (answers wait for the write, flushes batched); with the trail on tmpfs (its
-    # fdatasync returns at once, a diagnostic, not a setting to run with); and "write"
+    # fdatasync returns at once, a diagnostic, not a setting to run with); "write"
     # with client connections on one event loop per core (--client-threads N) instead of
-    # the shared work-stealing runtime.
+    # the shared work-stealing runtime; and those loops busy-polling (--busy-poll).
     SHM=$(mktemp -d /dev/shm/crisp-bench.XXXXXX)
     : >"$TARGETS"
     add_target direct "direct (nginx upstream)" "http://127.0.0.1:$UP_JSON/v1/chat/completions" \
@@ -492,16 +504,17 @@ run_profile() {
     local variants=("$CRISP_IN crisp-in audit/{region} fsync crisp"
         "$CRISP_WRITE crisp-w audit/{region} write crisp-w"
         "$CRISP_TMPFS crisp-tmpfs $SHM/tmpfs/{region} fsync crisp-tmpfs"
-        "$CRISP_LOOPS crisp-loops audit/{region} write crisp-loops $NPROC")
-    local v port name audit durability key threads label in_pid="" profiled_pid=""
+        "$CRISP_LOOPS crisp-loops audit/{region} write crisp-loops $NPROC"
+        "$CRISP_POLL crisp-p audit/{region} write crisp-p $NPROC $BUSY_POLL_US")
+    local v port name audit durability key threads busy label in_pid="" profiled_pid=""
     local profiled=${BENCH_PROFILE_TARGET:-crisp}
     for v in "${variants[@]}"; do
-        threads=""
-        read -r port name audit durability key threads <<<"$v"
+        threads="" busy=""
+        read -r port name audit durability key threads busy <<<"$v"
         if [[ $name == crisp-in && -n ${CRISP_IN_PID:-} ]]; then
             note "reusing the running crisp-in"
         else
-            start_crisp_in_region $UP_SSE 256 "$port" "$name" "$audit" "$durability" "$threads"
+            start_crisp_in_region $UP_SSE 256 "$port" "$name" "$audit" "$durability" "$threads" "$busy"
         fi
         retry_check 20 "http://127.0.0.1:$port/v1/chat/completions" "$(body_for bench)" \
             'Hello from the bench' "authorization: Bearer $(cat "$RUN/$name/api-key")" ||
@@ -510,6 +523,7 @@ run_profile() {
         crisp-in) label="crisp, as benchmarked" in_pid=$CRISP_IN_PID ;;
         crisp-w) label="crisp, durability write" ;;
         crisp-loops) label="crisp, durability write, one event loop per core" ;;
+        crisp-p) label="crisp, durability write, one event loop per core, busy-polling ${BUSY_POLL_US} µs" ;;
         *) label="crisp, audit trail on tmpfs" ;;
         esac
         [[ $key == "$profiled" ]] && profiled_pid=$CRISP_IN_PID
@@ -518,7 +532,7 @@ run_profile() {
     done
     CRISP_IN_PID=$in_pid
     CRISP_KEY=$(cat "$RUN/crisp-in/api-key")
-    [[ -n $profiled_pid ]] || die "BENCH_PROFILE_TARGET=$profiled: not one of crisp, crisp-w, crisp-tmpfs, crisp-loops"
+    [[ -n $profiled_pid ]] || die "BENCH_PROFILE_TARGET=$profiled: not one of crisp, crisp-w, crisp-tmpfs, crisp-loops, crisp-p"
     "$PY" -c 'import json,sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])]))' \
         "$TARGETS" >"$RUN/profile-targets.json"
     local seconds=${BENCH_PROFILE_SECONDS:-10}

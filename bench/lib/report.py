@@ -19,7 +19,8 @@ import sys
 from html import escape
 
 COLOURS = {"direct": "#9e9e9e", "nginx": "#4caf50", "litellm": "#e57373", "portkey": "#ffb74d",
-           "crisp": "#1e88e5", "crisp-w": "#64b5f6", "crisp-x": "#0d47a1"}
+           "crisp": "#1e88e5", "crisp-w": "#64b5f6", "crisp-p": "#90caf9",
+           "crisp-x": "#0d47a1"}
 
 
 def median(xs):
@@ -93,7 +94,8 @@ def ratios(rows):
     out = []
     # The default (every answer waits for its event's fdatasync), then the durability
     # that waits only for the write, when it was measured.
-    for key, what in (("crisp", "crisp in-region"), ("crisp-w", "crisp in-region, durability write")):
+    for key, what in (("crisp", "crisp in-region"), ("crisp-w", "crisp in-region, durability write"),
+                      ("crisp-p", "crisp in-region, durability write, busy-polling client threads")):
         if not any(t == key for t, _ in rows):
             continue
         cr, ng = get(key, 64, "rps"), get("nginx", 64, "rps")

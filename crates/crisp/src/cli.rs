@@ -76,6 +76,17 @@ enum Command {
         /// (0, the default).
         #[arg(long, env = "CRISP_CLIENT_THREADS", default_value_t = 0)]
         client_threads: usize,
+        /// With --client-threads: keep each client thread polling its sockets for this
+        /// many microseconds after its connections last read or wrote, instead of
+        /// sleeping. A lone request no longer waits for threads to wake; a core stays
+        /// busy while traffic flows (0, the default, sleeps at once).
+        #[arg(
+            long,
+            env = "CRISP_BUSY_POLL_US",
+            default_value_t = 0,
+            value_name = "MICROSECONDS"
+        )]
+        busy_poll: u64,
     },
     /// Create the deployment CA and issue region certificates for the backbone.
     Certs {
@@ -185,12 +196,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             client_cert,
             client_key,
             client_threads,
+            busy_poll,
         } => {
             let client_tls = match (client_cert, client_key) {
                 (Some(c), Some(k)) => Some((c, k)),
                 _ => None,
             };
-            serve(&config, &region, lock, certs, client_tls, client_threads).await
+            let threads = ClientThreads::new(client_threads, busy_poll)?;
+            serve(&config, &region, lock, certs, client_tls, threads).await
         }
         Command::Certs { command } => crate::certs::run(command),
         Command::Keys { command } => crate::access::run_keys(command),
@@ -334,6 +347,30 @@ pub fn print_profiles(catalog: &Catalog, profiles: &Profiles) {
     }
 }
 
+/// How `crisp serve` runs client connections: on the shared runtime (`threads` 0) or on
+/// dedicated event loops, which may busy-poll.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct ClientThreads {
+    threads: usize,
+    busy_poll: Option<std::time::Duration>,
+}
+
+impl ClientThreads {
+    fn new(threads: usize, busy_poll_us: u64) -> anyhow::Result<ClientThreads> {
+        if busy_poll_us > 0 && threads == 0 {
+            anyhow::bail!(
+                "--busy-poll (CRISP_BUSY_POLL_US) keeps dedicated client threads polling, and \
+                 there are none: add --client-threads N (e.g. --client-threads 2), or drop \
+                 --busy-poll"
+            );
+        }
+        Ok(ClientThreads {
+            threads,
+            busy_poll: (busy_poll_us > 0).then(|| std::time::Duration::from_micros(busy_poll_us)),
+        })
+    }
+}
+
 /// Everything `crisp serve` needs that does not change on a configuration reload.
 struct ServeSetup {
     config: PathBuf,
@@ -341,7 +378,7 @@ struct ServeSetup {
     lock: Option<PathBuf>,
     certs: Option<PathBuf>,
     client_tls: Option<Arc<rustls::ServerConfig>>,
-    client_threads: usize,
+    threads: ClientThreads,
     metrics: crisp_node::admin::MetricsRender,
 }
 
@@ -473,7 +510,8 @@ fn start_node(
             on_reload: Some(Arc::new(move || {
                 let _ = reload.try_send(());
             })),
-            client_threads: setup.client_threads,
+            client_threads: setup.threads.threads,
+            busy_poll: setup.threads.busy_poll,
             ..ServeOptions::default()
         },
     )?;
@@ -493,7 +531,7 @@ async fn serve(
     lock: Option<PathBuf>,
     certs: Option<PathBuf>,
     client_tls: Option<(PathBuf, PathBuf)>,
-    client_threads: usize,
+    threads: ClientThreads,
 ) -> anyhow::Result<()> {
     let client_tls = match client_tls {
         Some((cert, key)) => {
@@ -512,7 +550,7 @@ async fn serve(
         lock,
         certs,
         client_tls,
-        client_threads,
+        threads,
         metrics: install_metrics()?,
     };
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -597,5 +635,25 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_polling_needs_client_threads() {
+        let e = ClientThreads::new(0, 100).unwrap_err().to_string();
+        assert!(e.contains("--client-threads"), "{e}");
+        assert_eq!(
+            ClientThreads::new(2, 100).unwrap(),
+            ClientThreads {
+                threads: 2,
+                busy_poll: Some(std::time::Duration::from_micros(100))
+            }
+        );
+        assert_eq!(ClientThreads::new(2, 0).unwrap().busy_poll, None);
     }
 }

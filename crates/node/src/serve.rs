@@ -52,8 +52,14 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// `threads` runtimes named `{name}-{i}`.
-    pub fn start(threads: usize, name: &str) -> std::io::Result<Workers> {
+    /// `threads` runtimes named `{name}-{i}`. With `busy_poll`, each keeps polling its
+    /// sockets for that long after its connections last read or wrote, instead of
+    /// sleeping (see [`crisp_engine::event_loop::busy_poll`]).
+    pub fn start(
+        threads: usize,
+        name: &str,
+        busy_poll: Option<Duration>,
+    ) -> std::io::Result<Workers> {
         let mut handles = Vec::with_capacity(threads);
         let mut stop = Vec::with_capacity(threads);
         for i in 0..threads.max(1) {
@@ -69,6 +75,9 @@ impl Workers {
                     // Loop 0 is the shared runtime.
                     crisp_engine::event_loop::enter(i + 1);
                     runtime.block_on(async {
+                        if let Some(window) = busy_poll {
+                            tokio::spawn(crisp_engine::event_loop::busy_poll(window));
+                        }
                         let _ = rx.await;
                     });
                 })?;
@@ -149,7 +158,7 @@ struct Accepted {
 }
 
 impl Accepted {
-    async fn serve(self, stream: TcpStream) {
+    async fn serve<S: Io>(self, stream: S) {
         connection(stream, self.remote, self.app, self.security, self.watcher).await;
     }
 
@@ -171,7 +180,7 @@ impl Accepted {
         tasks.spawn_on(
             async move {
                 match TcpStream::from_std(stream) {
-                    Ok(stream) => self.serve(stream).await,
+                    Ok(stream) => self.serve(Touching(stream)).await,
                     Err(e) => {
                         tracing::warn!(%remote, error = %e, "cannot serve the connection");
                     }
@@ -182,8 +191,74 @@ impl Accepted {
     }
 }
 
-async fn connection(
-    stream: TcpStream,
+/// What a client connection is served over.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for S {}
+
+/// A connection of a dedicated loop that tells the loop when it reads or writes (see
+/// [`crisp_engine::event_loop::busy_poll`]).
+struct Touching<S>(S);
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Touching<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.0).poll_read(cx, buf);
+        if r.is_ready() {
+            crisp_engine::event_loop::touch();
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Touching<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.0).poll_write(cx, buf);
+        if r.is_ready() {
+            crisp_engine::event_loop::touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs);
+        if r.is_ready() {
+            crisp_engine::event_loop::touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+async fn connection<S: Io>(
+    stream: S,
     remote: SocketAddr,
     app: Router,
     security: Security,
@@ -235,12 +310,12 @@ async fn connection(
     }
 }
 
-async fn handshake(
+async fn handshake<S: Io>(
     acceptor: TlsAcceptor,
-    stream: TcpStream,
+    stream: S,
     remote: SocketAddr,
     side: &'static str,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Option<tokio_rustls::server::TlsStream<S>> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(e)) => {
@@ -302,6 +377,15 @@ mod tests {
 
     #[tokio::test]
     async fn connections_are_spread_over_the_worker_threads_and_stay_on_them() {
+        spread_and_stay(None).await;
+    }
+
+    #[tokio::test]
+    async fn busy_polling_worker_threads_serve_the_same() {
+        spread_and_stay(Some(Duration::from_micros(100))).await;
+    }
+
+    async fn spread_and_stay(busy_poll: Option<Duration>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route(
@@ -314,7 +398,7 @@ mod tests {
                 format!("{before} {after}")
             }),
         );
-        let workers = Arc::new(Workers::start(2, "test-client").unwrap());
+        let workers = Arc::new(Workers::start(2, "test-client", busy_poll).unwrap());
         let (stop, rx) = watch::channel(false);
         let server = tokio::spawn(serve(
             listener,
