@@ -87,6 +87,11 @@ enum Command {
             value_name = "MICROSECONDS"
         )]
         busy_poll: u64,
+        /// Listen on this host (e.g. 0.0.0.0) with the ports the configuration gives the
+        /// region, instead of on the configured addresses, which stay what clients and
+        /// other regions connect to (a load balancer's or NAT's name).
+        #[arg(long, env = "CRISP_LISTEN", value_name = "HOST")]
+        listen: Option<String>,
     },
     /// Create the deployment CA and issue region certificates for the backbone.
     Certs {
@@ -197,13 +202,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             client_key,
             client_threads,
             busy_poll,
+            listen,
         } => {
             let client_tls = match (client_cert, client_key) {
                 (Some(c), Some(k)) => Some((c, k)),
                 _ => None,
             };
             let threads = ClientThreads::new(client_threads, busy_poll)?;
-            serve(&config, &region, lock, certs, client_tls, threads).await
+            let args = ServeArgs {
+                lock,
+                certs,
+                client_tls,
+                threads,
+                listen,
+            };
+            serve(&config, &region, args).await
         }
         Command::Certs { command } => crate::certs::run(command),
         Command::Keys { command } => crate::access::run_keys(command),
@@ -379,6 +392,7 @@ struct ServeSetup {
     certs: Option<PathBuf>,
     client_tls: Option<Arc<rustls::ServerConfig>>,
     threads: ClientThreads,
+    listen: Option<String>,
     metrics: crisp_node::admin::MetricsRender,
 }
 
@@ -525,14 +539,23 @@ fn start_node(
     Ok(running)
 }
 
-async fn serve(
-    config: &Path,
-    region: &str,
+/// The options of `crisp serve` beyond the configuration and the region.
+struct ServeArgs {
     lock: Option<PathBuf>,
     certs: Option<PathBuf>,
     client_tls: Option<(PathBuf, PathBuf)>,
     threads: ClientThreads,
-) -> anyhow::Result<()> {
+    listen: Option<String>,
+}
+
+async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<()> {
+    let ServeArgs {
+        lock,
+        certs,
+        client_tls,
+        threads,
+        listen,
+    } = args;
     let client_tls = match client_tls {
         Some((cert, key)) => {
             let read =
@@ -551,11 +574,12 @@ async fn serve(
         certs,
         client_tls,
         threads,
+        listen,
         metrics: install_metrics()?,
     };
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(1);
     let node = build_node(&setup).await?;
-    let listeners = Listeners::bind_catalog(&node.catalog, region).await?;
+    let listeners = Listeners::bind_catalog(&node.catalog, region, setup.listen.as_deref()).await?;
     let mut running = start_node(&setup, node, listeners, reload_tx.clone())?;
 
     #[cfg(unix)]
@@ -587,13 +611,16 @@ async fn serve(
                         .zip(running.node.profiles.iter())
                         .all(|(a, b)| a == b) => {}
             Ok(node) => {
-                let listeners = match Listeners::bind_catalog(&node.catalog, region).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "new configuration refused: cannot listen");
-                        continue;
-                    }
-                };
+                let listeners =
+                    match Listeners::bind_catalog(&node.catalog, region, setup.listen.as_deref())
+                        .await
+                    {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "new configuration refused: cannot listen");
+                            continue;
+                        }
+                    };
                 match start_node(&setup, node, listeners, reload_tx.clone()) {
                     Ok(next) => {
                         let old = std::mem::replace(&mut running, next);

@@ -484,22 +484,52 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds the addresses the catalog gives the region.
-    pub async fn bind_catalog(catalog: &Catalog, region: &str) -> Result<Listeners, StartError> {
+    /// Binds the addresses the catalog gives the region; with `listen`, that host with
+    /// the configured ports instead (see [`listen_addr`]).
+    pub async fn bind_catalog(
+        catalog: &Catalog,
+        region: &str,
+        listen: Option<&str>,
+    ) -> Result<Listeners, StartError> {
         let r = catalog
             .region_ix(region)
             .and_then(|ix| catalog.region(ix))
             .ok_or_else(|| StartError::UnknownRegion(region.to_owned()))?;
+        let at = |what: &'static str, configured: &str| match listen {
+            Some(host) => listen_addr(what, configured, host),
+            None => Ok(configured.to_owned()),
+        };
         let admin = match &r.admin_addr {
-            Some(addr) => Some(bind("admin", addr).await?),
+            Some(addr) => Some(bind("admin", &at("admin", addr)?).await?),
             None => None,
         };
         Ok(Listeners {
-            client: bind("client", &r.client_addr).await?,
-            peer: bind("peer", &r.peer_addr).await?,
+            client: bind("client", &at("client", &r.client_addr)?).await?,
+            peer: bind("peer", &at("peer", &r.peer_addr)?).await?,
             admin,
         })
     }
+}
+
+/// The address to bind for a configured address when the node listens on `host`: the
+/// configured port on `host`. The configured address stays what clients and other
+/// regions connect to (a load balancer's or a NAT's name), `host` is where this machine
+/// accepts them (`0.0.0.0`, `::`, one interface's address).
+pub fn listen_addr(what: &'static str, configured: &str, host: &str) -> Result<String, StartError> {
+    let port = configured
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .ok_or_else(|| StartError::Bind {
+            what,
+            addr: configured.to_owned(),
+            source: std::io::Error::other("the configured address has no port (host:port)"),
+        })?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok(if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    })
 }
 
 /// Binds with `SO_REUSEPORT`, so a reloaded node can listen beside the one it replaces
@@ -753,5 +783,64 @@ async fn subscribe(node: Arc<Node>, region: RegionIx, addr: String) {
         node.fleet.set_reachable(region, false);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_on_a_host_keeps_the_configured_port() {
+        let at = |configured, host| listen_addr("peer", configured, host).unwrap();
+        assert_eq!(
+            at("peer.eu-west-1.example.net:9080", "0.0.0.0"),
+            "0.0.0.0:9080"
+        );
+        assert_eq!(at("10.0.0.7:8080", "::"), "[::]:8080");
+        assert_eq!(at("[2001:db8::1]:8443", "[::1]"), "[::1]:8443");
+        let e = listen_addr("client", "api.example.net", "0.0.0.0").unwrap_err();
+        assert!(e.to_string().contains("has no port"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_node_listening_on_a_host_never_resolves_its_advertised_names() {
+        // Free ports, released again for the node to bind.
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (a, b) = (free(), free());
+        let (client, peer) = (
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        );
+        drop((a, b));
+        let catalog = crisp_catalog::parse_config(&format!(
+            r#"
+version = 1
+[deployment]
+name = "test"
+[[region]]
+code = "eu-west-1"
+city = "Dublin"
+country = "IE"
+lat = 53.3
+lon = -6.3
+client = "api.eu-west-1.crisp.invalid:{client}"
+peer = "peer.eu-west-1.crisp.invalid:{peer}"
+"#
+        ))
+        .unwrap();
+        // The configured names (`.invalid` never resolves) are only advertised.
+        let l = Listeners::bind_catalog(&catalog, "eu-west-1", Some("127.0.0.1"))
+            .await
+            .unwrap();
+        assert_eq!(
+            l.client.local_addr().unwrap().to_string(),
+            format!("127.0.0.1:{client}")
+        );
+        assert_eq!(
+            l.peer.local_addr().unwrap().to_string(),
+            format!("127.0.0.1:{peer}")
+        );
     }
 }
