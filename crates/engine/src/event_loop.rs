@@ -118,6 +118,13 @@ mod tests {
         metrics.worker_park_count(0) - before
     }
 
+    fn single_threaded() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     async fn ten_timers() {
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -126,10 +133,7 @@ mod tests {
 
     #[test]
     fn a_busy_polling_loop_stays_awake_after_activity_and_sleeps_when_idle() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = single_threaded();
         runtime.block_on(async {
             tokio::spawn(busy_poll(Duration::from_secs(5)));
             tokio::task::yield_now().await;
@@ -141,10 +145,7 @@ mod tests {
             assert_eq!(sleeps_during(ten_timers()).await, 0);
         });
 
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = single_threaded();
         runtime.block_on(async {
             tokio::spawn(busy_poll(Duration::from_millis(5)));
             tokio::task::yield_now().await;
