@@ -101,3 +101,53 @@ async fn payloads_stay_in_the_source_region() {
     }
     f.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_delays_the_log_and_loses_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let (local, store) = (root.path().join("local"), root.path().join("store"));
+    std::fs::create_dir_all(&store).unwrap();
+    // The store is down: where its objects go is a file, so every upload fails.
+    std::fs::write(store.join("logs"), b"not a directory").unwrap();
+    let f = Setup::new(&[REGIONS[0], REGIONS[3]])
+        .invocation_log(
+            "us-east-1",
+            &local,
+            &format!("file://{}/logs", store.display()),
+        )
+        .start()
+        .await;
+    let secrets = ["outage-prompt-1", "outage-prompt-2", "outage-prompt-3"];
+    for secret in secrets {
+        let r = f
+            .chat(
+                "us-east-1",
+                serde_json::json!({"model": "eu.amazon.nova-lite-v1:0", "max_tokens": 3,
+                    "messages": [{"role": "user", "content": secret}]}),
+            )
+            .await;
+        // Requests are answered while the log cannot be shipped.
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    }
+    // The batch is packed and kept on the node's disk until the store takes it.
+    let waiting = || contents(&local.join("ready"));
+    eventually("the batch waits on the node's disk", || {
+        let w = waiting();
+        secrets.iter().all(|s| w.iter().any(|(_, t)| t.contains(s)))
+    })
+    .await;
+    assert!(!store.join("logs").is_dir());
+
+    // The store is back: the next flush ships everything and clears the local copy.
+    std::fs::remove_file(store.join("logs")).unwrap();
+    eventually("the waiting batch reaches the store", || {
+        let shipped = contents(&store.join("logs"));
+        secrets
+            .iter()
+            .all(|s| shipped.iter().any(|(_, t)| t.contains(s)))
+            && waiting().is_empty()
+    })
+    .await;
+    f.stop().await;
+}
