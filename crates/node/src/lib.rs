@@ -88,6 +88,8 @@ pub enum StartError {
     Identity { have: String, want: String },
     #[error("{0}")]
     Backend(String),
+    #[error("{0}")]
+    Address(String),
     #[error("cannot listen on {addr} ({what}): {source}; is another process using it?")]
     Bind {
         what: &'static str,
@@ -515,17 +517,24 @@ impl Listeners {
 /// configured port on `host`. The configured address stays what clients and other
 /// regions connect to (a load balancer's or a NAT's name), `host` is where this machine
 /// accepts them (`0.0.0.0`, `::`, one interface's address).
-pub fn listen_addr(what: &'static str, configured: &str, host: &str) -> Result<String, StartError> {
+fn listen_addr(what: &'static str, configured: &str, host: &str) -> Result<String, StartError> {
     let port = configured
         .rsplit_once(':')
         .and_then(|(_, p)| p.parse::<u16>().ok())
-        .ok_or_else(|| StartError::Bind {
-            what,
-            addr: configured.to_owned(),
-            source: std::io::Error::other("the configured address has no port (host:port)"),
+        .ok_or_else(|| {
+            StartError::Address(format!(
+                "the {what} address {configured:?} has no port; write it as host:port"
+            ))
         })?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    Ok(if host.contains(':') {
+    let ipv6 = host.parse::<std::net::Ipv6Addr>().is_ok();
+    if host.is_empty() || (host.contains(':') && !ipv6) {
+        return Err(StartError::Address(format!(
+            "--listen {host:?} is not a host: give one without a port (e.g. 0.0.0.0 or ::); \
+             the ports come from the configuration"
+        )));
+    }
+    Ok(if ipv6 {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
@@ -802,6 +811,8 @@ mod tests {
         assert_eq!(at("[2001:db8::1]:8443", "[::1]"), "[::1]:8443");
         let e = listen_addr("client", "api.example.net", "0.0.0.0").unwrap_err();
         assert!(e.to_string().contains("has no port"), "{e}");
+        let e = listen_addr("client", "api.example.net:8080", "0.0.0.0:8080").unwrap_err();
+        assert!(e.to_string().contains("without a port"), "{e}");
     }
 
     #[tokio::test]
