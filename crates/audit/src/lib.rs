@@ -179,12 +179,8 @@ impl std::fmt::Debug for AuditLog {
 
 const OPEN: &str = "open.jsonl";
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn sha256_file(path: &Path) -> std::io::Result<String> {
-    Ok(hex(&Sha256::digest(std::fs::read(path)?)))
+    Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
 }
 
 struct Writer {
@@ -221,7 +217,7 @@ impl Writer {
             let text = std::fs::read(&path)?;
             if let Ok(doc) = serde_json::from_slice::<DigestDocument>(&text) {
                 sequence = seq + 1;
-                previous_sha = hex(&Sha256::digest(&text));
+                previous_sha = hex::encode(Sha256::digest(&text));
                 previous_sig = doc.signature;
             }
         }
@@ -316,7 +312,7 @@ impl Writer {
         f.write_all(&text)?;
         f.sync_all()?;
         File::open(&self.dir)?.sync_all()?;
-        self.previous_sha = hex(&Sha256::digest(&text));
+        self.previous_sha = hex::encode(Sha256::digest(&text));
         self.previous_sig = doc.signature;
         self.sequence += 1;
         self.file = OpenOptions::new()
@@ -594,7 +590,7 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
         }
         expected_seq = seq.checked_sub(1);
         let text = std::fs::read(path)?;
-        let sha = hex(&Sha256::digest(&text));
+        let sha = hex::encode(Sha256::digest(&text));
         let Ok(doc) = serde_json::from_slice::<DigestDocument>(&text) else {
             report.findings.push(Finding::BadSignature {
                 digest: name,

@@ -106,14 +106,8 @@ pub fn run_keys(command: KeysCommand) -> anyhow::Result<()> {
             }
             if sigv4 {
                 let r = random_bytes();
-                let akid = format!(
-                    "AKIA{}",
-                    r[..8]
-                        .iter()
-                        .map(|b| format!("{b:02X}"))
-                        .collect::<String>()
-                );
-                let secret: String = r[8..].iter().map(|b| format!("{b:02x}")).collect();
+                let akid = format!("AKIA{}", hex::encode_upper(&r[..8]));
+                let secret = hex::encode(&r[8..]);
                 store.sigv4.push(SigV4Credential {
                     access_key_id: akid.clone(),
                     secret: secret.clone(),

@@ -1,5 +1,6 @@
 //! Process-wide observability set up by the binary: logs and the metrics recorder.
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,9 +53,12 @@ pub fn init(default: &str, format: LogFormat, otlp: Option<&str>) -> anyhow::Res
         .lossy(false)
         .thread_name("crisp-logs")
         .finish(std::io::stderr());
+    // Colours only for a terminal: a log file or pipe gets plain text.
+    let ansi = std::io::stderr().is_terminal();
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .compact()
+            .with_ansi(ansi)
             .with_writer(stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -79,10 +83,18 @@ pub fn init(default: &str, format: LogFormat, otlp: Option<&str>) -> anyhow::Res
         }
         None => (None, None),
     };
+    // Spans (request, attempt, forwarded) are for traces. Without an OTLP endpoint they
+    // are not recorded at all: every log line about a request names its `request_id`
+    // itself, and a request does not pay for creating, formatting and entering spans
+    // that nothing exports.
+    let spans = otel.is_some();
     let _ = tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
         .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(move |m| {
+            spans || !m.is_span()
+        }))
         .try_init();
     Ok(Telemetry {
         provider,

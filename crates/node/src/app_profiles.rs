@@ -207,12 +207,7 @@ impl AppProfiles {
         h.update(new.name.as_bytes());
         h.update(now_rfc3339.as_bytes());
         h.update(uuid::Uuid::new_v4().as_bytes());
-        let id: String = h
-            .finalize()
-            .iter()
-            .take(6)
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let id = hex::encode(&h.finalize()[..6]);
         let profile = AppProfile {
             id,
             name: new.name.clone(),

@@ -60,7 +60,7 @@ impl Audit {
             Ok(()) => Ok(()),
             Err(e) => {
                 metrics::counter!("crisp_audit_failures_total").increment(1);
-                tracing::error!(error = %e, "cannot write the audit event");
+                tracing::error!(request_id = %event.request_id, error = %e, "cannot write the audit event");
                 self.broken_until_ms
                     .store(unix_ms().saturating_add(BROKEN_FOR_MS), Ordering::Relaxed);
                 if self.refuse_on_failure {

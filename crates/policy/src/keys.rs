@@ -138,10 +138,7 @@ pub enum KeyError {
 
 /// SHA-256 of a key, hex.
 pub fn hash_key(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(key.as_bytes()))
 }
 
 impl KeyStore {
@@ -159,7 +156,7 @@ impl KeyStore {
     /// Adds a key for `principal`; returns the plaintext key, to be shown once.
     /// `random` must be fresh secret randomness (at least 16 bytes).
     pub fn create(&mut self, principal: &str, random: &[u8], now: &str) -> (ApiKey, String) {
-        let secret: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        let secret = hex::encode(random);
         let plaintext = format!("crisp-{secret}");
         let hash = hash_key(&plaintext);
         let key = ApiKey {

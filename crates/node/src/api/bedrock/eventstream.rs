@@ -78,9 +78,8 @@ mod tests {
     #[test]
     fn message_start_frame_snapshot() {
         let frame = event("messageStart", &serde_json::json!({"role": "assistant"}));
-        let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
-            hex,
+            hex::encode(&frame),
             include_str!("../../../tests/fixtures/message_start.frame.hex").trim()
         );
         let m = decode(&frame);
