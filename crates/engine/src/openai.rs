@@ -1,9 +1,13 @@
 //! A backend that is any OpenAI-compatible server: vLLM, SGLang, llama.cpp's server, TGI,
 //! Ollama, or a provider's regional endpoint.
 //!
-//! Requests always stream upstream (with `stream_options.include_usage`), so tokens pass
-//! through as they come and usage is known at the end; when the server reports no usage,
-//! tokens are counted here. Admission is the upstream's `200`: a `429`/`503` is a capacity
+//! A caller that streams gets a streamed request upstream (with
+//! `stream_options.include_usage`), so tokens pass through as they come and usage is known
+//! at the end; a caller that takes its answer whole gets a non-streamed request
+//! (`"stream": false`, `Accept: application/json`) and the server's one JSON answer,
+//! which costs a fraction of parsing an event per token (a server that streams anyway is
+//! relayed as a stream). When the server reports no usage, tokens are counted here.
+//! Admission is the upstream's `200`: a `429`/`503` is a capacity
 //! refusal (its `Retry-After` honoured), other `5xx`, timeouts and broken connections make
 //! the engine unavailable, and other `4xx` (a prompt too long, say) reject the request
 //! without saying anything about the engine's health.
@@ -37,7 +41,8 @@ pub struct OpenAiConfig {
     /// The model name the server knows.
     pub upstream_model: String,
     pub connect_timeout: Duration,
-    /// Time allowed until the first token arrives.
+    /// Time allowed until the first token of a streamed answer arrives (a non-streamed
+    /// one has only `total_timeout`).
     pub first_token_timeout: Duration,
     /// Time allowed for the whole answer.
     pub total_timeout: Duration,
@@ -186,6 +191,38 @@ impl OpenAiBackend {
 struct Body(std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>);
 
 impl Body {
+    /// All of it, when it is at most `limit` bytes (for non-streamed answers).
+    async fn whole(mut self, limit: usize) -> Result<Bytes, BackendError> {
+        let mut first = Bytes::new();
+        let mut joined = BytesMut::new();
+        while let Some(chunk) = self.0.next().await {
+            let chunk = chunk.map_err(|e| {
+                BackendError::Unavailable(format!("the engine's answer broke: {e}"))
+            })?;
+            if first.len() + joined.len() + chunk.len() > limit {
+                return Err(BackendError::Internal(format!(
+                    "the engine's answer is larger than {} MiB",
+                    limit >> 20
+                )));
+            }
+            // Most answers arrive in one piece, which is kept as it is.
+            if first.is_empty() && joined.is_empty() {
+                first = chunk;
+            } else {
+                if joined.is_empty() {
+                    joined.extend_from_slice(&first);
+                    first = Bytes::new();
+                }
+                joined.extend_from_slice(&chunk);
+            }
+        }
+        Ok(if joined.is_empty() {
+            first
+        } else {
+            joined.freeze()
+        })
+    }
+
     /// At most `limit` bytes of it, as text (for error answers).
     async fn text(mut self, limit: usize) -> String {
         let mut out = Vec::new();
@@ -203,14 +240,20 @@ impl Shared {
     async fn send(
         &self,
         payload: Vec<u8>,
+        stream: bool,
     ) -> Result<(http::StatusCode, http::HeaderMap, Body), BackendError> {
+        let accept = if stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
         let cfg = &self.cfg;
         let bearer = self.bearer.clone();
         if let Some(pool) = &self.plain {
             let mut req = http::Request::post(pool.path())
                 .header(http::header::HOST, pool.host().clone())
                 .header(http::header::CONTENT_TYPE, "application/json")
-                .header(http::header::ACCEPT, "text/event-stream")
+                .header(http::header::ACCEPT, accept)
                 .body(http_body_util::Full::new(Bytes::from(payload)))
                 .map_err(|e| BackendError::Internal(format!("request to {}: {e}", cfg.base_url)))?;
             if let Some(v) = bearer {
@@ -225,6 +268,7 @@ impl Shared {
             .client
             .post(&self.completions_url)
             .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, accept)
             .body(payload);
         if let Some(v) = bearer {
             request = request.header(http::header::AUTHORIZATION, v);
@@ -295,13 +339,15 @@ fn classify(
     }
 }
 
-/// The chat completion request sent upstream: always streamed, with usage at the end.
+/// The chat completion request sent upstream: streamed with usage at the end, or, when the
+/// caller takes the answer whole, not streamed.
 #[derive(Serialize)]
 struct UpstreamRequest<'a> {
     model: &'a str,
     messages: &'a [crate::Message],
     stream: bool,
-    stream_options: StreamOptions,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -313,6 +359,72 @@ struct UpstreamRequest<'a> {
 #[derive(Serialize)]
 struct StreamOptions {
     include_usage: bool,
+}
+
+/// The largest non-streamed answer read from an engine.
+const MAX_ANSWER_BYTES: usize = 16 << 20;
+
+/// A non-streamed chat completion, borrowing its text where it needs no unescaping.
+#[derive(Deserialize)]
+struct WholeAnswer<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<WholeChoice<'a>>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct WholeChoice<'a> {
+    #[serde(default, borrow)]
+    message: Option<Delta<'a>>,
+    #[serde(default, borrow, deserialize_with = "maybe_borrowed")]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+/// The chunks of a non-streamed answer: its text, then its end.
+fn whole_answer(
+    body: &[u8],
+    prompt_tokens: u32,
+    base_url: &str,
+) -> Result<Vec<Result<Chunk, BackendError>>, BackendError> {
+    let answer: WholeAnswer = serde_json::from_slice(body).map_err(|e| {
+        BackendError::Internal(format!(
+            "{base_url} answered with an unreadable chat completion: {e}"
+        ))
+    })?;
+    let Some(choice) = answer.choices.into_iter().next() else {
+        return Err(BackendError::Internal(format!(
+            "{base_url} answered with a chat completion without choices"
+        )));
+    };
+    let text = choice
+        .message
+        .and_then(|m| m.content)
+        .map(Cow::into_owned)
+        .unwrap_or_default();
+    let usage = match answer.usage {
+        Some(u) => Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+        },
+        None => Usage {
+            prompt_tokens,
+            completion_tokens: count_tokens(&text),
+        },
+    };
+    let finish_reason = match choice.finish_reason.as_deref() {
+        Some("length") => FinishReason::Length,
+        _ => FinishReason::Stop,
+    };
+    let mut chunks = Vec::with_capacity(2);
+    if !text.is_empty() {
+        chunks.push(Ok(Chunk::Delta(text)));
+    }
+    chunks.push(Ok(Chunk::Done {
+        finish_reason,
+        usage,
+    }));
+    Ok(chunks)
 }
 
 /// One streamed chunk, borrowing its strings from the event where they need no
@@ -358,10 +470,18 @@ struct WireUsage {
 /// The `data:` payload of one SSE event (its `data:` lines joined by newlines), without
 /// copying in the usual case of a single line; `None` for events without data.
 fn sse_data(event: &Bytes) -> Option<Bytes> {
-    let mut lines = event
-        .split(|&b| b == b'\n')
-        .filter_map(|l| l.strip_prefix(b"data:"))
-        .map(|l| l.strip_prefix(b" ").unwrap_or(l));
+    let mut rest: &[u8] = event;
+    let mut lines = std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+        let line = &rest[..end];
+        rest = rest.get(end + 1..).unwrap_or_default();
+        Some(line)
+    })
+    .filter_map(|l| l.strip_prefix(b"data:"))
+    .map(|l| l.strip_prefix(b" ").unwrap_or(l));
     let first = lines.next()?;
     let Some(second) = lines.next() else {
         return Some(event.slice_ref(first));
@@ -439,10 +559,10 @@ impl Backend for OpenAiBackend {
             let body = UpstreamRequest {
                 model: &cfg.upstream_model,
                 messages: &req.messages,
-                stream: true,
-                stream_options: StreamOptions {
+                stream: req.stream,
+                stream_options: req.stream.then_some(StreamOptions {
                     include_usage: true,
-                },
+                }),
                 max_tokens: req.max_tokens,
                 temperature: req.temperature,
                 stop: &req.stop,
@@ -451,24 +571,48 @@ impl Backend for OpenAiBackend {
                 .map_err(|e| BackendError::Internal(format!("request JSON: {e}")))?;
             // One timer per answer: it bounds the wait for the answer's head and its first
             // token, then the whole answer (each timer registered costs the runtime a wake-up).
+            // A non-streamed answer has no first token before its end.
             let now = tokio::time::Instant::now();
             let deadline = now + cfg.total_timeout;
-            let mut timer = Box::pin(tokio::time::sleep_until(
-                (now + cfg.first_token_timeout).min(deadline),
-            ));
+            let first_wait = if req.stream {
+                cfg.first_token_timeout.min(cfg.total_timeout)
+            } else {
+                cfg.total_timeout
+            };
+            let mut timer = Box::pin(tokio::time::sleep_until(now + first_wait));
             let (status, headers, answer) = tokio::select! {
                 biased;
-                sent = shared.send(payload) => sent?,
+                sent = shared.send(payload, req.stream) => sent?,
                 () = timer.as_mut() => {
                     return Err(BackendError::Timeout(format!(
-                        "{} did not answer in {:?}",
-                        cfg.base_url, cfg.first_token_timeout
+                        "{} did not answer in {first_wait:?}",
+                        cfg.base_url
                     )));
                 }
             };
             if !status.is_success() {
                 let text = answer.text(64 << 10).await;
                 return Err(classify(status, &headers, &text, cfg));
+            }
+            // A server that streams although asked not to is relayed as a stream.
+            let is_sse = headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("text/event-stream"));
+            if !req.stream && !is_sse {
+                let whole = tokio::select! {
+                    biased;
+                    whole = answer.whole(MAX_ANSWER_BYTES) => whole,
+                    () = timer.as_mut() => {
+                        return Err(BackendError::Timeout(format!(
+                            "{} did not finish its answer in {:?}",
+                            cfg.base_url, cfg.total_timeout
+                        )));
+                    }
+                };
+                let chunks = whole_answer(&whole?, prompt_tokens, &cfg.base_url)?;
+                drop(guard);
+                return Ok(Box::pin(futures::stream::iter(chunks)) as ChunkStream);
             }
             let events = Box::pin(sse_events(answer.0));
             let state = Relay {

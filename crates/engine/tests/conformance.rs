@@ -29,6 +29,7 @@ fn request(text: &str, max_tokens: u32) -> GenerateRequest {
         max_tokens: Some(max_tokens),
         temperature: Some(0.0),
         stop: vec![],
+        stream: true,
     }
 }
 
