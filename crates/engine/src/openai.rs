@@ -364,30 +364,13 @@ struct StreamOptions {
 /// The largest non-streamed answer read from an engine.
 const MAX_ANSWER_BYTES: usize = 16 << 20;
 
-/// A non-streamed chat completion, borrowing its text where it needs no unescaping.
-#[derive(Deserialize)]
-struct WholeAnswer<'a> {
-    #[serde(default, borrow)]
-    choices: Vec<WholeChoice<'a>>,
-    #[serde(default)]
-    usage: Option<WireUsage>,
-}
-
-#[derive(Deserialize)]
-struct WholeChoice<'a> {
-    #[serde(default, borrow)]
-    message: Option<Delta<'a>>,
-    #[serde(default, borrow, deserialize_with = "maybe_borrowed")]
-    finish_reason: Option<Cow<'a, str>>,
-}
-
 /// The chunks of a non-streamed answer: its text, then its end.
 fn whole_answer(
     body: &[u8],
     prompt_tokens: u32,
     base_url: &str,
 ) -> Result<Vec<Result<Chunk, BackendError>>, BackendError> {
-    let answer: WholeAnswer = serde_json::from_slice(body).map_err(|e| {
+    let answer: StreamChunk = serde_json::from_slice(body).map_err(|e| {
         BackendError::Internal(format!(
             "{base_url} answered with an unreadable chat completion: {e}"
         ))
@@ -398,7 +381,7 @@ fn whole_answer(
         )));
     };
     let text = choice
-        .message
+        .delta
         .and_then(|m| m.content)
         .map(Cow::into_owned)
         .unwrap_or_default();
@@ -427,7 +410,8 @@ fn whole_answer(
     Ok(chunks)
 }
 
-/// One streamed chunk, borrowing its strings from the event where they need no
+/// One streamed chunk, or a whole non-streamed answer (whose choice has a `message` where
+/// a chunk's has a `delta`), borrowing its strings from the event where they need no
 /// unescaping.
 #[derive(Deserialize)]
 struct StreamChunk<'a> {
@@ -439,12 +423,13 @@ struct StreamChunk<'a> {
 
 #[derive(Deserialize)]
 struct StreamChoice<'a> {
-    #[serde(default, borrow)]
+    #[serde(default, borrow, alias = "message")]
     delta: Option<Delta<'a>>,
     #[serde(default, borrow, deserialize_with = "maybe_borrowed")]
     finish_reason: Option<Cow<'a, str>>,
 }
 
+/// A chunk's `delta` or an answer's `message`: only its text matters here.
 #[derive(Deserialize)]
 struct Delta<'a> {
     #[serde(default, borrow, deserialize_with = "maybe_borrowed")]

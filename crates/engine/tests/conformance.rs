@@ -33,9 +33,20 @@ fn request(text: &str, max_tokens: u32) -> GenerateRequest {
     }
 }
 
-/// Every backend: a complete answer is deltas then exactly one Done with usage.
+/// Every backend: a complete answer is deltas then exactly one Done with usage, whether
+/// the caller streams or takes the answer whole.
 async fn answers_completely(b: &dyn Backend) {
-    let mut s = b.generate(request("hello there", 6)).await.unwrap();
+    for stream in [true, false] {
+        answers_completely_when(b, stream).await;
+    }
+}
+
+async fn answers_completely_when(b: &dyn Backend, stream: bool) {
+    let req = GenerateRequest {
+        stream,
+        ..request("hello there", 6)
+    };
+    let mut s = b.generate(req).await.unwrap();
     let (mut deltas, mut text, mut done) = (0, String::new(), None);
     while let Some(item) = s.next().await {
         match item.unwrap() {
@@ -54,7 +65,7 @@ async fn answers_completely(b: &dyn Backend) {
         }
     }
     let (finish, usage) = done.expect("a Done at the end");
-    assert!(deltas >= 1 && !text.is_empty());
+    assert!(deltas >= 1 && !text.is_empty(), "stream: {stream}");
     assert!(usage.prompt_tokens > 0);
     // Servers may overshoot max_tokens by a token or two; never by much.
     assert!(
