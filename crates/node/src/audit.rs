@@ -193,7 +193,8 @@ pub async fn completed(
             output: serde_json::json!({"role": "assistant", "content": [{"text": output}]}),
             input_tokens: usage.prompt_tokens,
             output_tokens: usage.completion_tokens,
-        });
+        })
+        .await;
     }
     let Some(audit) = &node.audit else {
         return Ok(());
