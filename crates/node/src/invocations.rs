@@ -254,14 +254,22 @@ fn write_loop(dir: &Path, open: &Mutex<()>, jobs: &mpsc::Receiver<Job>) {
     }
 }
 
-/// Packs `open.jsonl` into a gzip batch in `ready/`, named for its object.
+/// Packs `open.jsonl` into a gzip batch in `ready/`, named for its object. The file is
+/// only renamed under the lock, so the writer waits for a rename, not for the packing; a
+/// batch left half-packed by a crash is packed first.
 fn pack(dir: &Path, base: &str, open: &Mutex<()>) {
-    let _guard = open.lock().unwrap_or_else(|p| p.into_inner());
-    let path = dir.join("open.jsonl");
-    let Ok(text) = std::fs::read(&path) else {
+    let taken = dir.join("packing.jsonl");
+    if !taken.exists() {
+        let _guard = open.lock().unwrap_or_else(|p| p.into_inner());
+        if std::fs::rename(dir.join("open.jsonl"), &taken).is_err() {
+            return;
+        }
+    }
+    let Ok(text) = std::fs::read(&taken) else {
         return;
     };
     if text.is_empty() {
+        let _ = std::fs::remove_file(&taken);
         return;
     }
     let now = time::OffsetDateTime::now_utc();
@@ -276,7 +284,7 @@ fn pack(dir: &Path, base: &str, open: &Mutex<()>) {
     if let Ok(bytes) = packed
         && std::fs::write(dir.join("ready").join(key.replace('/', "__")), bytes).is_ok()
     {
-        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&taken);
     }
 }
 
