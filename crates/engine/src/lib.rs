@@ -63,10 +63,6 @@ pub struct GenerateRequest {
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
     pub stop: Vec<String>,
-    /// Whether the caller relays the answer as it is generated. When it does not, a
-    /// backend may produce the whole answer at once (the OpenAI backend then asks its
-    /// server for a non-streamed completion instead of parsing an event per token).
-    pub stream: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

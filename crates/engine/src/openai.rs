@@ -1,13 +1,12 @@
 //! A backend that is any OpenAI-compatible server: vLLM, SGLang, llama.cpp's server, TGI,
 //! Ollama, or a provider's regional endpoint.
 //!
-//! A caller that streams gets a streamed request upstream (with
-//! `stream_options.include_usage`), so tokens pass through as they come and usage is known
-//! at the end; a caller that takes its answer whole gets a non-streamed request
-//! (`"stream": false`, `Accept: application/json`) and the server's one JSON answer,
-//! which costs a fraction of parsing an event per token (a server that streams anyway is
-//! relayed as a stream). When the server reports no usage, tokens are counted here.
-//! Admission is the upstream's `200`: a `429`/`503` is a capacity
+//! Requests always stream upstream (with `stream_options.include_usage`), so tokens pass
+//! through as they come and usage is known at the end; when the server reports no usage,
+//! tokens are counted here. Also for callers that take their answer whole: a server
+//! answers a non-streamed request's head only once the whole answer is generated, so its
+//! admission (the `200`), which the pipeline's admission time-out and failover wait for,
+//! would not be known before the end of a generation that may take minutes. Admission is the upstream's `200`: a `429`/`503` is a capacity
 //! refusal (its `Retry-After` honoured), other `5xx`, timeouts and broken connections make
 //! the engine unavailable, and other `4xx` (a prompt too long, say) reject the request
 //! without saying anything about the engine's health.
@@ -41,8 +40,7 @@ pub struct OpenAiConfig {
     /// The model name the server knows.
     pub upstream_model: String,
     pub connect_timeout: Duration,
-    /// Time allowed until the first token of a streamed answer arrives (a non-streamed
-    /// one has only `total_timeout`).
+    /// Time allowed until the first token arrives.
     pub first_token_timeout: Duration,
     /// Time allowed for the whole answer.
     pub total_timeout: Duration,
@@ -191,38 +189,6 @@ impl OpenAiBackend {
 struct Body(std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>);
 
 impl Body {
-    /// All of it, when it is at most `limit` bytes (for non-streamed answers).
-    async fn whole(mut self, limit: usize) -> Result<Bytes, BackendError> {
-        let mut first = Bytes::new();
-        let mut joined = BytesMut::new();
-        while let Some(chunk) = self.0.next().await {
-            let chunk = chunk.map_err(|e| {
-                BackendError::Unavailable(format!("the engine's answer broke: {e}"))
-            })?;
-            if first.len() + joined.len() + chunk.len() > limit {
-                return Err(BackendError::Internal(format!(
-                    "the engine's answer is larger than {} MiB",
-                    limit >> 20
-                )));
-            }
-            // Most answers arrive in one piece, which is kept as it is.
-            if first.is_empty() && joined.is_empty() {
-                first = chunk;
-            } else {
-                if joined.is_empty() {
-                    joined.extend_from_slice(&first);
-                    first = Bytes::new();
-                }
-                joined.extend_from_slice(&chunk);
-            }
-        }
-        Ok(if joined.is_empty() {
-            first
-        } else {
-            joined.freeze()
-        })
-    }
-
     /// At most `limit` bytes of it, as text (for error answers).
     async fn text(mut self, limit: usize) -> String {
         let mut out = Vec::new();
@@ -240,20 +206,14 @@ impl Shared {
     async fn send(
         &self,
         payload: Vec<u8>,
-        stream: bool,
     ) -> Result<(http::StatusCode, http::HeaderMap, Body), BackendError> {
-        let accept = if stream {
-            "text/event-stream"
-        } else {
-            "application/json"
-        };
         let cfg = &self.cfg;
         let bearer = self.bearer.clone();
         if let Some(pool) = &self.plain {
             let mut req = http::Request::post(pool.path())
                 .header(http::header::HOST, pool.host().clone())
                 .header(http::header::CONTENT_TYPE, "application/json")
-                .header(http::header::ACCEPT, accept)
+                .header(http::header::ACCEPT, "text/event-stream")
                 .body(http_body_util::Full::new(Bytes::from(payload)))
                 .map_err(|e| BackendError::Internal(format!("request to {}: {e}", cfg.base_url)))?;
             if let Some(v) = bearer {
@@ -268,7 +228,6 @@ impl Shared {
             .client
             .post(&self.completions_url)
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::ACCEPT, accept)
             .body(payload);
         if let Some(v) = bearer {
             request = request.header(http::header::AUTHORIZATION, v);
@@ -339,15 +298,13 @@ fn classify(
     }
 }
 
-/// The chat completion request sent upstream: streamed with usage at the end, or, when the
-/// caller takes the answer whole, not streamed.
+/// The chat completion request sent upstream: always streamed, with usage at the end.
 #[derive(Serialize)]
 struct UpstreamRequest<'a> {
     model: &'a str,
     messages: &'a [crate::Message],
     stream: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream_options: Option<StreamOptions>,
+    stream_options: StreamOptions,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -361,57 +318,7 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// The largest non-streamed answer read from an engine.
-const MAX_ANSWER_BYTES: usize = 16 << 20;
-
-/// The chunks of a non-streamed answer: its text, then its end.
-fn whole_answer(
-    body: &[u8],
-    prompt_tokens: u32,
-    base_url: &str,
-) -> Result<Vec<Result<Chunk, BackendError>>, BackendError> {
-    let answer: StreamChunk = serde_json::from_slice(body).map_err(|e| {
-        BackendError::Internal(format!(
-            "{base_url} answered with an unreadable chat completion: {e}"
-        ))
-    })?;
-    let Some(choice) = answer.choices.into_iter().next() else {
-        return Err(BackendError::Internal(format!(
-            "{base_url} answered with a chat completion without choices"
-        )));
-    };
-    let text = choice
-        .delta
-        .and_then(|m| m.content)
-        .map(Cow::into_owned)
-        .unwrap_or_default();
-    let usage = match answer.usage {
-        Some(u) => Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-        },
-        None => Usage {
-            prompt_tokens,
-            completion_tokens: count_tokens(&text),
-        },
-    };
-    let finish_reason = match choice.finish_reason.as_deref() {
-        Some("length") => FinishReason::Length,
-        _ => FinishReason::Stop,
-    };
-    let mut chunks = Vec::with_capacity(2);
-    if !text.is_empty() {
-        chunks.push(Ok(Chunk::Delta(text)));
-    }
-    chunks.push(Ok(Chunk::Done {
-        finish_reason,
-        usage,
-    }));
-    Ok(chunks)
-}
-
-/// One streamed chunk, or a whole non-streamed answer (whose choice has a `message` where
-/// a chunk's has a `delta`), borrowing its strings from the event where they need no
+/// One streamed chunk, borrowing its strings from the event where they need no
 /// unescaping.
 #[derive(Deserialize)]
 struct StreamChunk<'a> {
@@ -423,13 +330,12 @@ struct StreamChunk<'a> {
 
 #[derive(Deserialize)]
 struct StreamChoice<'a> {
-    #[serde(default, borrow, alias = "message")]
+    #[serde(default, borrow)]
     delta: Option<Delta<'a>>,
     #[serde(default, borrow, deserialize_with = "maybe_borrowed")]
     finish_reason: Option<Cow<'a, str>>,
 }
 
-/// A chunk's `delta` or an answer's `message`: only its text matters here.
 #[derive(Deserialize)]
 struct Delta<'a> {
     #[serde(default, borrow, deserialize_with = "maybe_borrowed")]
@@ -544,10 +450,10 @@ impl Backend for OpenAiBackend {
             let body = UpstreamRequest {
                 model: &cfg.upstream_model,
                 messages: &req.messages,
-                stream: req.stream,
-                stream_options: req.stream.then_some(StreamOptions {
+                stream: true,
+                stream_options: StreamOptions {
                     include_usage: true,
-                }),
+                },
                 max_tokens: req.max_tokens,
                 temperature: req.temperature,
                 stop: &req.stop,
@@ -556,48 +462,24 @@ impl Backend for OpenAiBackend {
                 .map_err(|e| BackendError::Internal(format!("request JSON: {e}")))?;
             // One timer per answer: it bounds the wait for the answer's head and its first
             // token, then the whole answer (each timer registered costs the runtime a wake-up).
-            // A non-streamed answer has no first token before its end.
             let now = tokio::time::Instant::now();
             let deadline = now + cfg.total_timeout;
-            let first_wait = if req.stream {
-                cfg.first_token_timeout.min(cfg.total_timeout)
-            } else {
-                cfg.total_timeout
-            };
-            let mut timer = Box::pin(tokio::time::sleep_until(now + first_wait));
+            let mut timer = Box::pin(tokio::time::sleep_until(
+                (now + cfg.first_token_timeout).min(deadline),
+            ));
             let (status, headers, answer) = tokio::select! {
                 biased;
-                sent = shared.send(payload, req.stream) => sent?,
+                sent = shared.send(payload) => sent?,
                 () = timer.as_mut() => {
                     return Err(BackendError::Timeout(format!(
-                        "{} did not answer in {first_wait:?}",
-                        cfg.base_url
+                        "{} did not answer in {:?}",
+                        cfg.base_url, cfg.first_token_timeout
                     )));
                 }
             };
             if !status.is_success() {
                 let text = answer.text(64 << 10).await;
                 return Err(classify(status, &headers, &text, cfg));
-            }
-            // A server that streams although asked not to is relayed as a stream.
-            let is_sse = headers
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.starts_with("text/event-stream"));
-            if !req.stream && !is_sse {
-                let whole = tokio::select! {
-                    biased;
-                    whole = answer.whole(MAX_ANSWER_BYTES) => whole,
-                    () = timer.as_mut() => {
-                        return Err(BackendError::Timeout(format!(
-                            "{} did not finish its answer in {:?}",
-                            cfg.base_url, cfg.total_timeout
-                        )));
-                    }
-                };
-                let chunks = whole_answer(&whole?, prompt_tokens, &cfg.base_url)?;
-                drop(guard);
-                return Ok(Box::pin(futures::stream::iter(chunks)) as ChunkStream);
             }
             let events = Box::pin(sse_events(answer.0));
             let state = Relay {

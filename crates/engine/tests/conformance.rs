@@ -29,24 +29,12 @@ fn request(text: &str, max_tokens: u32) -> GenerateRequest {
         max_tokens: Some(max_tokens),
         temperature: Some(0.0),
         stop: vec![],
-        stream: true,
     }
 }
 
-/// Every backend: a complete answer is deltas then exactly one Done with usage, whether
-/// the caller streams or takes the answer whole.
+/// Every backend: a complete answer is deltas then exactly one Done with usage.
 async fn answers_completely(b: &dyn Backend) {
-    for stream in [true, false] {
-        answers_completely_when(b, stream).await;
-    }
-}
-
-async fn answers_completely_when(b: &dyn Backend, stream: bool) {
-    let req = GenerateRequest {
-        stream,
-        ..request("hello there", 6)
-    };
-    let mut s = b.generate(req).await.unwrap();
+    let mut s = b.generate(request("hello there", 6)).await.unwrap();
     let (mut deltas, mut text, mut done) = (0, String::new(), None);
     while let Some(item) = s.next().await {
         match item.unwrap() {
@@ -65,7 +53,7 @@ async fn answers_completely_when(b: &dyn Backend, stream: bool) {
         }
     }
     let (finish, usage) = done.expect("a Done at the end");
-    assert!(deltas >= 1 && !text.is_empty(), "stream: {stream}");
+    assert!(deltas >= 1 && !text.is_empty());
     assert!(usage.prompt_tokens > 0);
     // Servers may overshoot max_tokens by a token or two; never by much.
     assert!(

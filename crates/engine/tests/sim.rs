@@ -27,7 +27,6 @@ fn request(prompt: &str, max_tokens: Option<u32>) -> GenerateRequest {
         max_tokens,
         temperature: None,
         stop: Vec::new(),
-        stream: true,
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crisp_engine::openai::{OpenAiBackend, OpenAiConfig};
-use crisp_engine::{Backend, BackendError, Chunk, FinishReason, GenerateRequest, Message, Usage};
+use crisp_engine::{Backend, BackendError, Chunk, GenerateRequest, Message};
 use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -33,14 +33,7 @@ enum Behaviour {
     Busy,
     /// Sends a role-only event (no token) and then nothing.
     Silent,
-    /// Like a model server: a JSON chat completion when asked for `"stream": false`,
-    /// the events otherwise.
-    AsAsked,
-    /// Answers 200 with a body that is not a chat completion.
-    Garbage,
 }
-
-const WHOLE: &str = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hello \"there\""},"finish_reason":"length"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
 
 #[derive(Default)]
 struct Seen {
@@ -49,7 +42,6 @@ struct Seen {
     /// Connections that the client closed.
     closed_by_client: AtomicUsize,
     last_head: std::sync::Mutex<String>,
-    last_body: std::sync::Mutex<String>,
 }
 
 async fn server(behaviour: Behaviour) -> (u16, Arc<Seen>) {
@@ -89,21 +81,7 @@ async fn server(behaviour: Behaviour) -> (u16, Arc<Seen>) {
                     read.read_exact(&mut body).await.unwrap();
                     s.requests.fetch_add(1, Ordering::SeqCst);
                     *s.last_head.lock().unwrap() = head;
-                    let body = String::from_utf8(body).unwrap();
-                    let whole = body.contains(r#""stream":false"#);
-                    *s.last_body.lock().unwrap() = body;
                     match behaviour {
-                        Behaviour::AsAsked if whole => {
-                            let r = format!(
-                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{WHOLE}",
-                                WHOLE.len()
-                            );
-                            write.write_all(r.as_bytes()).await.unwrap();
-                        }
-                        Behaviour::Garbage => {
-                            let r = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 8\r\n\r\n{\"id\": 1";
-                            write.write_all(r.as_bytes()).await.unwrap();
-                        }
                         Behaviour::Busy => {
                             let msg = r#"{"error":{"message":"busy"}}"#;
                             let r = format!(
@@ -125,7 +103,7 @@ async fn server(behaviour: Behaviour) -> (u16, Arc<Seen>) {
                             );
                             write.write_all(r.as_bytes()).await.unwrap();
                         }
-                        Behaviour::KeepAlive | Behaviour::CloseAfterOne | Behaviour::AsAsked => {
+                        Behaviour::KeepAlive | Behaviour::CloseAfterOne => {
                             let r = format!(
                                 "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{ANSWER}\r\n0\r\n\r\n",
                                 ANSWER.len()
@@ -174,27 +152,20 @@ fn request() -> GenerateRequest {
         max_tokens: Some(4),
         temperature: None,
         stop: Vec::new(),
-        stream: true,
     }
 }
 
 /// Reads an answer the way the pipeline does: up to its final chunk, then drops it.
 async fn answer(b: &OpenAiBackend) -> Result<String, BackendError> {
-    let (text, usage) = answer_to(b, request()).await?;
-    assert_eq!(usage.completion_tokens, 1);
-    Ok(text)
-}
-
-async fn answer_to(
-    b: &OpenAiBackend,
-    req: GenerateRequest,
-) -> Result<(String, Usage), BackendError> {
-    let mut stream = b.generate(req).await?;
+    let mut stream = b.generate(request()).await?;
     let mut text = String::new();
     while let Some(item) = stream.next().await {
         match item? {
             Chunk::Delta(t) => text.push_str(&t),
-            Chunk::Done { usage, .. } => return Ok((text, usage)),
+            Chunk::Done { usage, .. } => {
+                assert_eq!(usage.completion_tokens, 1);
+                return Ok(text);
+            }
         }
     }
     panic!("the answer did not finish")
@@ -307,72 +278,4 @@ async fn an_engine_that_sends_no_token_in_time_times_out() {
         "{waited:?}"
     );
     assert_eq!(b.load().running, 0, "the slot is free again");
-}
-
-fn not_streamed() -> GenerateRequest {
-    GenerateRequest {
-        stream: false,
-        ..request()
-    }
-}
-
-#[tokio::test]
-async fn a_caller_that_does_not_stream_gets_the_servers_whole_answer() {
-    let (port, seen) = server(Behaviour::AsAsked).await;
-    let b = backend(port);
-    let mut stream = b.generate(not_streamed()).await.unwrap();
-    let mut chunks = Vec::new();
-    while let Some(item) = stream.next().await {
-        chunks.push(item.unwrap());
-    }
-    assert_eq!(
-        chunks,
-        vec![
-            Chunk::Delta("Hello \"there\"".into()),
-            Chunk::Done {
-                finish_reason: FinishReason::Length,
-                usage: Usage {
-                    prompt_tokens: 3,
-                    completion_tokens: 2
-                }
-            }
-        ]
-    );
-    let body = seen.last_body.lock().unwrap().clone();
-    assert!(body.contains(r#""stream":false"#), "{body}");
-    assert!(!body.contains("stream_options"), "{body}");
-    let head = seen.last_head.lock().unwrap().to_ascii_lowercase();
-    assert!(head.contains("accept: application/json"), "{head}");
-    // Read to its end, the connection goes back to the pool.
-    for _ in 0..5 {
-        answer_to(&b, not_streamed()).await.unwrap();
-    }
-    assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
-    // A streaming caller on the same server still gets events.
-    assert_eq!(answer(&b).await.unwrap(), "Hello");
-    let body = seen.last_body.lock().unwrap().clone();
-    assert!(body.contains(r#""stream":true"#), "{body}");
-    assert!(body.contains(r#""include_usage":true"#), "{body}");
-    let head = seen.last_head.lock().unwrap().to_ascii_lowercase();
-    assert!(head.contains("accept: text/event-stream"), "{head}");
-}
-
-#[tokio::test]
-async fn a_server_that_streams_when_asked_not_to_is_relayed() {
-    let (port, _) = server(Behaviour::KeepAlive).await;
-    let b = backend(port);
-    assert_eq!(answer_to(&b, not_streamed()).await.unwrap().0, "Hello");
-}
-
-#[tokio::test]
-async fn an_unreadable_whole_answer_is_an_engine_error() {
-    let (port, _) = server(Behaviour::Garbage).await;
-    let b = backend(port);
-    match b.generate(not_streamed()).await {
-        Err(BackendError::Internal(m)) => {
-            assert!(m.contains("unreadable chat completion"), "{m}");
-        }
-        Err(e) => panic!("{e}"),
-        Ok(_) => panic!("garbage was taken for an answer"),
-    }
 }

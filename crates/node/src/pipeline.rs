@@ -35,13 +35,6 @@ pub struct InferRequest {
     pub action: crisp_policy::Action,
 }
 
-impl InferRequest {
-    /// Whether the caller gets the answer as it is generated.
-    pub fn streams(&self) -> bool {
-        self.action == crisp_policy::Action::InvokeModelWithResponseStream
-    }
-}
-
 /// Filled with the destination's verified receipt when the answer completes.
 pub type ReceiptSlot = Arc<OnceLock<SignedReceipt>>;
 
@@ -77,13 +70,11 @@ fn outcome(e: &BackendError) -> String {
 }
 
 /// Records what happened to an admitted request as its answer streams: time to first
-/// token (of streamed answers; a non-streamed one arrives whole), tokens and cost at the
-/// end, and the outcome (also when the client goes away).
+/// token, tokens and cost at the end, and the outcome (also when the client goes away).
 struct Watch {
     served: Arc<observe::Served>,
     price: crisp_catalog::Price,
     started: std::time::Instant,
-    /// The first token has been seen, or is not timed.
     first_token: bool,
     finished: bool,
 }
@@ -282,7 +273,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                     ),
                     price,
                     started,
-                    first_token: !req.streams(),
+                    first_token: false,
                     finished: false,
                 };
                 return Ok(Admitted {
@@ -364,7 +355,6 @@ async fn try_region(
                 max_tokens: req.max_tokens,
                 temperature: req.temperature,
                 stop: req.stop.clone(),
-                stream: req.streams(),
             })
             .await;
     }
@@ -389,7 +379,6 @@ async fn try_region(
         max_tokens: req.max_tokens,
         temperature: req.temperature,
         stop: req.stop.clone(),
-        stream: req.streams(),
     });
     node.peers.generate(addr, code, body, receipt.clone()).await
 }

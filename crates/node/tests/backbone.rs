@@ -208,7 +208,6 @@ fn forward(request_id: &str, source: &str, profile: &str) -> wire::GenerateReque
         max_tokens: Some(3),
         temperature: None,
         stop: vec![],
-        stream: true,
     }
 }
 

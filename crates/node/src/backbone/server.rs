@@ -172,7 +172,6 @@ async fn run_forwarded(
         max_tokens: req.max_tokens,
         temperature: req.temperature,
         stop: req.stop,
-        stream: req.stream,
     };
     match backend.generate(request).await {
         Ok(stream) => {

@@ -41,14 +41,6 @@ pub struct GenerateRequest {
     pub temperature: Option<f32>,
     #[serde(default)]
     pub stop: Vec<String>,
-    /// Whether the source relays the answer as it is generated (sources that do not
-    /// send it do).
-    #[serde(default = "streamed")]
-    pub stream: bool,
-}
-
-fn streamed() -> bool {
-    true
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
