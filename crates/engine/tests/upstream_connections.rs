@@ -33,6 +33,9 @@ enum Behaviour {
     Busy,
     /// Sends a role-only event (no token) and then nothing.
     Silent,
+    /// Sends the head at once and the events three seconds later, like an engine that
+    /// admits a request and then generates for a while.
+    SlowBody,
 }
 
 #[derive(Default)]
@@ -42,6 +45,8 @@ struct Seen {
     /// Connections that the client closed.
     closed_by_client: AtomicUsize,
     last_head: std::sync::Mutex<String>,
+    /// The last request asked for a streamed answer.
+    last_body_streamed: std::sync::atomic::AtomicBool,
 }
 
 async fn server(behaviour: Behaviour) -> (u16, Arc<Seen>) {
@@ -81,6 +86,8 @@ async fn server(behaviour: Behaviour) -> (u16, Arc<Seen>) {
                     read.read_exact(&mut body).await.unwrap();
                     s.requests.fetch_add(1, Ordering::SeqCst);
                     *s.last_head.lock().unwrap() = head;
+                    let streamed = String::from_utf8_lossy(&body).contains(r#""stream":true"#);
+                    s.last_body_streamed.store(streamed, Ordering::SeqCst);
                     match behaviour {
                         Behaviour::Busy => {
                             let msg = r#"{"error":{"message":"busy"}}"#;
@@ -101,6 +108,13 @@ async fn server(behaviour: Behaviour) -> (u16, Arc<Seen>) {
                                 "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n",
                                 chunk.len()
                             );
+                            write.write_all(r.as_bytes()).await.unwrap();
+                        }
+                        Behaviour::SlowBody => {
+                            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                            write.write_all(head.as_bytes()).await.unwrap();
+                            tokio::time::sleep(Duration::from_secs(3)).await;
+                            let r = format!("{:x}\r\n{ANSWER}\r\n0\r\n\r\n", ANSWER.len());
                             write.write_all(r.as_bytes()).await.unwrap();
                         }
                         Behaviour::KeepAlive | Behaviour::CloseAfterOne => {
@@ -278,4 +292,29 @@ async fn an_engine_that_sends_no_token_in_time_times_out() {
         "{waited:?}"
     );
     assert_eq!(b.load().running, 0, "the slot is free again");
+}
+
+/// The pipeline's admission time-out and failover wait for `generate` to return, so it
+/// must return at the engine's admission (the head of a streamed answer), not once the
+/// answer is generated: the request goes upstream streamed whatever the client wants.
+#[tokio::test]
+async fn admission_is_the_answers_head_not_its_end() {
+    let (port, seen) = server(Behaviour::SlowBody).await;
+    let b = backend(port);
+    let started = std::time::Instant::now();
+    let mut stream = b.generate(request()).await.unwrap();
+    let admitted = started.elapsed();
+    assert!(
+        admitted < Duration::from_secs(2),
+        "admitted after {admitted:?}, with the answer"
+    );
+    let mut text = String::new();
+    while let Some(item) = stream.next().await {
+        if let Chunk::Delta(t) = item.unwrap() {
+            text.push_str(&t);
+        }
+    }
+    assert_eq!(text, "Hello");
+    let body = seen.last_body_streamed.load(Ordering::SeqCst);
+    assert!(body, "the request went upstream without \"stream\": true");
 }
