@@ -6,10 +6,12 @@
 //! tokens are counted here. Also for callers that take their answer whole: a server
 //! answers a non-streamed request's head only once the whole answer is generated, so its
 //! admission (the `200`), which the pipeline's admission time-out and failover wait for,
-//! would not be known before the end of a generation that may take minutes. Admission is the upstream's `200`: a `429`/`503` is a capacity
-//! refusal (its `Retry-After` honoured), other `5xx`, timeouts and broken connections make
-//! the engine unavailable, and other `4xx` (a prompt too long, say) reject the request
-//! without saying anything about the engine's health.
+//! would not be known before the end of a generation that may take minutes.
+//!
+//! Admission is the upstream's `200`: a `429`/`503` is a capacity refusal (its
+//! `Retry-After` honoured), other `5xx`, timeouts and broken connections make the engine
+//! unavailable, and other `4xx` (a prompt too long, say) reject the request without
+//! saying anything about the engine's health.
 //!
 //! The engine's own load is read from its Prometheus `/metrics` when it has one, combined
 //! with the requests in flight through this backend.

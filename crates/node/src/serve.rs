@@ -199,17 +199,21 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> I
 /// [`crisp_engine::event_loop::busy_poll`]).
 struct Touching<S>(S);
 
+/// Passes a poll's result on, telling the loop when the connection did read or write.
+fn touched<T>(r: std::task::Poll<T>) -> std::task::Poll<T> {
+    if r.is_ready() {
+        crisp_engine::event_loop::touch();
+    }
+    r
+}
+
 impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Touching<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let r = std::pin::Pin::new(&mut self.0).poll_read(cx, buf);
-        if r.is_ready() {
-            crisp_engine::event_loop::touch();
-        }
-        r
+        touched(std::pin::Pin::new(&mut self.0).poll_read(cx, buf))
     }
 }
 
@@ -219,11 +223,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Touching<S> {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.0).poll_write(cx, buf);
-        if r.is_ready() {
-            crisp_engine::event_loop::touch();
-        }
-        r
+        touched(std::pin::Pin::new(&mut self.0).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -231,11 +231,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Touching<S> {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs);
-        if r.is_ready() {
-            crisp_engine::event_loop::touch();
-        }
-        r
+        touched(std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

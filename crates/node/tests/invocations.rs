@@ -35,6 +35,12 @@ fn contents(dir: &Path) -> Vec<(String, String)> {
     out
 }
 
+/// A short chat request for the EU profile carrying `prompt`.
+fn eu_request(prompt: &str) -> serde_json::Value {
+    serde_json::json!({"model": "eu.amazon.nova-lite-v1:0", "max_tokens": 3,
+        "messages": [{"role": "user", "content": prompt}]})
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payloads_stay_in_the_source_region() {
     let root = tempfile::tempdir().unwrap();
@@ -54,13 +60,7 @@ async fn payloads_stay_in_the_source_region() {
         secret.to_owned(),
         format!("{secret} {}", "word ".repeat(100)),
     ] {
-        let r = f
-            .chat(
-                "us-east-1",
-                serde_json::json!({"model": "eu.amazon.nova-lite-v1:0", "max_tokens": 3,
-                    "messages": [{"role": "user", "content": prompt}]}),
-            )
-            .await;
+        let r = f.chat("us-east-1", eu_request(&prompt)).await;
         assert_eq!(inference_region(&r), "eu-west-1");
         r.text().await.unwrap();
     }
@@ -119,13 +119,7 @@ async fn a_store_outage_delays_the_log_and_loses_nothing() {
         .await;
     let secrets = ["outage-prompt-1", "outage-prompt-2", "outage-prompt-3"];
     for secret in secrets {
-        let r = f
-            .chat(
-                "us-east-1",
-                serde_json::json!({"model": "eu.amazon.nova-lite-v1:0", "max_tokens": 3,
-                    "messages": [{"role": "user", "content": secret}]}),
-            )
-            .await;
+        let r = f.chat("us-east-1", eu_request(secret)).await;
         // Requests are answered while the log cannot be shipped.
         assert_eq!(r.status(), 200);
         r.text().await.unwrap();
