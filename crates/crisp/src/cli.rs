@@ -281,8 +281,11 @@ pub fn read_lock(path: &Path) -> anyhow::Result<Option<Lock>> {
     }
 }
 
+/// Writes the lock whole or not at all. The temporary file is this process's own: nodes
+/// started together from one directory may each write the first lock, and all write the
+/// same one (it follows from the same configuration).
 fn write_lock(path: &Path, lock: &Lock) -> anyhow::Result<()> {
-    let tmp = path.with_extension("lock.tmp");
+    let tmp = path.with_extension(format!("lock.{}.tmp", std::process::id()));
     std::fs::write(&tmp, lock.to_toml())
         .and_then(|()| std::fs::rename(&tmp, path))
         .with_context(|| format!("cannot write {}", path.display()))
@@ -320,13 +323,17 @@ fn profiles(command: ProfilesCommand) -> anyhow::Result<()> {
         ProfilesCommand::Lock { config, lock } => {
             let catalog = load_config(&config)?;
             let path = lock_path(&config, lock);
-            let current = read_lock(&path)?.unwrap_or_default();
+            let existing = read_lock(&path)?;
+            let first = existing.is_none();
+            let current = existing.unwrap_or_default();
             let plan = Plan::new(&catalog, &current);
             print_plan(&plan);
             if !plan.problems.is_empty() {
                 bail!("not writing {}: fix the problems above", path.display());
             }
-            if plan.has_issues() {
+            // A fleet with no geographic profile yet still gets its (empty) lock, so the
+            // nodes find one and later regions are compared against it.
+            if plan.has_issues() || first {
                 write_lock(&path, &plan.apply(&current))?;
                 println!("wrote {}", path.display());
             } else {

@@ -117,3 +117,42 @@ fn growing_the_eu_issues_a_new_profile_id_and_keeps_the_old_one() {
     let out = crisp(&["profiles", "plan", "--config", s(&cfg)]);
     assert!(text(&out).contains("up to date"), "{}", text(&out));
 }
+
+#[test]
+fn a_fleet_without_geographic_profiles_still_gets_its_lock() {
+    let dir = tmpdir("empty-lock");
+    let cfg = dir.join("crisp.toml");
+    let lock = dir.join("crisp.lock");
+    std::fs::write(
+        &cfg,
+        r#"version = 1
+[deployment]
+name = "solo"
+[[region]]
+code = "eu-west-1"
+city = "Dublin"
+country = "IE"
+lat = 53.3
+lon = -6.3
+client = "127.0.0.1:8100"
+peer = "127.0.0.1:9100"
+[[model]]
+id = "m"
+input_price_per_1k = 0.001
+output_price_per_1k = 0.002
+[[model.backend]]
+region = "eu-west-1"
+kind = "simulated"
+"#,
+    )
+    .unwrap();
+    let out = crisp(&["profiles", "lock", "--config", s(&cfg)]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        lock.exists(),
+        "nodes started together must find the lock written, not race to write it: {}",
+        text(&out)
+    );
+    let out = crisp(&["profiles", "lock", "--config", s(&cfg)]);
+    assert!(text(&out).contains("up to date"), "{}", text(&out));
+}
