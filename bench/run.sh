@@ -252,7 +252,7 @@ crisp_files() { # dir config-template regions... (the key is left in DIR/api-key
     for region in "$@"; do
         "$CRISP" certs issue --deployment bench --region "$region" --dir "$dir/certs" >/dev/null
     done
-    "$CRISP" keys create --config "$dir/crisp.toml" --principal bench | head -n 1 >"$dir/api-key"
+    "$CRISP" keys create --config "$dir/crisp.toml" --principal bench >"$dir/api-key"
     "$CRISP" check --config "$dir/crisp.toml" >/dev/null
     "$CRISP" profiles lock --config "$dir/crisp.toml" >/dev/null
 }

@@ -115,14 +115,15 @@ pub fn run_keys(command: KeysCommand) -> anyhow::Result<()> {
                     revoked: false,
                 });
                 write_store(&files.keys, &store)?;
-                println!(
-                    "aws_access_key_id = {akid}\naws_secret_access_key = {secret}\n(for principal {principal}; store it now)"
-                );
+                // The secret alone on stdout (for pipes and files), the note on stderr.
+                println!("aws_access_key_id = {akid}\naws_secret_access_key = {secret}");
+                eprintln!("(for principal {principal}; store it now)");
             } else {
                 let (entry, key) = store.create(&principal, &random_bytes(), &now());
                 write_store(&files.keys, &store)?;
-                println!(
-                    "{key}\n(key {} for principal {principal}; shown once, stored only as a hash)",
+                println!("{key}");
+                eprintln!(
+                    "(key {} for principal {principal}; shown once, stored only as a hash)",
                     entry.id
                 );
             }
