@@ -76,8 +76,8 @@ pub(crate) struct Pool {
     authority: String,
     /// The same, as every request's `Host` header.
     host: http::HeaderValue,
-    /// The URL's path and query, what a request names.
-    path: String,
+    /// The URL's path and query, what a request names (parsed once, cloned per request).
+    path: Uri,
     connect_timeout: Duration,
     max_idle: usize,
     /// How long a connection may sit idle before it is closed rather than reused.
@@ -124,7 +124,11 @@ impl Pool {
         Some(Pool {
             host: http::HeaderValue::from_str(&authority).ok()?,
             authority,
-            path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+            path: uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .parse()
+                .ok()?,
             connect_timeout,
             max_idle: max_idle.max(1),
             idle_limit: IDLE_LIMIT,
@@ -132,12 +136,15 @@ impl Pool {
         })
     }
 
-    pub(crate) fn host(&self) -> &http::HeaderValue {
-        &self.host
-    }
-
-    pub(crate) fn path(&self) -> &str {
-        &self.path
+    /// A POST of `body` to the URL, with its `Host`; headers and URI built without
+    /// parsing or copying.
+    pub(crate) fn post<B>(&self, body: B) -> Request<B> {
+        let mut req = Request::new(body);
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = self.path.clone();
+        req.headers_mut()
+            .insert(http::header::HOST, self.host.clone());
+        req
     }
 
     fn take_idle(&self) -> Option<Conn> {
@@ -341,10 +348,7 @@ mod tests {
     }
 
     async fn get(pool: &Arc<Pool>) {
-        let req = Request::post(pool.path())
-            .header(http::header::HOST, pool.host().clone())
-            .body(Full::new(Bytes::new()))
-            .unwrap();
+        let req = pool.post(Full::new(Bytes::new()));
         let (status, _, mut answer) = pool.send(req).await.unwrap();
         assert_eq!(status, StatusCode::OK);
         while answer.next().await.is_some() {}
@@ -423,12 +427,13 @@ mod tests {
     fn only_plain_http_urls_get_a_pool() {
         let d = Duration::from_secs(1);
         let p = Pool::for_url("http://10.0.0.5:8000/v1/chat/completions", d, 1).unwrap();
-        assert_eq!(p.host(), "10.0.0.5:8000");
-        assert_eq!(p.path(), "/v1/chat/completions");
-        assert_eq!(
-            Pool::for_url("http://vllm/v1", d, 1).unwrap().host(),
-            "vllm:80"
-        );
+        let req = p.post(());
+        assert_eq!(req.method(), http::Method::POST);
+        assert_eq!(req.uri(), "/v1/chat/completions");
+        assert_eq!(req.headers()[http::header::HOST], "10.0.0.5:8000");
+        let req = Pool::for_url("http://vllm/v1?x=1", d, 1).unwrap().post(());
+        assert_eq!(req.headers()[http::header::HOST], "vllm:80");
+        assert_eq!(req.uri(), "/v1?x=1");
         assert!(Pool::for_url("https://api.example.com/v1", d, 1).is_none());
     }
 }

@@ -212,12 +212,16 @@ impl Shared {
         let cfg = &self.cfg;
         let bearer = self.bearer.clone();
         if let Some(pool) = &self.plain {
-            let mut req = http::Request::post(pool.path())
-                .header(http::header::HOST, pool.host().clone())
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .header(http::header::ACCEPT, "text/event-stream")
-                .body(http_body_util::Full::new(Bytes::from(payload)))
-                .map_err(|e| BackendError::Internal(format!("request to {}: {e}", cfg.base_url)))?;
+            let mut req = pool.post(http_body_util::Full::new(Bytes::from(payload)));
+            let headers = req.headers_mut();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            headers.insert(
+                http::header::ACCEPT,
+                http::HeaderValue::from_static("text/event-stream"),
+            );
             if let Some(v) = bearer {
                 req.headers_mut().insert(http::header::AUTHORIZATION, v);
             }
@@ -321,13 +325,21 @@ struct StreamOptions {
 }
 
 /// One streamed chunk, borrowing its strings from the event where they need no
-/// unescaping.
+/// unescaping. Its choices are folded as they are read (their text joined, the last finish
+/// reason kept), without collecting them.
 #[derive(Deserialize)]
 struct StreamChunk<'a> {
-    #[serde(default, borrow)]
-    choices: Vec<StreamChoice<'a>>,
+    #[serde(default, borrow, deserialize_with = "fold_choices")]
+    choices: Folded<'a>,
     #[serde(default)]
     usage: Option<WireUsage>,
+}
+
+/// What the choices of one chunk say.
+#[derive(Default)]
+struct Folded<'a> {
+    text: Option<Cow<'a, str>>,
+    finish_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -352,6 +364,42 @@ where
     #[derive(Deserialize)]
     struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
     Ok(Option::<Text<'a>>::deserialize(d)?.map(|t| t.0))
+}
+
+/// Reads a `choices` array (or `null`) into a [`Folded`].
+fn fold_choices<'de: 'a, 'a, D>(d: D) -> Result<Folded<'a>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Choices;
+    impl<'de> serde::de::Visitor<'de> for Choices {
+        type Value = Folded<'de>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array of choices")
+        }
+        fn visit_unit<E>(self) -> Result<Folded<'de>, E> {
+            Ok(Folded::default())
+        }
+        fn visit_seq<A>(self, mut seq: A) -> Result<Folded<'de>, A::Error>
+        where
+            A: serde::de::SeqAccess<'de>,
+        {
+            let mut folded = Folded::default();
+            while let Some(choice) = seq.next_element::<StreamChoice<'de>>()? {
+                if let Some(content) = choice.delta.and_then(|d| d.content) {
+                    folded.text = Some(match folded.text.take() {
+                        None => content,
+                        Some(before) => Cow::Owned(before.into_owned() + &content),
+                    });
+                }
+                if choice.finish_reason.is_some() {
+                    folded.finish_reason = choice.finish_reason;
+                }
+            }
+            Ok(folded)
+        }
+    }
+    d.deserialize_any(Choices)
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -387,47 +435,83 @@ fn sse_data(event: &Bytes) -> Option<Bytes> {
     Some(joined.freeze())
 }
 
-/// Turns an SSE byte stream into `data:` payloads.
+/// Where the first event in `buf` ends (after its blank line).
+fn event_end(buf: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', buf)
+        .find(|&i| buf.get(i + 1) == Some(&b'\n'))
+        .map(|i| i + 2)
+}
+
+/// Turns an SSE byte stream into `data:` payloads. Events that arrive whole in one read
+/// are sliced out of it; only an event split across reads (or with CRLF line ends) is
+/// copied into a buffer to be joined.
 fn sse_events<S>(body: S) -> impl Stream<Item = Result<Bytes, String>>
 where
     S: Stream<Item = Result<Bytes, String>> + Send + Unpin,
 {
-    futures::stream::unfold(
-        (body, BytesMut::new(), false),
-        |(mut body, mut buf, mut done)| async move {
-            loop {
-                if let Some(pos) = memchr::memmem::find(&buf, b"\n\n") {
-                    let event = buf.split_to(pos + 2).freeze();
-                    let Some(data) = sse_data(&event) else {
-                        continue;
-                    };
-                    return Some((Ok(data), (body, buf, done)));
+    struct State<S> {
+        body: S,
+        /// The rest of the last read, while no partial event waits in `buf`.
+        read: Bytes,
+        /// A partial event, joined with what follows it.
+        buf: BytesMut,
+        done: bool,
+    }
+    let state = State {
+        body,
+        read: Bytes::new(),
+        buf: BytesMut::new(),
+        done: false,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if !st.read.is_empty() {
+                if let Some(end) = event_end(&st.read) {
+                    let event = st.read.split_to(end);
+                    if let Some(data) = sse_data(&event) {
+                        return Some((Ok(data), st));
+                    }
+                    continue;
                 }
-                if done {
-                    return None;
+                st.buf.extend_from_slice(&st.read);
+                st.read.clear();
+            }
+            if let Some(end) = event_end(&st.buf) {
+                let event = st.buf.split_to(end).freeze();
+                if let Some(data) = sse_data(&event) {
+                    return Some((Ok(data), st));
                 }
-                match body.next().await {
-                    Some(Ok(chunk)) => {
+                continue;
+            }
+            if st.done {
+                return None;
+            }
+            match st.body.next().await {
+                Some(Ok(chunk)) => {
+                    if memchr::memchr(b'\r', &chunk).is_some() {
                         // Normalise CRLF so event boundaries are found either way.
-                        if chunk.contains(&b'\r') {
-                            buf.extend(chunk.iter().copied().filter(|&b| b != b'\r'));
-                        } else {
-                            buf.extend_from_slice(&chunk);
-                        }
+                        st.buf.extend(chunk.iter().copied().filter(|&b| b != b'\r'));
+                    } else if st.buf.is_empty() {
+                        st.read = chunk;
+                    } else {
+                        st.buf.extend_from_slice(&chunk);
                     }
-                    Some(Err(e)) => {
-                        return Some((Err(e), (body, BytesMut::new(), true)));
-                    }
-                    None => {
-                        done = true;
-                        if !buf.is_empty() {
-                            buf.extend_from_slice(b"\n\n");
-                        }
+                }
+                Some(Err(e)) => {
+                    st.buf.clear();
+                    st.read.clear();
+                    st.done = true;
+                    return Some((Err(e), st));
+                }
+                None => {
+                    st.done = true;
+                    if !st.buf.is_empty() {
+                        st.buf.extend_from_slice(b"\n\n");
                     }
                 }
             }
-        },
-    )
+        }
+    })
 }
 
 impl Backend for OpenAiBackend {
@@ -611,7 +695,11 @@ impl Relay {
             if event.as_ref() == b"[DONE]" {
                 return self.finish();
             }
-            let chunk: StreamChunk = match serde_json::from_slice(&event) {
+            // One UTF-8 check for the whole event, not one per string in it.
+            let chunk: StreamChunk = match std::str::from_utf8(&event)
+                .map_err(|e| e.to_string())
+                .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
+            {
                 Ok(c) => c,
                 Err(e) => {
                     self.done = true;
@@ -624,23 +712,14 @@ impl Relay {
             if let Some(u) = chunk.usage {
                 self.usage = Some(u);
             }
-            let mut text = String::new();
-            for c in chunk.choices {
-                if let Some(d) = c.delta.and_then(|d| d.content) {
-                    if text.is_empty() {
-                        text = d.into_owned();
-                    } else {
-                        text.push_str(&d);
-                    }
-                }
-                if let Some(f) = c.finish_reason {
-                    self.finish = Some(if f == "length" {
-                        FinishReason::Length
-                    } else {
-                        FinishReason::Stop
-                    });
-                }
+            if let Some(f) = chunk.choices.finish_reason {
+                self.finish = Some(if f == "length" {
+                    FinishReason::Length
+                } else {
+                    FinishReason::Stop
+                });
             }
+            let text = chunk.choices.text.unwrap_or_default();
             if !text.is_empty() {
                 if self.first {
                     self.first = false;
@@ -649,7 +728,7 @@ impl Relay {
                 self.completion_counted = self
                     .completion_counted
                     .saturating_add(count_tokens(&text).max(1));
-                return Some(Ok(Chunk::Delta(text)));
+                return Some(Ok(Chunk::Delta(text.into_owned())));
             }
         }
     }
@@ -694,21 +773,67 @@ mod tests {
         assert!(sse_data(&Bytes::from_static(b": keep-alive\n\n")).is_none());
     }
 
+    fn events_of(reads: &[&[u8]]) -> Vec<Bytes> {
+        let body = futures::stream::iter(
+            reads
+                .iter()
+                .map(|r| Ok(Bytes::copy_from_slice(r)))
+                .collect::<Vec<_>>(),
+        );
+        futures::executor::block_on(sse_events(body).map(|e| e.unwrap()).collect())
+    }
+
+    #[test]
+    fn sse_events_are_found_however_the_reads_cut_them() {
+        let want: Vec<Bytes> = ["a", "b", "c"].iter().map(|s| Bytes::from(*s)).collect();
+        let whole: &[u8] = b"data: a\n\n: keep-alive\n\ndata: b\n\ndata: c\n\n";
+        assert_eq!(events_of(&[whole]), want);
+        // Cut at every byte: the partial events are joined.
+        for cut in 1..whole.len() {
+            let (x, y) = whole.split_at(cut);
+            assert_eq!(events_of(&[x, y]), want, "cut at {cut}");
+        }
+        assert_eq!(
+            events_of(&[b"data: a\r\n\r\ndata: b\r", b"\n\r\ndata: c"]),
+            want,
+            "CRLF line ends, and a last event without its blank line"
+        );
+        // An event read whole is a slice of the read, not a copy.
+        let read = Bytes::from_static(b"data: a\n\n");
+        let body = futures::stream::iter([Ok::<_, String>(read.clone())]);
+        let events: Vec<_> = futures::executor::block_on(sse_events(body).collect());
+        assert_eq!(events[0].as_ref().unwrap().as_ptr(), read[6..].as_ptr());
+    }
+
     #[test]
     fn chunk_text_is_borrowed_unless_it_has_escapes() {
-        let plain = br#"{"choices":[{"delta":{"content":"Hello"},"finish_reason":null}]}"#;
-        let chunk: StreamChunk = serde_json::from_slice(plain).unwrap();
-        let content = chunk.choices[0].delta.as_ref().unwrap().content.as_ref();
-        assert!(matches!(content, Some(Cow::Borrowed("Hello"))));
+        let plain = r#"{"choices":[{"delta":{"content":"Hello"},"finish_reason":null}]}"#;
+        let chunk: StreamChunk = serde_json::from_str(plain).unwrap();
+        assert!(matches!(chunk.choices.text, Some(Cow::Borrowed("Hello"))));
+        assert!(chunk.choices.finish_reason.is_none());
         let escaped =
-            br#"{"choices":[{"delta":{"content":"a\nb \"q\" \u00e9"},"finish_reason":"length"}]}"#;
-        let chunk: StreamChunk = serde_json::from_slice(escaped).unwrap();
-        let choice = &chunk.choices[0];
-        assert_eq!(
-            choice.delta.as_ref().unwrap().content.as_deref(),
-            Some("a\nb \"q\" \u{e9}")
-        );
-        assert_eq!(choice.finish_reason.as_deref(), Some("length"));
+            r#"{"choices":[{"delta":{"content":"a\nb \"q\" \u00e9"},"finish_reason":"length"}]}"#;
+        let chunk: StreamChunk = serde_json::from_str(escaped).unwrap();
+        assert_eq!(chunk.choices.text.as_deref(), Some("a\nb \"q\" \u{e9}"));
+        assert_eq!(chunk.choices.finish_reason.as_deref(), Some("length"));
+    }
+
+    #[test]
+    fn chunk_choices_are_folded_in_order() {
+        let two = r#"{"id":"x","choices":[{"delta":{"content":"a"}},{"delta":{}},{"delta":{"content":"b"},"finish_reason":"stop"}],"usage":null}"#;
+        let chunk: StreamChunk = serde_json::from_str(two).unwrap();
+        assert_eq!(chunk.choices.text.as_deref(), Some("ab"));
+        assert_eq!(chunk.choices.finish_reason.as_deref(), Some("stop"));
+        for empty in [
+            r#"{"choices":null,"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            r#"{"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+        ] {
+            let chunk: StreamChunk = serde_json::from_str(empty).unwrap();
+            assert!(chunk.choices.text.is_none() && chunk.choices.finish_reason.is_none());
+            assert_eq!(chunk.usage.map(|u| u.completion_tokens), Some(2));
+        }
+        assert!(serde_json::from_str::<StreamChunk>(r#"{"choices":{}}"#).is_err());
     }
 
     fn cfg() -> OpenAiConfig {

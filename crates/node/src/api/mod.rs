@@ -12,10 +12,12 @@ pub mod bedrock;
 pub mod openai;
 pub mod ops;
 
-/// The header every inference response carries: the region that ran the model.
-pub const INFERENCE_REGION_HEADER: &str = "x-crisp-inference-region";
+/// The header every inference response carries: the region that ran the model. (Names
+/// built at compile time: a name parsed from a string at each insert is copied each time.)
+pub const INFERENCE_REGION_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-crisp-inference-region");
 /// The request ID, also in logs.
-pub const REQUEST_ID_HEADER: &str = "x-crisp-request-id";
+pub const REQUEST_ID_HEADER: http::HeaderName = http::HeaderName::from_static("x-crisp-request-id");
 
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()

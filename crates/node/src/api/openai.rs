@@ -407,14 +407,18 @@ async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Respo
     if node.invocation_log.is_some() {
         call.input = serde_json::from_slice(&body).ok();
     }
-    let chat: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
-        (
-            PipelineError::InvalidRequest(format!(
-                "the request body is not a valid chat completion request: {e}. Send JSON like {EXAMPLE}"
-            )),
-            None,
-        )
-    })?;
+    // One UTF-8 check for the whole body, not one per string in it.
+    let chat: ChatRequest = std::str::from_utf8(&body)
+        .map_err(|e| format!("it is not UTF-8 ({e})"))
+        .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            (
+                PipelineError::InvalidRequest(format!(
+                    "the request body is not a valid chat completion request: {e}. Send JSON like {EXAMPLE}"
+                )),
+                None,
+            )
+        })?;
     let requested = chat.model.clone();
     call.requested.clone_from(&requested);
     let (mut infer, stream, include_usage) = chat
@@ -450,12 +454,24 @@ async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Respo
         let (completion, usage) = collect(admitted, &requested, &request_id)
             .await
             .map_err(|e| (e, Some(ran.clone())))?;
+        // Serialized before it is audited, into a buffer sized for a short answer.
+        let mut json = Vec::with_capacity(384 + completion.choices[0].message.content.len());
+        serde_json::to_writer(&mut json, &completion).map_err(|e| {
+            (
+                PipelineError::Internal(format!("answer JSON: {e}")),
+                Some(ran.clone()),
+            )
+        })?;
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         // The answer is complete only once its audit event is recorded.
         let [Choice { message, .. }] = &completion.choices;
         audit::completed(node, call, &ran, usage, &message.content)
             .await
             .map_err(|e| (e, Some(ran.clone())))?;
-        Ok((headers, Json(completion)).into_response())
+        Ok((headers, json).into_response())
     }
 }
 
