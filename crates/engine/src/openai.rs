@@ -474,7 +474,9 @@ where
                     continue;
                 }
                 st.buf.extend_from_slice(&st.read);
-                st.read.clear();
+                // Let go of the read (not just empty it): its buffer is the connection's
+                // to reuse.
+                st.read = Bytes::new();
             }
             if let Some(end) = event_end(&st.buf) {
                 let event = st.buf.split_to(end).freeze();
@@ -499,7 +501,7 @@ where
                 }
                 Some(Err(e)) => {
                     st.buf.clear();
-                    st.read.clear();
+                    st.read = Bytes::new();
                     st.done = true;
                     return Some((Err(e), st));
                 }
