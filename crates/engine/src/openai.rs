@@ -223,7 +223,7 @@ impl Shared {
                 http::HeaderValue::from_static("text/event-stream"),
             );
             if let Some(v) = bearer {
-                req.headers_mut().insert(http::header::AUTHORIZATION, v);
+                headers.insert(http::header::AUTHORIZATION, v);
             }
             let (status, headers, answer) = pool.send(req).await.map_err(|e| {
                 BackendError::Unavailable(format!("{} unreachable: {e}", cfg.base_url))
@@ -465,21 +465,23 @@ where
     };
     futures::stream::unfold(state, |mut st| async move {
         loop {
+            // The next whole event: from the read while it has one, then from the buffer.
+            let mut event = None;
             if !st.read.is_empty() {
-                if let Some(end) = event_end(&st.read) {
-                    let event = st.read.split_to(end);
-                    if let Some(data) = sse_data(&event) {
-                        return Some((Ok(data), st));
+                match event_end(&st.read) {
+                    Some(end) => event = Some(st.read.split_to(end)),
+                    None => {
+                        st.buf.extend_from_slice(&st.read);
+                        // Let go of the read (not just empty it): its buffer is the
+                        // connection's to reuse.
+                        st.read = Bytes::new();
                     }
-                    continue;
                 }
-                st.buf.extend_from_slice(&st.read);
-                // Let go of the read (not just empty it): its buffer is the connection's
-                // to reuse.
-                st.read = Bytes::new();
             }
-            if let Some(end) = event_end(&st.buf) {
-                let event = st.buf.split_to(end).freeze();
+            if event.is_none() {
+                event = event_end(&st.buf).map(|end| st.buf.split_to(end).freeze());
+            }
+            if let Some(event) = event {
                 if let Some(data) = sse_data(&event) {
                     return Some((Ok(data), st));
                 }
