@@ -380,8 +380,26 @@ fn start_s3(bin: &Path, port: u16, data: &Path) -> Node {
     Node(child)
 }
 
-/// Sealed audit files and digests reach a real S3-compatible store, and a store outage
-/// only delays them: nothing is lost.
+/// The invocation log records under `dir` (gzip JSON lines, searched recursively).
+fn invocation_records(dir: &Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(invocation_records(&p));
+        } else if p.to_string_lossy().ends_with(".json.gz") {
+            let mut text = String::new();
+            flate2::read::GzDecoder::new(std::fs::File::open(&p).unwrap())
+                .read_to_string(&mut text)
+                .unwrap();
+            out.extend(text.lines().map(|l| serde_json::from_str(l).unwrap()));
+        }
+    }
+    out
+}
+
+/// Sealed audit files, digests and invocation logs reach a real S3-compatible store,
+/// and a store outage only delays them: nothing is lost.
 #[test]
 fn audit_files_reach_the_object_store_and_survive_an_outage() {
     let Some(bin) = s3s_fs() else { return };
@@ -389,11 +407,13 @@ fn audit_files_reach_the_object_store_and_survive_an_outage() {
     let d = dir.path();
     let data = d.join("s3");
     std::fs::create_dir_all(data.join("audit-bucket")).unwrap();
+    std::fs::create_dir_all(data.join("logs-bucket")).unwrap();
     let s3_port = port();
     let mut s3 = Some(start_s3(&bin, s3_port, &data));
     let (client, peer, admin) = (port(), port(), port());
     let cfg = config(client, peer, admin, false)
-        + "[audit]\nseal_bytes = 1\nstore = \"s3://audit-bucket/crisp\"\n";
+        + "[audit]\nseal_bytes = 1\nstore = \"s3://audit-bucket/crisp\"\n"
+        + "[[invocation_log]]\nregion = \"eu-west-1\"\nstore = \"s3://logs-bucket/crisp\"\n";
     std::fs::write(d.join("crisp.toml"), cfg).unwrap();
     issue_certs(d);
     let _node = serve(
@@ -421,7 +441,10 @@ fn audit_files_reach_the_object_store_and_survive_an_outage() {
     for _ in 0..3 {
         assert_eq!(chat(client, "eu.m1"), 200);
     }
+    let logged = || invocation_records(&data.join("logs-bucket"));
+    let waiting = || invocation_records(&d.join("invocations/eu-west-1/ready"));
     eventually("three sealed files shipped", || shipped(3));
+    eventually("three invocation records shipped", || logged().len() == 3);
     assert!(
         data.join("audit-bucket/crisp/eu-west-1/digests/digest-0000000002.json")
             .exists()
@@ -437,9 +460,23 @@ fn audit_files_reach_the_object_store_and_survive_an_outage() {
         m.lines()
             .any(|l| l.starts_with("crisp_audit_backlog ") && !l.ends_with(" 0"))
     });
+    eventually("the invocation records wait on the node's disk", || {
+        waiting().len() == 3
+    });
+    assert_eq!(logged().len(), 3);
     // It comes back; everything arrives.
     s3 = Some(start_s3(&bin, s3_port, &data));
     eventually("all six sealed files shipped", || shipped(6));
+    eventually("all six invocation records shipped", || {
+        logged().len() == 6 && waiting().is_empty()
+    });
+    let records = logged();
+    assert!(
+        records
+            .iter()
+            .all(|r| r["region"] == "eu-west-1" && r["modelId"] == "eu.m1"),
+        "{records:?}"
+    );
     let local = std::fs::read_dir(d.join("audit/eu-west-1"))
         .unwrap()
         .filter_map(Result::ok)
