@@ -225,15 +225,16 @@ pub struct AccessSettings {
 /// The source region's audit trail.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AuditSettings {
-    /// Directory of the local durable log (relative to the config); `{region}` is replaced
-    /// by the node's region.
+    /// Directory of the local durable log (relative to the node's data directory, by
+    /// default the configuration's); `{region}` is replaced by the node's region.
     pub dir: String,
     /// Refuse new requests when events cannot be written (rather than serve unaudited).
     pub refuse_on_failure: bool,
     pub seal_bytes: u64,
     pub seal_after_s: u64,
-    /// Where sealed files are shipped (`s3://bucket/prefix` or `file:///path`); the
-    /// region is appended to the prefix.
+    /// Where sealed files are shipped (`s3://bucket/prefix` or `file:///path`); `{region}`
+    /// is replaced by the node's region (e.g. one bucket per region) and the region is
+    /// appended to the prefix.
     pub store: Option<String>,
     /// When an answer may complete: once its event is on disk, or once it is written.
     pub durability: AuditDurability,

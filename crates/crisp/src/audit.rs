@@ -78,10 +78,10 @@ pub fn open(
     Ok(Arc::new(Audit::new(log, settings.refuse_on_failure)))
 }
 
-/// The audit directory of `region` for a configuration file.
-pub fn dir_for(config: &Path, catalog: &Catalog, region: &str) -> PathBuf {
-    let base = config.parent().map(Path::to_path_buf).unwrap_or_default();
-    base.join(catalog.audit.dir.replace("{region}", region))
+/// The audit directory of `region` under a node's data directory (a relative `[audit] dir`
+/// is under it; an absolute one is used as it is).
+pub fn dir_for(data_dir: &Path, catalog: &Catalog, region: &str) -> PathBuf {
+    data_dir.join(catalog.audit.dir.replace("{region}", region))
 }
 
 pub fn run(command: AuditCommand) -> anyhow::Result<()> {

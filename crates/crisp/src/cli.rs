@@ -92,6 +92,12 @@ enum Command {
         /// other regions connect to (a load balancer's or NAT's name).
         #[arg(long, env = "CRISP_LISTEN", value_name = "HOST")]
         listen: Option<String>,
+        /// Where the node keeps what it writes: the audit log (a relative `[audit] dir` is
+        /// under it), the invocation log spool and local application profiles. The
+        /// configuration's directory may then be read-only [default: the configuration's
+        /// directory].
+        #[arg(long, env = "CRISP_DATA_DIR", value_name = "DIR")]
+        data_dir: Option<PathBuf>,
     },
     /// Create the deployment CA and issue region certificates for the backbone.
     Certs {
@@ -203,6 +209,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             client_threads,
             busy_poll,
             listen,
+            data_dir,
         } => {
             let client_tls = match (client_cert, client_key) {
                 (Some(c), Some(k)) => Some((c, k)),
@@ -215,6 +222,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 client_tls,
                 threads,
                 listen,
+                data_dir,
             };
             serve(&config, &region, args).await
         }
@@ -400,6 +408,8 @@ struct ServeSetup {
     client_tls: Option<Arc<rustls::ServerConfig>>,
     threads: ClientThreads,
     listen: Option<String>,
+    /// Where the node writes its local data.
+    data_dir: PathBuf,
     metrics: crisp_node::admin::MetricsRender,
 }
 
@@ -446,7 +456,7 @@ async fn build_node(setup: &ServeSetup) -> anyhow::Result<Node> {
     let profile_url = match &catalog.deployment.profile_store {
         Some(url) => url.clone(),
         None => {
-            let dir = config.with_file_name("application-profiles");
+            let dir = setup.data_dir.join("application-profiles");
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let dir = dir.canonicalize()?;
@@ -463,7 +473,7 @@ async fn build_node(setup: &ServeSetup) -> anyhow::Result<Node> {
     }
     let access_files = crate::access::files(config, &catalog)?;
     let tls = Arc::new(tls);
-    let audit_dir = crate::audit::dir_for(config, &catalog, region);
+    let audit_dir = crate::audit::dir_for(&setup.data_dir, &catalog, region);
     let audit = crate::audit::open(&audit_dir, &catalog, region, tls.clone())?;
     tracing::info!(dir = %audit_dir.display(), "audit trail");
     let shipper = match &catalog.audit.store {
@@ -485,12 +495,7 @@ async fn build_node(setup: &ServeSetup) -> anyhow::Result<Node> {
         .iter()
         .find(|l| l.region == region)
     {
-        let dir = config
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default()
-            .join("invocations")
-            .join(region);
+        let dir = setup.data_dir.join("invocations").join(region);
         let log = crisp_node::invocations::InvocationLog::new(
             &dir,
             &settings.store,
@@ -553,6 +558,7 @@ struct ServeArgs {
     client_tls: Option<(PathBuf, PathBuf)>,
     threads: ClientThreads,
     listen: Option<String>,
+    data_dir: Option<PathBuf>,
 }
 
 async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<()> {
@@ -562,7 +568,20 @@ async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<(
         client_tls,
         threads,
         listen,
+        data_dir,
     } = args;
+    let data_dir = match data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).with_context(|| {
+                format!(
+                    "cannot create the data directory {}; give --data-dir a writable directory",
+                    dir.display()
+                )
+            })?;
+            dir
+        }
+        None => config.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
     let client_tls = match client_tls {
         Some((cert, key)) => {
             let read =
@@ -582,6 +601,7 @@ async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<(
         client_tls,
         threads,
         listen,
+        data_dir,
         metrics: install_metrics()?,
     };
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(1);

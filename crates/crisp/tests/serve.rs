@@ -398,28 +398,54 @@ fn invocation_records(dir: &Path) -> Vec<serde_json::Value> {
     out
 }
 
-/// Sealed audit files, digests and invocation logs reach a real S3-compatible store,
-/// and a store outage only delays them: nothing is lost.
+/// Every path under `dir`, recursively, sorted.
+fn tree(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(tree(&p));
+        }
+        out.push(p);
+    }
+    out.sort();
+    out
+}
+
+/// Sealed audit files, digests and invocation logs reach a real S3-compatible store (one
+/// bucket per region, named from `{region}`), and a store outage only delays them: nothing
+/// is lost. The node writes only in its data directory, never next to its configuration.
 #[test]
 fn audit_files_reach_the_object_store_and_survive_an_outage() {
     let Some(bin) = s3s_fs() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let data = d.join("s3");
-    std::fs::create_dir_all(data.join("audit-bucket")).unwrap();
+    let (conf, state, store) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let (d, data) = (conf.path(), store.path());
+    let state = state.path().join("node");
+    std::fs::create_dir_all(data.join("audit-eu-west-1")).unwrap();
     std::fs::create_dir_all(data.join("logs-bucket")).unwrap();
     let s3_port = port();
-    let mut s3 = Some(start_s3(&bin, s3_port, &data));
+    let mut s3 = Some(start_s3(&bin, s3_port, data));
     let (client, peer, admin) = (port(), port(), port());
     let cfg = config(client, peer, admin, false)
-        + "[audit]\nseal_bytes = 1\nstore = \"s3://audit-bucket/crisp\"\n"
+        + "[audit]\nseal_bytes = 1\nstore = \"s3://audit-{region}/crisp\"\n"
         + "[[invocation_log]]\nregion = \"eu-west-1\"\nstore = \"s3://logs-bucket/crisp\"\n";
     std::fs::write(d.join("crisp.toml"), cfg).unwrap();
     issue_certs(d);
+    assert!(
+        crisp(&["profiles", "lock", "--config", "crisp.toml"], d)
+            .status
+            .success()
+    );
+    let configured = tree(d);
     let _node = serve(
         d,
         client,
         &[
+            ("CRISP_DATA_DIR", state.display().to_string()),
             ("AWS_ENDPOINT", format!("http://127.0.0.1:{s3_port}")),
             ("AWS_ALLOW_HTTP", "true".into()),
             ("AWS_ACCESS_KEY_ID", "crisp".into()),
@@ -428,7 +454,7 @@ fn audit_files_reach_the_object_store_and_survive_an_outage() {
         ],
     );
     let shipped = |n: usize| {
-        let dir = data.join("audit-bucket/crisp/eu-west-1");
+        let dir = data.join("audit-eu-west-1/crisp/eu-west-1");
         let files = std::fs::read_dir(&dir)
             .map(|r| {
                 r.filter_map(Result::ok)
@@ -442,11 +468,11 @@ fn audit_files_reach_the_object_store_and_survive_an_outage() {
         assert_eq!(chat(client, "eu.m1"), 200);
     }
     let logged = || invocation_records(&data.join("logs-bucket"));
-    let waiting = || invocation_records(&d.join("invocations/eu-west-1/ready"));
+    let waiting = || invocation_records(&state.join("invocations/eu-west-1/ready"));
     eventually("three sealed files shipped", || shipped(3));
     eventually("three invocation records shipped", || logged().len() == 3);
     assert!(
-        data.join("audit-bucket/crisp/eu-west-1/digests/digest-0000000002.json")
+        data.join("audit-eu-west-1/crisp/eu-west-1/digests/digest-0000000002.json")
             .exists()
     );
 
@@ -465,7 +491,7 @@ fn audit_files_reach_the_object_store_and_survive_an_outage() {
     });
     assert_eq!(logged().len(), 3);
     // It comes back; everything arrives.
-    s3 = Some(start_s3(&bin, s3_port, &data));
+    s3 = Some(start_s3(&bin, s3_port, data));
     eventually("all six sealed files shipped", || shipped(6));
     eventually("all six invocation records shipped", || {
         logged().len() == 6 && waiting().is_empty()
@@ -477,11 +503,17 @@ fn audit_files_reach_the_object_store_and_survive_an_outage() {
             .all(|r| r["region"] == "eu-west-1" && r["modelId"] == "eu.m1"),
         "{records:?}"
     );
-    let local = std::fs::read_dir(d.join("audit/eu-west-1"))
+    let local = std::fs::read_dir(state.join("audit/eu-west-1"))
         .unwrap()
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().starts_with("audit-"))
         .count();
     assert!(shipped(local), "every sealed local file is in the store");
+    assert!(state.join("application-profiles").is_dir());
+    assert_eq!(
+        tree(d),
+        configured,
+        "the node wrote next to its configuration"
+    );
     drop(s3);
 }

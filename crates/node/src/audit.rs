@@ -312,7 +312,9 @@ impl Shipper {
     /// From a URL: `s3://bucket/prefix` (S3 settings from `AWS_*` variables, including
     /// `AWS_ENDPOINT` for S3-compatible stores) or `file:///path`.
     pub fn from_url(dir: &std::path::Path, url: &str, region: &str) -> Result<Shipper, String> {
-        let parsed = url::Url::parse(url).map_err(|e| format!("audit store URL {url:?}: {e}"))?;
+        // `{region}` names each region's own bucket from one shared configuration.
+        let url = url.replace("{region}", region);
+        let parsed = url::Url::parse(&url).map_err(|e| format!("audit store URL {url:?}: {e}"))?;
         let opts: Vec<(String, String)> = std::env::vars()
             .filter(|(k, _)| k.starts_with("AWS_"))
             .map(|(k, v)| (k.to_lowercase(), v))
