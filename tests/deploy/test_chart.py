@@ -99,7 +99,7 @@ def test_the_pod_serves_the_region_from_the_configuration(region):
 
     # Every path given to crisp is inside a mounted volume.
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    for flag in ("--config=", "--lock=", "--certs="):
+    for flag in ("--config=", "--lock=", "--certs=", "--data-dir="):
         (path,) = [a[len(flag):] for a in args if a.startswith(flag)]
         assert any(path == m or path.startswith(m + "/") for m in mounts), (flag, path, mounts)
 
@@ -112,16 +112,13 @@ def test_the_pod_serves_the_region_from_the_configuration(region):
     assert annotations["prometheus.io/port"] == str(ports["admin"])
     assert annotations["prometheus.io/path"] == "/metrics"
 
-    # The node binds its own names: inside its pod they mean every interface; the other
-    # regions' names are left to DNS.
-    (alias,) = pod["hostAliases"]
-    assert alias["ip"] == "0.0.0.0"
-    assert sorted(alias["hostnames"]) == sorted(
-        {host_port(entry[w])[0] for w in ("client", "peer", "admin")}
-    )
-    others = {host_port(r[w])[0] for r in CONFIG["region"] if r["code"] != region
-              for w in ("client", "peer", "admin")}
-    assert not others & set(alias["hostnames"])
+    # The node listens on every interface of its pod; every name is left to DNS. What it
+    # writes goes to the data volume, never to the read-only configuration.
+    assert "--listen=0.0.0.0" in args
+    assert "hostAliases" not in pod
+    (data_dir,) = [a[len("--data-dir="):] for a in args if a.startswith("--data-dir=")]
+    assert mounts[data_dir]["name"] == "data" and not mounts[data_dir].get("readOnly")
+    assert mounts["/etc/crisp/config"]["readOnly"]
 
     # Services expose the configured ports and select this pod.
     labels = sts["spec"]["template"]["metadata"]["labels"]
@@ -215,7 +212,6 @@ def test_variants_render_to_valid_kubernetes():
     values["clientTls"] = {"enabled": True, "secretName": "crisp-api-tls"}
     values["metrics"] = {"podAnnotations": False, "serviceMonitor": {"enabled": False}}
     values["service"] = {"client": {"type": "NodePort", "externalTrafficPolicy": "Local"}}
-    values["audit"] = {"s3": {"bucket": "acme-audit-eu-central-1"}}
     objects = validate.render(values)
     validate.validate(objects)
     assert not by_kind(objects, "ServiceMonitor")
@@ -225,8 +221,6 @@ def test_variants_render_to_valid_kubernetes():
     assert "--client-key=/etc/crisp/client-tls/tls.key" in container["args"]
     annotations = sts["spec"]["template"]["metadata"]["annotations"]
     assert "prometheus.io/scrape" not in annotations
-    assert annotations["crisp/audit-log"] == "s3://acme-audit-eu-central-1/crisp/audit/"
-    assert "crisp/invocation-log" not in annotations
 
 
 def test_config_changes_roll_the_pod():
@@ -250,7 +244,7 @@ def test_every_region_of_one_cluster_gets_its_own_names():
             names[key] = region
 
 
-def test_single_cluster_addresses_bind_through_the_services_names():
+def test_single_cluster_addresses_are_the_services_names():
     config = CONFIG_TEXT
     for region in REGIONS:
         for what, svc in (("api", ""), ("peer", "-peer"), ("admin", "-admin")):
@@ -258,14 +252,12 @@ def test_single_cluster_addresses_bind_through_the_services_names():
                 f"{what}.{region}.crisp.example.net",
                 f"crisp-{region}{svc}.crisp.svc.cluster.local",
             )
-    objects = validate.render(minimal_values("eu-west-1", config=config), release="crisp")
+    values = minimal_values("eu-west-1", config=config)
+    values["listen"] = "::"
+    objects = validate.render(values, release="crisp")
     validate.validate(objects)
     pod = one(objects, "StatefulSet")["spec"]["template"]["spec"]
-    assert sorted(pod["hostAliases"][0]["hostnames"]) == [
-        "crisp-eu-west-1-admin.crisp.svc.cluster.local",
-        "crisp-eu-west-1-peer.crisp.svc.cluster.local",
-        "crisp-eu-west-1.crisp.svc.cluster.local",
-    ]
+    assert "--listen=::" in pod["containers"][0]["args"]
     assert {s["metadata"]["name"] for s in by_kind(objects, "Service")} == {
         "crisp-eu-west-1", "crisp-eu-west-1-peer", "crisp-eu-west-1-admin"
     }
@@ -306,13 +298,13 @@ def test_loopback_and_wildcard_peer_addresses_are_refused():
     assert "not a wildcard" in render_error(minimal_values("eu-west-1", config=config))
 
 
-def test_values_with_typos_or_bad_bucket_names_are_refused():
+def test_values_with_typos_or_an_empty_listen_host_are_refused():
     values = minimal_values()
     values["persistance"] = {"enabled": False}
     assert "persistance" in render_error(values)
     values = minimal_values()
-    values["audit"] = {"s3": {"bucket": "Not_A_Bucket"}}
-    assert "bucket" in render_error(values)
+    values["listen"] = ""
+    assert "listen" in render_error(values)
 
 
 def test_the_validator_rejects_invalid_objects():

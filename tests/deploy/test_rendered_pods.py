@@ -1,11 +1,14 @@
 """The chart's pods, run for real: two regions' rendered StatefulSets are started as the
 real `crisp` binary, each in a network namespace of its own standing in for a pod (its own
-address, the same ports), with /etc/hosts written from the rendered hostAliases and with
-the other region's names resolving to that region's address, as DNS would to its Service.
+address, the same ports), as the pod's user (runAsUser, runAsGroup, fsGroup), with its
+volumes laid out as the kubelet would (the configuration and certificates not writable by
+it, the data volume writable through fsGroup), and with the regions' names resolving to
+their pods' addresses, as DNS would to their Services.
 
-This shows that what the chart renders works with crisp: the arguments and mounts, binding
-the configuration's own host names through the 0.0.0.0 alias, the backbone between the
-pods over mutual TLS, the probes and the scrape port.
+This shows that what the chart renders works with crisp: the arguments and mounts, a node
+that writes only to its data volume, listening on the pod's interfaces while the other
+region dials the configured names, the backbone between the pods over mutual TLS, the
+probes and the scrape port.
 
 Needs root (network namespaces), as CI has. Only addresses inside the namespaces this test
 creates are used.
@@ -16,7 +19,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -95,34 +100,51 @@ def sh(*args):
 class Pod:
     """One rendered pod in a network namespace."""
 
-    def __init__(self, region, ns, ip, rendered, tmp):
+    def __init__(self, region, ns, ip, rendered, tmp, volumes_dir):
         self.region, self.ns, self.ip = region, ns, ip
         sts = next(o for o in rendered if o["kind"] == "StatefulSet")
         cm = next(o for o in rendered if o["kind"] == "ConfigMap")
         spec = sts["spec"]["template"]["spec"]
         (self.container,) = spec["containers"]
-        self.host_aliases = spec.get("hostAliases", [])
+        assert "hostAliases" not in spec, "every name is left to DNS"
         self.ports = {p["name"]: p["containerPort"] for p in self.container["ports"]}
         self.annotations = sts["spec"]["template"]["metadata"]["annotations"]
+        security = spec["securityContext"]
+        self.uid, self.gid = security["runAsUser"], security["runAsGroup"]
+        self.fs_group = security["fsGroup"]
 
-        # Lay out each mounted volume in a directory, as the kubelet would.
+        # Lay out each mounted volume in a directory, as the kubelet would: ConfigMaps and
+        # Secrets owned by root (Secret files readable through fsGroup, with the volume's
+        # mode), emptyDirs and the data volume writable through fsGroup.
         volumes = {v["name"]: v for v in spec["volumes"]}
         self.paths = {}
         for mount in self.container["volumeMounts"]:
             volume = volumes.get(mount["name"], {"emptyDir": {}})
-            local = tmp / region / mount["name"]
+            local = volumes_dir / region / mount["name"]
             local.mkdir(parents=True)
+            os.chmod(local.parent, 0o711)
             if "configMap" in volume:
                 assert volume["configMap"]["name"] == cm["metadata"]["name"]
                 for key, text in cm["data"].items():
                     (local / key).write_text(text)
+                    os.chmod(local / key, 0o644)
+                os.chmod(local, 0o755)
             elif "secret" in volume:
+                mode = volume["secret"]["defaultMode"]
                 for item in volume["secret"]["items"]:
-                    shutil.copy(tmp / "certs" / item["key"], local / item["path"])
+                    target = local / item["path"]
+                    shutil.copy(tmp / "certs" / item["key"], target)
+                    os.chown(target, 0, self.fs_group)
+                    os.chmod(target, mode)
+                os.chmod(local, 0o755)
+            else:
+                os.chown(local, 0, self.fs_group)
+                os.chmod(local, 0o2775)
             self.paths[mount["mountPath"]] = str(local)
 
-    def argv(self):
-        out = [CRISP]
+    def argv(self, binary):
+        out = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}",
+               f"--groups={self.fs_group}", "--", str(binary)]
         for arg in self.container["args"]:
             flag, eq, path = arg.partition("=")
             if eq and path.startswith("/"):
@@ -137,15 +159,16 @@ class Pod:
         env.update({e["name"]: e["value"] for e in self.container.get("env", [])})
         return env
 
-    def hosts(self, other):
-        """/etc/hosts as the kubelet writes it, plus what DNS would answer for the other
-        region's names (its pod address, standing in for its Services)."""
-        lines = ["127.0.0.1 localhost"]
-        for alias in self.host_aliases:
-            lines.append(f"{alias['ip']} {' '.join(alias['hostnames'])}")
-        for alias in other.host_aliases:
-            lines.append(f"{other.ip} {' '.join(alias['hostnames'])}")
-        return "\n".join(lines) + "\n"
+
+def hosts(pods):
+    """/etc/hosts as the kubelet writes it, plus what DNS would answer for every region's
+    names: its pod's address, standing in for its Services."""
+    lines = ["127.0.0.1 localhost"]
+    ips = {pod.region: pod.ip for pod in pods}
+    for region in tomllib.loads(CONFIG)["region"]:
+        names = sorted({region[w].rsplit(":", 1)[0] for w in ("client", "peer", "admin")})
+        lines.append(f"{ips[region['code']]} {' '.join(names)}")
+    return "\n".join(lines) + "\n"
 
 
 def http(ns, url, *extra):
@@ -193,12 +216,18 @@ def pods(tmp_path):
 
     made_ns, made_hosts, procs = [], [], []
     veth = (f"crta{tag}", f"crtb{tag}")
+    # The pods' user reaches only this directory: the volumes and a copy of the binary.
+    volumes_dir = Path(tempfile.mkdtemp(prefix="crisp-pods-"))
+    os.chmod(volumes_dir, 0o711)
+    binary = volumes_dir / "crisp"
+    shutil.copy(CRISP, binary)
+    os.chmod(binary, 0o755)
     try:
         pods = []
         for (region, ns, ip) in regions:
             rendered = validate.render({"region": region, "config": CONFIG, "lock": lock})
             validate.validate(rendered)
-            pods.append(Pod(region, ns, ip, rendered, tmp_path))
+            pods.append(Pod(region, ns, ip, rendered, tmp_path, volumes_dir))
             sh("ip", "netns", "add", ns)
             made_ns.append(ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -207,14 +236,14 @@ def pods(tmp_path):
         for (_, ns, ip), dev in zip(regions, veth):
             sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
             sh("ip", "-n", ns, "link", "set", dev, "up")
-        for pod, other in ((pods[0], pods[1]), (pods[1], pods[0])):
+        for pod in pods:
             etc = Path("/etc/netns") / pod.ns
             etc.mkdir(parents=True)
             made_hosts.append(etc)
-            (etc / "hosts").write_text(pod.hosts(other))
+            (etc / "hosts").write_text(hosts(pods))
         for pod in pods:
             log = open(tmp_path / f"{pod.region}.log", "w")
-            procs.append(subprocess.Popen(["ip", "netns", "exec", pod.ns, *pod.argv()],
+            procs.append(subprocess.Popen(["ip", "netns", "exec", pod.ns, *pod.argv(binary)],
                                           env=pod.env(), stdout=log, stderr=log))
         yield pods, procs, tmp_path
     finally:
@@ -226,6 +255,7 @@ def pods(tmp_path):
             run("ip", "netns", "del", ns)
         for etc in made_hosts:
             shutil.rmtree(etc, ignore_errors=True)
+        shutil.rmtree(volumes_dir, ignore_errors=True)
         try:
             os.rmdir("/etc/netns")
         except OSError:
@@ -278,6 +308,10 @@ def test_rendered_pods_serve_and_forward_over_the_backbone(pods):
     _, _, metrics = http(dublin.ns, scrape)
     assert metric(metrics, "crisp_cross_region_requests_total",
                   source="eu-central-1", inference_region="eu-west-1") == 1.0
+
+    # The source region audited the request on its data volume, as the pod's user.
+    audit = Path(frankfurt.paths["/var/lib/crisp"]) / "audit" / "eu-central-1"
+    assert any(f.stat().st_uid == frankfurt.uid for f in audit.iterdir()), list(audit.iterdir())
 
     # SIGTERM (after preStop): the node stops cleanly within the pod's grace period.
     grace = validate.render({"region": "eu-central-1", "config": CONFIG, "lock": "version = 1\n"})

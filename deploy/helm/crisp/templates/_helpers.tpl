@@ -71,8 +71,8 @@ The configuration, parsed. Rendering fails with a message saying what to fix.
 
 {{/*
 This region's listeners, from its [[region]] entry: for each of client, peer and admin,
-{"address", "host", "port"}. crisp binds the very address other nodes dial, so a host name
-in it must resolve to a local address inside the pod: see crisp.bindHosts.
+{"address", "host", "port"}. The node listens on these ports on `.Values.listen`; the
+addresses are what clients and the other regions dial.
 */}}
 {{- define "crisp.listeners" -}}
 {{- $catalog := fromJson (include "crisp.catalog" .) -}}
@@ -108,23 +108,3 @@ in it must resolve to a local address inside the pod: see crisp.bindHosts.
 {{- toJson $out -}}
 {{- end -}}
 
-{{/*
-Host names among this region's listener addresses. The pod maps them to 0.0.0.0 in
-/etc/hosts, so the node binds every interface of the pod while the other regions resolve the
-same names through DNS to this region's Services or load balancers.
-*/}}
-{{- define "crisp.bindHosts" -}}
-{{- $listeners := fromJson (include "crisp.listeners" .) -}}
-{{- $hosts := list -}}
-{{- range $what := list "client" "peer" "admin" -}}
-{{- $host := (get $listeners $what).host -}}
-{{- if not (or (regexMatch "^[0-9.]+$" $host) (contains ":" $host)) -}}
-{{- $hosts = append $hosts $host -}}
-{{- end -}}
-{{- end -}}
-{{- toJson (uniq $hosts) -}}
-{{- end -}}
-
-{{- define "crisp.s3uri" -}}
-{{- if .bucket -}}s3://{{ .bucket }}/{{ .prefix }}{{- end -}}
-{{- end -}}
