@@ -84,6 +84,17 @@ pub fn dir_for(data_dir: &Path, catalog: &Catalog, region: &str) -> PathBuf {
     data_dir.join(catalog.audit.dir.replace("{region}", region))
 }
 
+/// A warning when every region of a deployment ships its audit trail to one S3 bucket:
+/// each region's trail then leaves that region.
+pub fn shared_store_note(catalog: &Catalog) -> Option<String> {
+    let url = catalog.audit.store.as_deref()?;
+    (url.starts_with("s3://") && !url.contains("{region}") && catalog.regions.len() > 1).then(|| {
+        format!(
+            "every region ships its audit trail to {url}; to keep each region's trail in that region, name its bucket with {{region}} (e.g. s3://acme-audit-{{region}}/crisp)"
+        )
+    })
+}
+
 pub fn run(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Verify {
@@ -264,4 +275,28 @@ pub fn usage(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn with_store(store: &str) -> Catalog {
+        let text = include_str!("../../../deploy/examples/crisp.toml")
+            .replace("s3://acme-crisp-audit-{region}/crisp", store);
+        crisp_catalog::parse_config(&text).unwrap()
+    }
+
+    #[test]
+    fn one_bucket_for_every_region_is_pointed_out() {
+        let note = shared_store_note(&with_store("s3://acme-audit/crisp")).unwrap();
+        assert!(note.contains("s3://acme-audit/crisp") && note.contains("{region}"));
+        assert_eq!(
+            shared_store_note(&with_store("s3://acme-audit-{region}/crisp")),
+            None
+        );
+        assert_eq!(shared_store_note(&with_store("file:///var/audit")), None);
+    }
 }

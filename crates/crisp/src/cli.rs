@@ -254,13 +254,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let catalog = load_config(&config)?;
+            let count = |n: usize, one: &str, many: &str| {
+                format!("{n} {}", if n == 1 { one } else { many })
+            };
             println!(
-                "{}: valid ({} regions, {} geographies, {} models)",
+                "{}: valid ({}, {}, {})",
                 config.display(),
-                catalog.regions.len(),
-                catalog.geographies.len(),
-                catalog.models.len()
+                count(catalog.regions.len(), "region", "regions"),
+                count(catalog.geographies.len(), "geography", "geographies"),
+                count(catalog.models.len(), "model", "models")
             );
+            if let Some(note) = crate::audit::shared_store_note(&catalog) {
+                eprintln!("note: {note}");
+            }
             Ok(())
         }
         Command::Profiles { command } => profiles(command),
@@ -476,6 +482,9 @@ async fn build_node(setup: &ServeSetup) -> anyhow::Result<Node> {
     let audit_dir = crate::audit::dir_for(&setup.data_dir, &catalog, region);
     let audit = crate::audit::open(&audit_dir, &catalog, region, tls.clone())?;
     tracing::info!(dir = %audit_dir.display(), "audit trail");
+    if let Some(note) = crate::audit::shared_store_note(&catalog) {
+        tracing::warn!("{note}");
+    }
     let shipper = match &catalog.audit.store {
         Some(url) => Some(Arc::new(
             crisp_node::audit::Shipper::from_url(&audit_dir, url, region)
