@@ -263,6 +263,41 @@ def test_single_cluster_addresses_are_the_services_names():
     }
 
 
+def test_access_files_are_projected_next_to_the_configuration_from_a_secret():
+    objects = validate.render(minimal_values(), release="crisp")
+    validate.validate(objects)
+    pod = one(objects, "StatefulSet")["spec"]["template"]["spec"]
+    (config,) = [v for v in pod["volumes"] if v["name"] == "config"]
+    configmap, secret = config["projected"]["sources"]
+    assert configmap["configMap"]["name"] == "crisp-eu-central-1-config"
+    assert secret["secret"]["name"] == "crisp-eu-central-1-access"
+    assert secret["secret"]["items"] == [
+        {"key": "principals.toml", "path": "principals.toml"},
+        {"key": "keys.toml", "path": "keys.toml"},
+        {"key": "teams.cedar", "path": "policies/teams.cedar"},
+        {"key": "guardrails.cedar", "path": "policies/guardrails.cedar"},
+    ]
+    # Readable by the node's group (fsGroup) only: keys.toml holds SigV4 secrets.
+    assert config["projected"]["defaultMode"] == 0o440
+
+    # Without [access] the configuration is mounted alone.
+    open_config = re.sub(r"(?ms)^\[access\]\n.*?\n\n", "", CONFIG_TEXT)
+    assert "[access]" not in open_config
+    objects = validate.render(minimal_values(config=open_config))
+    pod = one(objects, "StatefulSet")["spec"]["template"]["spec"]
+    (config,) = [v for v in pod["volumes"] if v["name"] == "config"]
+    assert "configMap" in config and "projected" not in config
+
+    # A Secret the node would never read, or files that cannot be projected, are refused.
+    values = minimal_values(config=open_config)
+    values["access"] = {"secretName": "crisp-access"}
+    assert "no [access] section" in render_error(values)
+    absolute = CONFIG_TEXT.replace('keys = "keys.toml"', 'keys = "/etc/crisp/keys.toml"')
+    assert "relative" in render_error(minimal_values(config=absolute))
+    twice = CONFIG_TEXT.replace('"policies/guardrails.cedar"', '"guardrails/teams.cedar"')
+    assert "two files called teams.cedar" in render_error(minimal_values(config=twice))
+
+
 # Bad input: each mistake is refused at render time with a message saying what to do.
 
 

@@ -5,8 +5,9 @@ volumes laid out as the kubelet would (the configuration and certificates not wr
 it, the data volume writable through fsGroup), and with the regions' names resolving to
 their pods' addresses, as DNS would to their Services.
 
-This shows that what the chart renders works with crisp: the arguments and mounts, a node
-that writes only to its data volume, listening on the pod's interfaces while the other
+This shows that what the chart renders works with crisp: the arguments and mounts, the
+access files projected next to the configuration from their Secret (a request without the
+API key is refused, one with it served), a node that writes only to its data volume, listening on the pod's interfaces while the other
 region dials the configured names, the backbone between the pods over mutual TLS, the
 probes and the scrape port.
 
@@ -43,6 +44,11 @@ version = 1
 
 [deployment]
 name = "rehearsal"
+
+[access]
+principals = "principals.toml"
+keys = "keys.toml"
+policies = ["policies/ops.cedar"]
 
 [routing]
 stale_after_ms = 1500
@@ -100,10 +106,12 @@ def sh(*args):
 class Pod:
     """One rendered pod in a network namespace."""
 
-    def __init__(self, region, ns, ip, rendered, tmp, volumes_dir):
+    def __init__(self, region, ns, ip, rendered, secret_files, volumes_dir):
+        """`secret_files` maps each Secret key the pod may name to the file holding it."""
         self.region, self.ns, self.ip = region, ns, ip
         sts = next(o for o in rendered if o["kind"] == "StatefulSet")
-        cm = next(o for o in rendered if o["kind"] == "ConfigMap")
+        self.configmap = next(o for o in rendered if o["kind"] == "ConfigMap")
+        self.secret_files = secret_files
         spec = sts["spec"]["template"]["spec"]
         (self.container,) = spec["containers"]
         assert "hostAliases" not in spec, "every name is left to DNS"
@@ -113,9 +121,10 @@ class Pod:
         self.uid, self.gid = security["runAsUser"], security["runAsGroup"]
         self.fs_group = security["fsGroup"]
 
-        # Lay out each mounted volume in a directory, as the kubelet would: ConfigMaps and
-        # Secrets owned by root (Secret files readable through fsGroup, with the volume's
-        # mode), emptyDirs and the data volume writable through fsGroup.
+        # Lay out each mounted volume in a directory, as the kubelet would: ConfigMap and
+        # Secret files owned by root, readable through fsGroup with the volume's mode, in
+        # directories the pod's user cannot write; emptyDirs and the data volume writable
+        # through fsGroup.
         volumes = {v["name"]: v for v in spec["volumes"]}
         self.paths = {}
         for mount in self.container["volumeMounts"]:
@@ -124,23 +133,34 @@ class Pod:
             local.mkdir(parents=True)
             os.chmod(local.parent, 0o711)
             if "configMap" in volume:
-                assert volume["configMap"]["name"] == cm["metadata"]["name"]
-                for key, text in cm["data"].items():
-                    (local / key).write_text(text)
-                    os.chmod(local / key, 0o644)
-                os.chmod(local, 0o755)
+                self.project(local, [volume], 0o644)
             elif "secret" in volume:
-                mode = volume["secret"]["defaultMode"]
-                for item in volume["secret"]["items"]:
-                    target = local / item["path"]
-                    shutil.copy(tmp / "certs" / item["key"], target)
-                    os.chown(target, 0, self.fs_group)
-                    os.chmod(target, mode)
-                os.chmod(local, 0o755)
+                self.project(local, [volume], volume["secret"]["defaultMode"])
+            elif "projected" in volume:
+                projected = volume["projected"]
+                self.project(local, projected["sources"], projected["defaultMode"])
             else:
                 os.chown(local, 0, self.fs_group)
                 os.chmod(local, 0o2775)
             self.paths[mount["mountPath"]] = str(local)
+
+    def project(self, local, sources, mode):
+        for source in sources:
+            if "configMap" in source:
+                assert source["configMap"]["name"] == self.configmap["metadata"]["name"]
+                files = {key: text.encode() for key, text in self.configmap["data"].items()}
+                items = [{"key": key, "path": key} for key in files]
+            else:
+                items = source["secret"]["items"]
+                files = {i["key"]: self.secret_files[i["key"]].read_bytes() for i in items}
+            for item in items:
+                target = local / item["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(target.parent, 0o755)
+                target.write_bytes(files[item["key"]])
+                os.chown(target, 0, self.fs_group)
+                os.chmod(target, mode)
+        os.chmod(local, 0o755)
 
     def argv(self, binary):
         out = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}",
@@ -213,6 +233,18 @@ def pods(tmp_path):
         sh(CRISP, "certs", "issue", "--deployment", "rehearsal", "--region", region,
            "--dir", str(certs))
     lock = (tmp_path / "crisp.lock").read_text()
+    # Access control: one principal, its key, a policy; the chart projects them from the
+    # access Secret.
+    (tmp_path / "principals.toml").write_text('[[principal]]\nid = "ops"\nteam = "ops"\n')
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "ops.cedar").write_text(
+        'permit (principal in Crisp::Team::"ops", action in [Crisp::Action::"InvokeModel",'
+        ' Crisp::Action::"InvokeModelWithResponseStream"], resource);\n')
+    api_key = sh(CRISP, "keys", "create", "--config", str(tmp_path / "crisp.toml"),
+                 "--principal", "ops").strip()
+    secret_files = {p.name: p for p in [*(tmp_path / "certs").iterdir(),
+                                        tmp_path / "principals.toml", tmp_path / "keys.toml",
+                                        tmp_path / "policies" / "ops.cedar"]}
 
     made_ns, made_hosts, procs = [], [], []
     veth = (f"crta{tag}", f"crtb{tag}")
@@ -227,7 +259,7 @@ def pods(tmp_path):
         for (region, ns, ip) in regions:
             rendered = validate.render({"region": region, "config": CONFIG, "lock": lock})
             validate.validate(rendered)
-            pods.append(Pod(region, ns, ip, rendered, tmp_path, volumes_dir))
+            pods.append(Pod(region, ns, ip, rendered, secret_files, volumes_dir))
             sh("ip", "netns", "add", ns)
             made_ns.append(ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -245,7 +277,7 @@ def pods(tmp_path):
             log = open(tmp_path / f"{pod.region}.log", "w")
             procs.append(subprocess.Popen(["ip", "netns", "exec", pod.ns, *pod.argv(binary)],
                                           env=pod.env(), stdout=log, stderr=log))
-        yield pods, procs, tmp_path
+        yield pods, procs, tmp_path, api_key
     finally:
         for p in procs:
             if p.poll() is None:
@@ -263,7 +295,7 @@ def pods(tmp_path):
 
 
 def test_rendered_pods_serve_and_forward_over_the_backbone(pods):
-    (frankfurt, dublin), procs, tmp = pods
+    (frankfurt, dublin), procs, tmp, api_key = pods
 
     def logs():
         return "\n".join((tmp / f"{p.region}.log").read_text() for p in (frankfurt, dublin))
@@ -298,9 +330,11 @@ def test_rendered_pods_serve_and_forward_over_the_backbone(pods):
     # A client of Frankfurt calls the EU profile; only Dublin runs the model.
     body = json.dumps({"model": f"eu.{NOVA}", "max_tokens": 4,
                        "messages": [{"role": "user", "content": "hello"}]})
-    status, headers, answer = http(
-        dublin.ns, f"http://{frankfurt.ip}:{frankfurt.ports['client']}/v1/chat/completions",
-        "-H", "content-type: application/json", "-d", body)
+    url = f"http://{frankfurt.ip}:{frankfurt.ports['client']}/v1/chat/completions"
+    status, _, answer = http(dublin.ns, url, "-H", "content-type: application/json", "-d", body)
+    assert status == 401, answer
+    status, headers, answer = http(dublin.ns, url, "-H", "content-type: application/json",
+                                   "-H", f"authorization: Bearer {api_key}", "-d", body)
     assert status == 200, answer
     assert "x-crisp-inference-region: eu-west-1" in headers
     assert json.loads(answer)["choices"][0]["message"]["content"]

@@ -53,6 +53,38 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-certs" (include "crisp.fullname" .)) .Values.certificates.secretName -}}
 {{- end -}}
 
+{{/*
+The files the configuration's [access] section names (principals, keys, policies,
+guardrails), as [{"key", "path"}]: the Secret key (the file name) and the path relative to
+the configuration. Empty without an [access] section.
+*/}}
+{{- define "crisp.accessFiles" -}}
+{{- $catalog := fromJson (include "crisp.catalog" .) -}}
+{{- $files := list -}}
+{{- with $catalog.access -}}
+{{- $paths := list .principals .keys -}}
+{{- range $p := (default (list) .policies) -}}{{- $paths = append $paths $p -}}{{- end -}}
+{{- range $p := (default (list) .guardrails) -}}{{- $paths = append $paths $p -}}{{- end -}}
+{{- $keys := list -}}
+{{- range $p := $paths -}}
+{{- if or (hasPrefix "/" $p) (has ".." (splitList "/" $p)) -}}
+{{- fail (printf "[access] names %q; on Kubernetes the access files are projected next to the configuration from a Secret, so name them relative to it (e.g. \"keys.toml\")" $p) -}}
+{{- end -}}
+{{- $key := base $p -}}
+{{- if has $key $keys -}}
+{{- fail (printf "[access] names two files called %s; the access Secret's keys are file names, so give them different names" $key) -}}
+{{- end -}}
+{{- $keys = append $keys $key -}}
+{{- $files = append $files (dict "key" $key "path" $p) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $files -}}
+{{- end -}}
+
+{{- define "crisp.accessSecret" -}}
+{{- default (printf "%s-access" (include "crisp.fullname" .)) .Values.access.secretName -}}
+{{- end -}}
+
 {{- define "crisp.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
