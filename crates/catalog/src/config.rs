@@ -226,6 +226,7 @@ struct RawBackend {
     timeout_ms: Option<u64>,
     max_concurrency: Option<Spanned<u32>>,
     metrics_url: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
 }
 
 /// Collects problems with their positions in the source text.
@@ -835,6 +836,18 @@ fn validate_openai(s: &RawBackend, model: &str, region: &str, p: &mut Problems<'
             format!("model {model} in {region}: metrics_url must be an http(s) URL"),
         );
     }
+    if let Some(ca) = &s.ca_file
+        && !base_url.starts_with("https://")
+        && !s
+            .metrics_url
+            .as_ref()
+            .is_some_and(|u| u.get_ref().starts_with("https://"))
+    {
+        p.at(
+            ca.span(),
+            format!("model {model} in {region}: ca_file is for https:// servers, but base_url {base_url:?} is plain http; remove ca_file or use https://"),
+        );
+    }
     for (set, name) in [
         (s.slots.is_some(), "slots"),
         (s.decode_tokens_per_s.is_some(), "decode_tokens_per_s"),
@@ -859,6 +872,7 @@ fn validate_openai(s: &RawBackend, model: &str, region: &str, p: &mut Problems<'
         max_concurrency: s.max_concurrency.as_ref().map_or(16, |v| *v.get_ref()),
         queue_limit: s.queue_limit.unwrap_or(16),
         metrics_url: s.metrics_url.as_ref().map(|u| u.get_ref().clone()),
+        ca_file: s.ca_file.as_ref().map(|c| c.get_ref().clone()),
     }
 }
 
@@ -879,6 +893,18 @@ fn validate_simulated(
             );
         }
     };
+    for (span, name) in [
+        (s.base_url.as_ref().map(Spanned::span), "base_url"),
+        (s.ca_file.as_ref().map(Spanned::span), "ca_file"),
+        (s.metrics_url.as_ref().map(Spanned::span), "metrics_url"),
+    ] {
+        if let Some(span) = span {
+            p.at(
+                span,
+                format!("model {model} in {region}: {name} is a setting of openai backends; a simulated backend has none"),
+            );
+        }
+    }
     positive(&s.prefill_tokens_per_s, "prefill_tokens_per_s", p);
     positive(&s.decode_tokens_per_s, "decode_tokens_per_s", p);
     positive(&s.time_scale, "time_scale", p);

@@ -119,6 +119,9 @@ pub struct OpenAiSpec {
     pub queue_limit: u32,
     /// The server's Prometheus metrics (vLLM, SGLang and llama.cpp's server export them).
     pub metrics_url: Option<String>,
+    /// PEM certificates (a private CA) trusted for this server's `https://` URLs besides
+    /// the public roots; relative to the configuration until [`Catalog::resolve_files`].
+    pub ca_file: Option<String>,
 }
 
 /// Parameters of a simulated engine (see `crisp-engine`).
@@ -307,6 +310,23 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// Makes the files the configuration names by relative path (backends' `ca_file`)
+    /// relative to `base`, the configuration's directory.
+    pub fn resolve_files(&mut self, base: &std::path::Path) {
+        for model in &mut self.models {
+            for (_, spec) in &mut model.backends {
+                let BackendSpec::OpenAi(replicas) = spec else {
+                    continue;
+                };
+                for r in replicas {
+                    if let Some(ca) = &mut r.ca_file {
+                        *ca = base.join(&*ca).to_string_lossy().into_owned();
+                    }
+                }
+            }
+        }
+    }
+
     fn new(
         deployment: Deployment,
         regions: Vec<Region>,

@@ -132,3 +132,44 @@ fn audit_durability_is_fsync_unless_write_is_asked_for() {
         .to_string();
     assert!(e.contains("only with durability = \"write\""), "{e}");
 }
+
+#[test]
+fn a_private_ca_is_for_https_backends_and_resolves_next_to_the_configuration() {
+    let with_backend = |backend: &str| {
+        format!(
+            "version = 1\n[deployment]\nname = \"d\"\n[[region]]\ncode = \"eu-west-1\"\ncountry = \"IE\"\nlat = 53.3\nlon = -6.3\nclient = \"127.0.0.1:8080\"\npeer = \"127.0.0.1:9080\"\n[[model]]\nid = \"m\"\ninput_price_per_1k = 0.1\noutput_price_per_1k = 0.1\n[[model.backend]]\nregion = \"eu-west-1\"\n{backend}"
+        )
+    };
+    let mut c = parse_config(&with_backend(
+        "kind = \"openai\"\nbase_url = \"https://10.0.0.5:8443/v1\"\nca_file = \"pki/ca.pem\"\n",
+    ))
+    .unwrap();
+    c.resolve_files(std::path::Path::new("/etc/crisp"));
+    let model = c.model("m").unwrap();
+    let Some(crisp_catalog::BackendSpec::OpenAi(replicas)) = model.backends.first().map(|b| &b.1)
+    else {
+        panic!("an openai backend")
+    };
+    assert_eq!(
+        replicas[0].ca_file.as_deref(),
+        Some("/etc/crisp/pki/ca.pem")
+    );
+
+    let errs = parse_config(&with_backend(
+        "kind = \"openai\"\nbase_url = \"http://10.0.0.5:8000/v1\"\nca_file = \"ca.pem\"\n",
+    ))
+    .unwrap_err();
+    assert!(
+        errs.to_string().contains("ca_file is for https:// servers"),
+        "{errs}"
+    );
+    let errs = parse_config(&with_backend(
+        "kind = \"simulated\"\nbase_url = \"http://10.0.0.5:8000/v1\"\n",
+    ))
+    .unwrap_err();
+    assert!(
+        errs.to_string()
+            .contains("base_url is a setting of openai backends"),
+        "{errs}"
+    );
+}

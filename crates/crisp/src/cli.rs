@@ -278,7 +278,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn load_config(path: &Path) -> anyhow::Result<Catalog> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the configuration {}", path.display()))?;
-    parse_config(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    let mut catalog =
+        parse_config(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        catalog.resolve_files(dir);
+    }
+    Ok(catalog)
 }
 
 pub fn lock_path(config: &Path, lock: Option<PathBuf>) -> PathBuf {

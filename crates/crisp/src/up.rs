@@ -109,6 +109,9 @@ fn load(args: &UpArgs) -> anyhow::Result<Catalog> {
         None => (DEMO_CONFIG.to_owned(), "the embedded demo".to_owned()),
     };
     let mut catalog = parse_config(&text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    if let Some(dir) = args.config.as_deref().and_then(std::path::Path::parent) {
+        catalog.resolve_files(dir);
+    }
     let offset = i32::from(args.port) - i32::from(DEMO_BASE_PORT);
     if args.config.is_none() && offset != 0 {
         for r in &mut catalog.regions {

@@ -54,6 +54,9 @@ pub struct OpenAiConfig {
     pub metrics_url: Option<String>,
     /// Cool-down when a 429/503 carries no Retry-After.
     pub default_retry_after: Duration,
+    /// PEM certificates (a private CA) trusted for `https://` URLs besides the public
+    /// roots.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for OpenAiConfig {
@@ -112,10 +115,25 @@ impl OpenAiBackend {
             }
             None => None,
         };
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        if let Some(pem) = &cfg.ca_pem {
+            let roots = reqwest::Certificate::from_pem_bundle(pem)
+                .ok()
+                .filter(|roots| !roots.is_empty())
+                .ok_or_else(|| {
+                    BackendError::Internal(format!(
+                        "the CA file for {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                        cfg.base_url
+                    ))
+                })?;
+            for root in roots {
+                client = client.add_root_certificate(root);
+            }
+        }
+        let client = client
             .build()
             .map_err(|e| BackendError::Internal(format!("HTTP client: {e}")))?;
         Ok(OpenAiBackend {
@@ -240,9 +258,13 @@ impl Shared {
         }
         let response = request.send().await.map_err(|e| {
             if e.is_timeout() {
-                BackendError::Timeout(format!("{}: {e}", cfg.base_url))
+                BackendError::Timeout(format!("{}: {}", cfg.base_url, with_causes(&e)))
             } else {
-                BackendError::Unavailable(format!("{} unreachable: {e}", cfg.base_url))
+                BackendError::Unavailable(format!(
+                    "{} unreachable: {}",
+                    cfg.base_url,
+                    with_causes(&e)
+                ))
             }
         })?;
         let (status, headers) = (response.status(), response.headers().clone());
@@ -251,6 +273,27 @@ impl Shared {
             .map(|r| r.map_err(|e| e.to_string()));
         Ok((status, headers, Body(Box::pin(body))))
     }
+}
+
+/// An error with the causes under it (a TLS failure sits a few levels down), and what to
+/// do when the server's certificate is not trusted.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    if text.contains("UnknownIssuer") || text.contains("certificate") {
+        text.push_str(
+            " (if the server's certificate is from a private CA, give the backend ca_file = \"ca.pem\")",
+        );
+    }
+    text
 }
 
 /// Keeps the in-flight count right whatever way a request ends.
@@ -852,6 +895,7 @@ mod tests {
             queue_limit: 4,
             metrics_url: None,
             default_retry_after: Duration::from_secs(3),
+            ca_pem: None,
         }
     }
 

@@ -219,6 +219,7 @@ fn openai(port: u16, metrics_url: Option<String>) -> OpenAiBackend {
         queue_limit: 4,
         metrics_url,
         default_retry_after: Duration::from_secs(1),
+        ca_pem: None,
     })
     .unwrap()
 }

@@ -151,6 +151,7 @@ fn backend_with(port: u16, first_token_timeout: Duration) -> OpenAiBackend {
         queue_limit: 8,
         metrics_url: None,
         default_retry_after: Duration::from_secs(1),
+        ca_pem: None,
     })
     .unwrap()
 }

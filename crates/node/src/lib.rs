@@ -434,6 +434,15 @@ fn build_backend(
                     })?),
                     None => None,
                 };
+                let ca_pem = match &r.ca_file {
+                    Some(path) => Some(std::fs::read(path).map_err(|e| {
+                        StartError::Backend(format!(
+                            "model {model}: cannot read the CA file {path} for {}: {e}",
+                            r.base_url
+                        ))
+                    })?),
+                    None => None,
+                };
                 let backend = OpenAiBackend::new(OpenAiConfig {
                     base_url: r.base_url.clone(),
                     api_key,
@@ -445,6 +454,7 @@ fn build_backend(
                     queue_limit: r.queue_limit,
                     metrics_url: r.metrics_url.clone(),
                     default_retry_after: Duration::from_secs(1),
+                    ca_pem,
                 })
                 .map_err(|e| StartError::Backend(format!("model {model}: {e}")))?;
                 // Engines' own load signals, read once a second.

@@ -289,7 +289,15 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                 });
             }
             Err(e) => {
-                tracing::debug!(request_id = %req.request_id, region = %code, error = %e, "attempt failed");
+                // A full engine is routine; a broken one is what an operator must hear of.
+                match &e {
+                    BackendError::Capacity { .. } | BackendError::BadRequest(_) => {
+                        tracing::debug!(request_id = %req.request_id, region = %code, error = %e, "attempt failed");
+                    }
+                    _ => {
+                        tracing::warn!(request_id = %req.request_id, region = %code, error = %e, "attempt failed");
+                    }
+                }
                 if e.trips_cooldown() {
                     let wait = match &e {
                         BackendError::Capacity {
