@@ -471,10 +471,10 @@ fn audit_files_reach_the_object_store_and_survive_an_outage() {
     let waiting = || invocation_records(&state.join("invocations/eu-west-1/ready"));
     eventually("three sealed files shipped", || shipped(3));
     eventually("three invocation records shipped", || logged().len() == 3);
-    assert!(
+    eventually("the third digest shipped", || {
         data.join("audit-eu-west-1/crisp/eu-west-1/digests/digest-0000000002.json")
             .exists()
-    );
+    });
 
     // The store goes away; requests go on; the backlog shows on /metrics.
     drop(s3.take());
