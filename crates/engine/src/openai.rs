@@ -288,10 +288,12 @@ fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
         }
         source = cause.source();
     }
-    if text.contains("UnknownIssuer") || text.contains("certificate") {
+    if text.contains("UnknownIssuer") {
         text.push_str(
             " (if the server's certificate is from a private CA, give the backend ca_file = \"ca.pem\")",
         );
+    } else if text.contains("NotValidForName") {
+        text.push_str(" (base_url must use a name the server's certificate covers)");
     }
     text
 }
