@@ -2,6 +2,7 @@
 the model on llama-cpp-python (a tiny random-weight model written here) and eu-west-1 on
 the simulated engine, driven with the OpenAI SDK like any client would."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -35,24 +36,58 @@ def wait_port(port, proc, timeout=60):
     raise RuntimeError(f"port {port} never opened")
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
+@contextlib.contextmanager
+def llama_server(d, *extra):
+    """A real llama.cpp server (llama-cpp-python) on a tiny random-weight model written in
+    `d`, with `extra` server arguments; yields its port once it listens."""
     if not LLAMA_PY:
         if os.environ.get("CI"):
             pytest.fail("CRISP_LLAMA_PYTHON is not set: scripts/test.sh installs llama-cpp-python")
         pytest.skip("set CRISP_LLAMA_PYTHON to run against a real llama.cpp server")
-    d = tmp_path_factory.mktemp("llama")
     model = d / "tiny.gguf"
-    subprocess.run([LLAMA_PY, os.path.join(ROOT, "tests/llama/make_model.py"), str(model)], check=True)
-    lport = free_port()
+    subprocess.run([LLAMA_PY, os.path.join(ROOT, "tests/llama/make_model.py"), str(model)],
+                   check=True)
+    port = free_port()
     llama = subprocess.Popen(
         [LLAMA_PY, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-         "--port", str(lport), "--n_ctx", "512"],
+         "--port", str(port), "--n_ctx", "512", *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    ports = [free_port() for _ in range(4)]
-    config = d / "crisp.toml"
-    config.write_text(f"""
+    try:
+        wait_port(port, llama)
+        yield port
+    finally:
+        llama.kill()
+        llama.wait()
+
+
+@contextlib.contextmanager
+def crisp_up(config, client_port, **popen):
+    """`crisp up --config config`, once its client port listens; stopped with Ctrl-C."""
+    crisp = subprocess.Popen([CRISP, "up", "--config", str(config)], **popen)
+    try:
+        wait_port(client_port, crisp)
+        time.sleep(0.5)
+        yield crisp
+    finally:
+        crisp.send_signal(signal.SIGINT)
+        try:
+            crisp.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            crisp.kill()
+
+
+def client(port):
+    return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama")
+    with llama_server(d) as lport:
+        ports = [free_port() for _ in range(4)]
+        config = d / "crisp.toml"
+        config.write_text(f"""
 version = 1
 [deployment]
 name = "llamatest"
@@ -94,25 +129,8 @@ region = "eu-west-1"
 kind = "simulated"
 time_scale = 0.01
 """)
-    crisp = subprocess.Popen([CRISP, "up", "--config", str(config)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_port(lport, llama)
-        wait_port(ports[0], crisp)
-        time.sleep(0.5)
-        yield {"us": ports[0], "eu": ports[2]}
-    finally:
-        crisp.send_signal(signal.SIGINT)
-        try:
-            crisp.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            crisp.kill()
-        llama.kill()
-        llama.wait()
-
-
-def client(port):
-    return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        with crisp_up(config, ports[0], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+            yield {"us": ports[0], "eu": ports[2]}
 
 
 def test_a_request_runs_on_the_real_engine(deployment):

@@ -2,50 +2,33 @@
 private CA, as self-hosted fleets often do: trusted through the backend's `ca_file`, and
 refused, with a message saying what to set, without it."""
 
-import os
-import signal
 import subprocess
-import time
 
 import openai
 import pytest
 import trustme
-from openai import OpenAI
 
-from test_llama_backend import LLAMA_PY, free_port, wait_port
-from test_openai_sdk import CRISP, ROOT
+from test_llama_backend import client, crisp_up, free_port, llama_server
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    if not LLAMA_PY:
-        if os.environ.get("CI"):
-            pytest.fail("CRISP_LLAMA_PYTHON is not set: scripts/test.sh installs llama-cpp-python")
-        pytest.skip("set CRISP_LLAMA_PYTHON to run against a real llama.cpp server")
     d = tmp_path_factory.mktemp("llama-tls")
     ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1")
     server.private_key_pem.write_to_path(str(d / "server.key"))
     server.cert_chain_pems[0].write_to_path(str(d / "server.pem"))
     ca.cert_pem.write_to_path(str(d / "internal-ca.pem"))
-    model = d / "tiny.gguf"
-    subprocess.run([LLAMA_PY, os.path.join(ROOT, "tests/llama/make_model.py"), str(model)],
-                   check=True)
-    lport = free_port()
-    llama = subprocess.Popen(
-        [LLAMA_PY, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-         "--port", str(lport), "--n_ctx", "512",
-         "--ssl_keyfile", str(d / "server.key"), "--ssl_certfile", str(d / "server.pem")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    client_port, peer_port = free_port(), free_port()
-    backend = f"""region = "us-east-1"
+    with llama_server(d, "--ssl_keyfile", str(d / "server.key"),
+                      "--ssl_certfile", str(d / "server.pem")) as lport:
+        client_port, peer_port = free_port(), free_port()
+        backend = f"""region = "us-east-1"
 kind = "openai"
 base_url = "https://127.0.0.1:{lport}/v1"
 upstream_model = "tiny"
 max_concurrency = 2
 """
-    (d / "crisp.toml").write_text(f"""
+        (d / "crisp.toml").write_text(f"""
 version = 1
 [deployment]
 name = "llamatls"
@@ -68,27 +51,11 @@ input_price_per_1k = 0.0001
 output_price_per_1k = 0.0002
 [[model.backend]]
 {backend}""")
-    log = open(d / "crisp.log", "w")
-    # Started from another directory: ca_file is relative to the configuration.
-    crisp = subprocess.Popen([CRISP, "up", "--config", str(d / "crisp.toml")], cwd="/",
-                             stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_port(lport, llama)
-        wait_port(client_port, crisp)
-        time.sleep(0.5)
-        yield {"port": client_port, "log": d / "crisp.log"}
-    finally:
-        crisp.send_signal(signal.SIGINT)
-        try:
-            crisp.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            crisp.kill()
-        llama.kill()
-        llama.wait()
-
-
-def client(port):
-    return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        with open(d / "crisp.log", "w") as log:
+            # Started from another directory: ca_file is relative to the configuration.
+            with crisp_up(d / "crisp.toml", client_port, cwd="/", stdout=log,
+                          stderr=subprocess.STDOUT):
+                yield {"port": client_port, "log": d / "crisp.log"}
 
 
 def test_a_server_with_a_private_ca_is_trusted_through_ca_file(deployment):
