@@ -30,7 +30,7 @@ def test_converse_eu_profile_from_the_us(federation):
     r = rt.converse(
         modelId="eu.amazon.nova-lite-v1:0",
         messages=[{"role": "user", "content": [{"text": "Hello"}]}],
-        inferenceConfig={"maxTokens": 6},
+        inferenceConfig={"maxTokens": 6, "temperature": 0.7, "topP": 0.9},
     )
     assert r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"] in EU
     assert r["output"]["message"]["content"][0]["text"]
@@ -95,6 +95,11 @@ def test_sdk_exceptions(federation):
     with pytest.raises(botocore.exceptions.ClientError) as e:
         unknown.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)
     assert e.value.response["Error"]["Code"] == "UnrecognizedClientException"
+    # Tools are refused, never dropped: the model would answer as if it had none.
+    tools = {"tools": [{"toolSpec": {"name": "lookup", "inputSchema": {"json": {"type": "object"}}}}]}
+    with pytest.raises(rt.exceptions.ValidationException) as e:
+        rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs, toolConfig=tools)
+    assert "toolConfig is not supported" in str(e.value)
     wrong_region = client(federation, "bedrock-runtime", EU_WEST_2, region="us-east-1")
     with pytest.raises(botocore.exceptions.ClientError) as e:
         wrong_region.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)

@@ -162,3 +162,19 @@ def test_the_eu_profile_called_next_to_the_real_engine_stays_in_the_eu(deploymen
         model="eu.tiny-llama", messages=[{"role": "user", "content": "hello"}], max_tokens=3
     )
     assert raw.headers["x-crisp-inference-region"] == "eu-west-1"
+
+
+def test_the_seed_reaches_the_real_engine_across_the_backbone(deployment):
+    """Called in eu-west-1, the US profile runs on llama.cpp in us-east-1: the same seed
+    gives the same sampled text, other seeds other text."""
+    def sample(seed):
+        raw = client(deployment["eu"]).chat.completions.with_raw_response.create(
+            model="us.tiny-llama", messages=[{"role": "user", "content": "hello"}],
+            max_tokens=12, temperature=1.5, top_p=1.0, seed=seed,
+        )
+        assert raw.headers["x-crisp-inference-region"] == "us-east-1"
+        return raw.parse().choices[0].message.content
+
+    first = sample(11)
+    assert sample(11) == first
+    assert any(sample(seed) != first for seed in (12, 13, 14)), first

@@ -62,6 +62,10 @@ pub struct GenerateRequest {
     /// Upper bound on generated tokens; `None` means the backend's default.
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
+    /// Nucleus sampling: only the tokens within this probability mass (0 < top_p <= 1).
+    pub top_p: Option<f32>,
+    /// Asks the engine for repeatable sampling (engines that support it).
+    pub seed: Option<i64>,
     pub stop: Vec<String>,
 }
 

@@ -360,6 +360,10 @@ struct UpstreamRequest<'a> {
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop: &'a [String],
 }
@@ -591,6 +595,8 @@ impl Backend for OpenAiBackend {
                 },
                 max_tokens: req.max_tokens,
                 temperature: req.temperature,
+                top_p: req.top_p,
+                seed: req.seed,
                 stop: &req.stop,
             };
             let payload = serde_json::to_vec(&body)

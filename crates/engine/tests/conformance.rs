@@ -28,6 +28,8 @@ fn request(text: &str, max_tokens: u32) -> GenerateRequest {
         }],
         max_tokens: Some(max_tokens),
         temperature: Some(0.0),
+        top_p: None,
+        seed: None,
         stop: vec![],
     }
 }

@@ -26,6 +26,8 @@ fn request(prompt: &str, max_tokens: Option<u32>) -> GenerateRequest {
         ],
         max_tokens,
         temperature: None,
+        top_p: None,
+        seed: None,
         stop: Vec::new(),
     }
 }

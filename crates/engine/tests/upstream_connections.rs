@@ -45,8 +45,8 @@ struct Seen {
     /// Connections that the client closed.
     closed_by_client: AtomicUsize,
     last_head: std::sync::Mutex<String>,
-    /// The last request asked for a streamed answer.
-    last_body_streamed: std::sync::atomic::AtomicBool,
+    /// The last request's JSON body.
+    last_body: std::sync::Mutex<serde_json::Value>,
 }
 
 async fn server(behaviour: Behaviour) -> (u16, Arc<Seen>) {
@@ -86,8 +86,7 @@ async fn server(behaviour: Behaviour) -> (u16, Arc<Seen>) {
                     read.read_exact(&mut body).await.unwrap();
                     s.requests.fetch_add(1, Ordering::SeqCst);
                     *s.last_head.lock().unwrap() = head;
-                    let streamed = String::from_utf8_lossy(&body).contains(r#""stream":true"#);
-                    s.last_body_streamed.store(streamed, Ordering::SeqCst);
+                    *s.last_body.lock().unwrap() = serde_json::from_slice(&body).unwrap();
                     match behaviour {
                         Behaviour::Busy => {
                             let msg = r#"{"error":{"message":"busy"}}"#;
@@ -166,6 +165,8 @@ fn request() -> GenerateRequest {
         }],
         max_tokens: Some(4),
         temperature: None,
+        top_p: None,
+        seed: None,
         stop: Vec::new(),
     }
 }
@@ -206,6 +207,22 @@ async fn connections_are_kept_alive_and_reused() {
     );
     assert!(head.contains(&format!("host: 127.0.0.1:{port}")), "{head}");
     assert!(head.contains("authorization: bearer sk-upstream"), "{head}");
+    // Sampling settings go upstream only when the client set them.
+    let body = seen.last_body.lock().unwrap().clone();
+    assert!(
+        body.get("top_p").is_none() && body.get("seed").is_none(),
+        "{body}"
+    );
+    let mut sampled = request();
+    sampled.top_p = Some(0.5);
+    sampled.seed = Some(42);
+    let mut stream = b.generate(sampled).await.unwrap();
+    while stream.next().await.is_some() {}
+    let body = seen.last_body.lock().unwrap().clone();
+    assert_eq!(
+        (body["top_p"].as_f64(), body["seed"].as_i64()),
+        (Some(0.5), Some(42))
+    );
     // Concurrent answers each get a connection, and those are kept for later.
     let all = futures::future::join_all((0..5).map(|_| answer(&b))).await;
     assert!(all.iter().all(|a| a.as_deref() == Ok("Hello")));
@@ -316,6 +333,9 @@ async fn admission_is_the_answers_head_not_its_end() {
         }
     }
     assert_eq!(text, "Hello");
-    let body = seen.last_body_streamed.load(Ordering::SeqCst);
-    assert!(body, "the request went upstream without \"stream\": true");
+    let body = seen.last_body.lock().unwrap().clone();
+    assert_eq!(
+        body["stream"], true,
+        "the request went upstream without \"stream\": true"
+    );
 }

@@ -28,6 +28,8 @@ pub struct InferRequest {
     pub messages: Vec<Message>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub seed: Option<i64>,
     pub stop: Vec<String>,
     /// The authenticated caller, when access control is on.
     pub principal: Option<String>,
@@ -362,6 +364,8 @@ async fn try_region(
                 messages: req.messages.clone(),
                 max_tokens: req.max_tokens,
                 temperature: req.temperature,
+                top_p: req.top_p,
+                seed: req.seed,
                 stop: req.stop.clone(),
             })
             .await;
@@ -386,6 +390,8 @@ async fn try_region(
             .collect(),
         max_tokens: req.max_tokens,
         temperature: req.temperature,
+        top_p: req.top_p,
+        seed: req.seed,
         stop: req.stop.clone(),
     });
     node.peers.generate(addr, code, body, receipt.clone()).await

@@ -207,6 +207,8 @@ fn forward(request_id: &str, source: &str, profile: &str) -> wire::GenerateReque
         }],
         max_tokens: Some(3),
         temperature: None,
+        top_p: None,
+        seed: None,
         stop: vec![],
     }
 }

@@ -64,6 +64,47 @@ async fn bad_requests_are_explained() {
         "{e}"
     );
 
+    // Features crisp does not carry to engines are refused, never silently dropped.
+    for (feature, value) in [
+        (
+            "tools",
+            serde_json::json!([{"type": "function", "function": {"name": "lookup"}}]),
+        ),
+        (
+            "response_format",
+            serde_json::json!({"type": "json_object"}),
+        ),
+        ("logprobs", serde_json::json!(true)),
+    ] {
+        let mut body = support::ask(&format!("eu.{NOVA}"));
+        body[feature] = value;
+        let (s, e) = error_of(f.chat("us-east-1", body).await).await;
+        assert_eq!(s, 400, "{feature}");
+        let message = e["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("`{feature}` is not supported"))
+                && message.contains("nothing was run"),
+            "{e}"
+        );
+    }
+    // Their "off" values, as SDKs send them, and the sampling settings crisp carries.
+    let mut body = support::ask(&format!("eu.{NOVA}"));
+    for (k, v) in [
+        ("tools", serde_json::Value::Null),
+        ("logprobs", serde_json::json!(false)),
+        ("response_format", serde_json::json!({"type": "text"})),
+        ("top_p", serde_json::json!(0.9)),
+        ("seed", serde_json::json!(7)),
+    ] {
+        body[k] = v;
+    }
+    assert_eq!(f.chat("us-east-1", body).await.status(), 200);
+    let mut body = support::ask(&format!("eu.{NOVA}"));
+    body["top_p"] = serde_json::json!(0);
+    let (s, e) = error_of(f.chat("us-east-1", body).await).await;
+    assert_eq!(s, 400);
+    assert!(e["message"].as_str().unwrap().contains("top_p"), "{e}");
+
     // Unknown profile: 404 with a suggestion.
     let (s, e) = error_of(
         f.chat("us-east-1", support::ask("eu.amazon.nova-lite"))

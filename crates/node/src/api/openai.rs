@@ -17,6 +17,8 @@ use serde_json::json;
 use tracing::Instrument;
 
 use super::{INFERENCE_REGION_HEADER, REQUEST_ID_HEADER};
+use serde::de::IgnoredAny;
+
 use crate::audit::{self, Call, Ran};
 use crate::error::PipelineError;
 use crate::pipeline::{self, Admitted, InferRequest};
@@ -42,6 +44,61 @@ struct ChatRequest {
     stop: Option<Stop>,
     #[serde(default)]
     n: Option<u32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    seed: Option<i64>,
+    // Features crisp does not carry to engines: a request asking for one is refused
+    // rather than answered without it. `null` (or the value meaning "off") is accepted,
+    // as SDKs send them.
+    #[serde(default)]
+    tools: Option<IgnoredAny>,
+    #[serde(default)]
+    tool_choice: Option<IgnoredAny>,
+    #[serde(default)]
+    functions: Option<IgnoredAny>,
+    #[serde(default)]
+    function_call: Option<IgnoredAny>,
+    #[serde(default)]
+    response_format: Option<ResponseFormat>,
+    #[serde(default)]
+    logprobs: Option<bool>,
+    #[serde(default)]
+    top_logprobs: Option<IgnoredAny>,
+    #[serde(default)]
+    audio: Option<IgnoredAny>,
+    #[serde(default)]
+    prediction: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+impl ChatRequest {
+    /// The first feature the request asks for that crisp cannot give it.
+    fn unsupported(&self) -> Option<&'static str> {
+        [
+            (self.tools.is_some(), "tools"),
+            (self.tool_choice.is_some(), "tool_choice"),
+            (self.functions.is_some(), "functions"),
+            (self.function_call.is_some(), "function_call"),
+            (
+                self.response_format
+                    .as_ref()
+                    .is_some_and(|f| f.kind != "text"),
+                "response_format",
+            ),
+            (self.logprobs == Some(true), "logprobs"),
+            (self.top_logprobs.is_some(), "top_logprobs"),
+            (self.audio.is_some(), "audio"),
+            (self.prediction.is_some(), "prediction"),
+        ]
+        .into_iter()
+        .find_map(|(asked, name)| asked.then_some(name))
+    }
 }
 
 #[derive(Deserialize)]
@@ -89,6 +146,14 @@ impl ChatRequest {
         }
         if self.n.is_some_and(|n| n != 1) {
             return Err("only `n` = 1 is supported".into());
+        }
+        if let Some(feature) = self.unsupported() {
+            return Err(format!(
+                "`{feature}` is not supported: crisp routes text chat completions (messages, max_tokens, temperature, top_p, seed, stop, stream); remove `{feature}` and send the request again (nothing was run)"
+            ));
+        }
+        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+            return Err("`top_p` must be greater than 0 and at most 1".into());
         }
         let mut messages = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.into_iter().enumerate() {
@@ -151,6 +216,8 @@ impl ChatRequest {
                 messages,
                 max_tokens: self.max_completion_tokens.or(self.max_tokens),
                 temperature: self.temperature,
+                top_p: self.top_p,
+                seed: self.seed,
                 stop,
             },
             self.stream,

@@ -171,6 +171,8 @@ async fn run_forwarded(
             .collect(),
         max_tokens: req.max_tokens,
         temperature: req.temperature,
+        top_p: req.top_p,
+        seed: req.seed,
         stop: req.stop,
     };
     match backend.generate(request).await {

@@ -219,6 +219,9 @@ struct ConverseRequest {
     system: Vec<ContentBlock>,
     #[serde(default)]
     inference_config: Option<InferenceConfig>,
+    /// Not carried to engines: a request with tools is refused, not answered without them.
+    #[serde(default)]
+    tool_config: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -240,6 +243,8 @@ struct InferenceConfig {
     max_tokens: Option<u32>,
     #[serde(default)]
     temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
     #[serde(default)]
     stop_sequences: Vec<String>,
 }
@@ -298,12 +303,24 @@ fn to_pipeline(
             "inferenceConfig.maxTokens must be at least 1".into(),
         ));
     }
+    if config.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        return Err(PipelineError::InvalidRequest(
+            "inferenceConfig.topP must be greater than 0 and at most 1".into(),
+        ));
+    }
+    if req.tool_config.is_some() {
+        return Err(PipelineError::InvalidRequest(
+            "toolConfig is not supported: crisp routes text conversations (messages, system, inferenceConfig); remove toolConfig and send the request again (nothing was run)".into(),
+        ));
+    }
     Ok(InferRequest {
         request_id: request_id.to_owned(),
         requested: model_id,
         messages,
         max_tokens: config.max_tokens,
         temperature: config.temperature,
+        top_p: config.top_p,
+        seed: None,
         stop: config.stop_sequences,
         principal: None,
         action: crisp_policy::Action::InvokeModel,
