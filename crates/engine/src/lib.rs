@@ -61,12 +61,22 @@ pub struct GenerateRequest {
     pub messages: Vec<Message>,
     /// Upper bound on generated tokens; `None` means the backend's default.
     pub max_tokens: Option<u32>,
+    pub sampling: Sampling,
+    pub stop: Vec<String>,
+}
+
+/// How the answer's tokens are sampled; a setting left `None` is the engine's default.
+/// Simulated engines ignore them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Sampling {
     pub temperature: Option<f32>,
     /// Nucleus sampling: only the tokens within this probability mass (0 < top_p <= 1).
     pub top_p: Option<f32>,
     /// Asks the engine for repeatable sampling (engines that support it).
     pub seed: Option<i64>,
-    pub stop: Vec<String>,
+    /// Penalties (-2..2) for tokens already present, and by how often they occur.
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -364,6 +364,10 @@ struct UpstreamRequest<'a> {
     top_p: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f32>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop: &'a [String],
 }
@@ -594,9 +598,11 @@ impl Backend for OpenAiBackend {
                     include_usage: true,
                 },
                 max_tokens: req.max_tokens,
-                temperature: req.temperature,
-                top_p: req.top_p,
-                seed: req.seed,
+                temperature: req.sampling.temperature,
+                top_p: req.sampling.top_p,
+                seed: req.sampling.seed,
+                presence_penalty: req.sampling.presence_penalty,
+                frequency_penalty: req.sampling.frequency_penalty,
                 stop: &req.stop,
             };
             let payload = serde_json::to_vec(&body)

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use crisp_engine::openai::{OpenAiBackend, OpenAiConfig};
 use crisp_engine::pool::Pool;
 use crisp_engine::sim::{SimConfig, SimEngine};
-use crisp_engine::{Backend, BackendError, Chunk, FinishReason, GenerateRequest, Message};
+use crisp_engine::{
+    Backend, BackendError, Chunk, FinishReason, GenerateRequest, Message, Sampling,
+};
 use futures::StreamExt;
 
 fn request(text: &str, max_tokens: u32) -> GenerateRequest {
@@ -27,9 +29,10 @@ fn request(text: &str, max_tokens: u32) -> GenerateRequest {
             content: text.into(),
         }],
         max_tokens: Some(max_tokens),
-        temperature: Some(0.0),
-        top_p: None,
-        seed: None,
+        sampling: Sampling {
+            temperature: Some(0.0),
+            ..Sampling::default()
+        },
         stop: vec![],
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use crisp_engine::sim::{MESSAGE_OVERHEAD_TOKENS, SimConfig, SimEngine, prompt_tokens};
 use crisp_engine::{
     Backend, BackendError, Chunk, ChunkStream, EngineLoad, FinishReason, GenerateRequest, Message,
-    Usage, count_tokens,
+    Sampling, Usage, count_tokens,
 };
 use futures::StreamExt;
 use tokio::time::Instant;
@@ -25,9 +25,7 @@ fn request(prompt: &str, max_tokens: Option<u32>) -> GenerateRequest {
             },
         ],
         max_tokens,
-        temperature: None,
-        top_p: None,
-        seed: None,
+        sampling: Sampling::default(),
         stop: Vec::new(),
     }
 }

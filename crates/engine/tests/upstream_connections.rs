@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crisp_engine::openai::{OpenAiBackend, OpenAiConfig};
-use crisp_engine::{Backend, BackendError, Chunk, GenerateRequest, Message};
+use crisp_engine::{Backend, BackendError, Chunk, GenerateRequest, Message, Sampling};
 use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -164,9 +164,7 @@ fn request() -> GenerateRequest {
             content: "hi".into(),
         }],
         max_tokens: Some(4),
-        temperature: None,
-        top_p: None,
-        seed: None,
+        sampling: Sampling::default(),
         stop: Vec::new(),
     }
 }
@@ -214,15 +212,21 @@ async fn connections_are_kept_alive_and_reused() {
         "{body}"
     );
     let mut sampled = request();
-    sampled.top_p = Some(0.5);
-    sampled.seed = Some(42);
+    sampled.sampling.top_p = Some(0.5);
+    sampled.sampling.seed = Some(42);
+    sampled.sampling.frequency_penalty = Some(0.25);
     let mut stream = b.generate(sampled).await.unwrap();
     while stream.next().await.is_some() {}
     let body = seen.last_body.lock().unwrap().clone();
     assert_eq!(
-        (body["top_p"].as_f64(), body["seed"].as_i64()),
-        (Some(0.5), Some(42))
+        (
+            body["top_p"].as_f64(),
+            body["seed"].as_i64(),
+            body["frequency_penalty"].as_f64()
+        ),
+        (Some(0.5), Some(42), Some(0.25))
     );
+    assert!(body.get("presence_penalty").is_none(), "{body}");
     // Concurrent answers each get a connection, and those are kept for later.
     let all = futures::future::join_all((0..5).map(|_| answer(&b))).await;
     assert!(all.iter().all(|a| a.as_deref() == Ok("Hello")));

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crisp_catalog::RegionIx;
-use crisp_engine::{BackendError, Chunk, ChunkStream, GenerateRequest, Message};
+use crisp_engine::{BackendError, Chunk, ChunkStream, GenerateRequest, Message, Sampling};
 use crisp_routing::{Decision, Exclusion, Load, Query, Scope, route};
 use crisp_transport::SignedReceipt;
 use futures::StreamExt;
@@ -27,9 +27,7 @@ pub struct InferRequest {
     pub requested: String,
     pub messages: Vec<Message>,
     pub max_tokens: Option<u32>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub seed: Option<i64>,
+    pub sampling: Sampling,
     pub stop: Vec<String>,
     /// The authenticated caller, when access control is on.
     pub principal: Option<String>,
@@ -363,9 +361,7 @@ async fn try_region(
                 model: model.to_owned(),
                 messages: req.messages.clone(),
                 max_tokens: req.max_tokens,
-                temperature: req.temperature,
-                top_p: req.top_p,
-                seed: req.seed,
+                sampling: req.sampling,
                 stop: req.stop.clone(),
             })
             .await;
@@ -389,9 +385,11 @@ async fn try_region(
             })
             .collect(),
         max_tokens: req.max_tokens,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        seed: req.seed,
+        temperature: req.sampling.temperature,
+        top_p: req.sampling.top_p,
+        seed: req.sampling.seed,
+        presence_penalty: req.sampling.presence_penalty,
+        frequency_penalty: req.sampling.frequency_penalty,
         stop: req.stop.clone(),
     });
     node.peers.generate(addr, code, body, receipt.clone()).await

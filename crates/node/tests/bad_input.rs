@@ -95,6 +95,7 @@ async fn bad_requests_are_explained() {
         ("response_format", serde_json::json!({"type": "text"})),
         ("top_p", serde_json::json!(0.9)),
         ("seed", serde_json::json!(7)),
+        ("presence_penalty", serde_json::json!(0.5)),
     ] {
         body[k] = v;
     }
@@ -104,6 +105,14 @@ async fn bad_requests_are_explained() {
     let (s, e) = error_of(f.chat("us-east-1", body).await).await;
     assert_eq!(s, 400);
     assert!(e["message"].as_str().unwrap().contains("top_p"), "{e}");
+    let mut body = support::ask(&format!("eu.{NOVA}"));
+    body["frequency_penalty"] = serde_json::json!(3);
+    let (s, e) = error_of(f.chat("us-east-1", body).await).await;
+    assert_eq!(s, 400);
+    assert!(
+        e["message"].as_str().unwrap().contains("between -2 and 2"),
+        "{e}"
+    );
 
     // Unknown profile: 404 with a suggestion.
     let (s, e) = error_of(

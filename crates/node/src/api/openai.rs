@@ -10,7 +10,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use crisp_catalog::profiles::{ProfileKind, ResolveError};
-use crisp_engine::{BackendError, Chunk, FinishReason, Message, Usage};
+use crisp_engine::{BackendError, Chunk, FinishReason, Message, Sampling, Usage};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -48,6 +48,10 @@ struct ChatRequest {
     top_p: Option<f32>,
     #[serde(default)]
     seed: Option<i64>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
     // Features crisp does not carry to engines: a request asking for one is refused
     // rather than answered without it. `null` (or the value meaning "off") is accepted,
     // as SDKs send them.
@@ -149,11 +153,19 @@ impl ChatRequest {
         }
         if let Some(feature) = self.unsupported() {
             return Err(format!(
-                "`{feature}` is not supported: crisp routes text chat completions (messages, max_tokens, temperature, top_p, seed, stop, stream); remove `{feature}` and send the request again (nothing was run)"
+                "`{feature}` is not supported: crisp routes text chat completions (messages, max_tokens, temperature, top_p, seed, presence and frequency penalties, stop, stream); remove `{feature}` and send the request again (nothing was run)"
             ));
         }
         if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
             return Err("`top_p` must be greater than 0 and at most 1".into());
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+                return Err(format!("`{name}` must be between -2 and 2"));
+            }
         }
         let mut messages = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.into_iter().enumerate() {
@@ -215,9 +227,13 @@ impl ChatRequest {
                 },
                 messages,
                 max_tokens: self.max_completion_tokens.or(self.max_tokens),
-                temperature: self.temperature,
-                top_p: self.top_p,
-                seed: self.seed,
+                sampling: Sampling {
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    seed: self.seed,
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                },
                 stop,
             },
             self.stream,

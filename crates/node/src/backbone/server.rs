@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use crisp_engine::{BackendError, Chunk, GenerateRequest, Message};
+use crisp_engine::{BackendError, Chunk, GenerateRequest, Message, Sampling};
 use futures::StreamExt;
 use tracing::Instrument;
 
@@ -170,9 +170,13 @@ async fn run_forwarded(
             })
             .collect(),
         max_tokens: req.max_tokens,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        seed: req.seed,
+        sampling: Sampling {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            seed: req.seed,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+        },
         stop: req.stop,
     };
     match backend.generate(request).await {

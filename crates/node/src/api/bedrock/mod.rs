@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use crisp_catalog::profiles::{Profile, ProfileKind, ResolveError, profile_arn};
-use crisp_engine::{BackendError, Chunk, FinishReason, Message, Usage};
+use crisp_engine::{BackendError, Chunk, FinishReason, Message, Sampling, Usage};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -318,9 +318,11 @@ fn to_pipeline(
         requested: model_id,
         messages,
         max_tokens: config.max_tokens,
-        temperature: config.temperature,
-        top_p: config.top_p,
-        seed: None,
+        sampling: Sampling {
+            temperature: config.temperature,
+            top_p: config.top_p,
+            ..Sampling::default()
+        },
         stop: config.stop_sequences,
         principal: None,
         action: crisp_policy::Action::InvokeModel,
