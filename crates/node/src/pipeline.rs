@@ -6,7 +6,7 @@
 //! answer is streamed to the client, so no byte is ever sent twice.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crisp_catalog::RegionIx;
 use crisp_engine::{BackendError, Chunk, ChunkStream, GenerateRequest, Message, Sampling};
@@ -54,6 +54,44 @@ pub struct Admitted {
     /// The application profile the request came through, for cost tracking by tag.
     pub application: Option<crate::app_profiles::AppProfile>,
     pub stream: ChunkStream,
+}
+
+/// Warnings about engines failing requests, at most one per region per second.
+static FAILURE_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+
+/// Lets one log line per key through per `every`, counting the ones it holds back.
+struct LogThrottle {
+    every: Duration,
+    last: std::sync::Mutex<Vec<(String, Instant, u64)>>,
+}
+
+impl LogThrottle {
+    const fn new(every: Duration) -> LogThrottle {
+        LogThrottle {
+            every,
+            last: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// `Some(n)` when a line about `key` may be logged now, `n` being the lines held
+    /// back since the last one; `None` when it is held back.
+    fn admit(&self, key: &str, now: Instant) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match last.iter_mut().find(|(k, _, _)| k == key) {
+            Some((_, at, held)) if now.saturating_duration_since(*at) < self.every => {
+                *held += 1;
+                None
+            }
+            Some((_, at, held)) => {
+                *at = now;
+                Some(std::mem::take(held))
+            }
+            None => {
+                last.push((key.to_owned(), now, 0));
+                Some(0)
+            }
+        }
+    }
 }
 
 /// Cool-down after a capacity error that carries no Retry-After.
@@ -289,13 +327,21 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                 });
             }
             Err(e) => {
-                // A full engine is routine; a broken one is what an operator must hear of.
-                match &e {
-                    BackendError::Capacity { .. } | BackendError::BadRequest(_) => {
-                        tracing::debug!(request_id = %req.request_id, region = %code, error = %e, "attempt failed");
+                // A full engine is routine; a broken one is what an operator must hear of,
+                // once a second per region however many requests meet it.
+                let broken = !matches!(
+                    e,
+                    BackendError::Capacity { .. } | BackendError::BadRequest(_)
+                );
+                match broken
+                    .then(|| FAILURE_LOG.admit(&code, Instant::now()))
+                    .flatten()
+                {
+                    Some(also) => {
+                        tracing::warn!(request_id = %req.request_id, region = %code, error = %e, similar_failures_not_logged = also, "attempt failed");
                     }
-                    _ => {
-                        tracing::warn!(request_id = %req.request_id, region = %code, error = %e, "attempt failed");
+                    None => {
+                        tracing::debug!(request_id = %req.request_id, region = %code, error = %e, "attempt failed");
                     }
                 }
                 if e.trips_cooldown() {
@@ -393,4 +439,36 @@ async fn try_region(
         stop: req.stop.clone(),
     });
     node.peers.generate(addr, code, body, receipt.clone()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttled_log_lets_one_line_a_period_through_per_key_and_counts_the_rest() {
+        let log = LogThrottle::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert_eq!(log.admit("eu-west-1", t0), Some(0));
+        for ms in [1, 200, 999] {
+            assert_eq!(log.admit("eu-west-1", t0 + Duration::from_millis(ms)), None);
+        }
+        // Another region has its own allowance.
+        assert_eq!(
+            log.admit("us-east-1", t0 + Duration::from_millis(10)),
+            Some(0)
+        );
+        assert_eq!(
+            log.admit("eu-west-1", t0 + Duration::from_millis(1000)),
+            Some(3)
+        );
+        assert_eq!(
+            log.admit("eu-west-1", t0 + Duration::from_millis(1001)),
+            None
+        );
+        assert_eq!(
+            log.admit("eu-west-1", t0 + Duration::from_millis(2500)),
+            Some(1)
+        );
+    }
 }
