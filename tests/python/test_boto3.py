@@ -76,6 +76,13 @@ def test_invoke_model_nova_native_body(federation):
     s = rt.invoke_model_with_response_stream(modelId="us.amazon.nova-lite-v1:0", body=json.dumps(body))
     chunks = [json.loads(e["chunk"]["bytes"]) for e in s["body"]]
     assert "messageStart" in chunks[0] and any("messageStop" in c for c in chunks)
+    # An Anthropic Messages body is refused with what to send instead, not misread.
+    claude = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5,
+              "messages": [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]}
+    with pytest.raises(rt.exceptions.ValidationException) as e:
+        rt.invoke_model(modelId="us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+                        body=json.dumps(claude))
+    assert "anthropic_version" in str(e.value) and "converse" in str(e.value)
 
 
 def test_sdk_exceptions(federation):

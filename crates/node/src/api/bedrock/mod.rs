@@ -222,6 +222,10 @@ struct ConverseRequest {
     /// Not carried to engines: a request with tools is refused, not answered without them.
     #[serde(default)]
     tool_config: Option<serde::de::IgnoredAny>,
+    /// Marks an Anthropic Messages body (InvokeModel for Claude), whose top-level
+    /// `max_tokens` and sampling fields this shape would not read: refused, not misread.
+    #[serde(default, rename = "anthropic_version")]
+    anthropic_version: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -259,6 +263,11 @@ fn to_pipeline(
             "the request body is not valid: {e}. Send {{\"messages\": [{{\"role\": \"user\", \"content\": [{{\"text\": \"Hello\"}}]}}]}}"
         ))
     })?;
+    if req.anthropic_version.is_some() {
+        return Err(PipelineError::InvalidRequest(
+            "Anthropic Messages bodies (anthropic_version) are not supported; send the same conversation with Converse (boto3 `converse`), which works for every model, or a body of the Converse shape: {\"messages\": [{\"role\": \"user\", \"content\": [{\"text\": \"Hello\"}]}], \"inferenceConfig\": {\"maxTokens\": 256}}".into(),
+        ));
+    }
     if req.messages.is_empty() {
         return Err(PipelineError::InvalidRequest(
             "messages must contain at least one message".into(),
