@@ -107,6 +107,29 @@ def test_sdk_exceptions(federation):
     with pytest.raises(rt.exceptions.ValidationException) as e:
         rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs, toolConfig=tools)
     assert "toolConfig is not supported" in str(e.value)
+    # So are guardrails (an unguarded answer to a guarded request) and model-specific fields.
+    guardrail = {"guardrailIdentifier": "pii-filter", "guardrailVersion": "1"}
+    with pytest.raises(rt.exceptions.ValidationException) as e:
+        rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs, guardrailConfig=guardrail)
+    assert "guardrailConfig is not supported" in str(e.value)
+    with pytest.raises(rt.exceptions.ValidationException) as e:
+        rt.invoke_model(modelId="eu.amazon.nova-lite-v1:0", body=b'{"messages": []}',
+                        guardrailIdentifier="pii-filter", guardrailVersion="1")
+    assert "guardrails are not supported" in str(e.value)
+    with pytest.raises(rt.exceptions.ValidationException) as e:
+        rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs,
+                    additionalModelRequestFields={"top_k": 20})
+    assert "additionalModelRequestFields is not supported" in str(e.value)
+    answer = rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs,
+                         additionalModelRequestFields={}, requestMetadata={"team": "search"},
+                         inferenceConfig={"maxTokens": 2})
+    assert answer["usage"]["outputTokens"] <= 2
+    # An operation this node does not serve is named in an error the SDK can show.
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        rt.count_tokens(modelId="eu.amazon.nova-lite-v1:0", input={"converse": {"messages": msgs}})
+    assert e.value.response["Error"]["Code"] == "UnknownOperationException"
+    assert "count-tokens" in e.value.response["Error"]["Message"]
+    assert "Converse" in e.value.response["Error"]["Message"]
     wrong_region = client(federation, "bedrock-runtime", EU_WEST_2, region="us-east-1")
     with pytest.raises(botocore.exceptions.ClientError) as e:
         wrong_region.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)
@@ -136,6 +159,14 @@ def test_control_plane_lists_and_gets_profiles(federation):
         bedrock.get_inference_profile(inferenceProfileIdentifier="eu.nope")
     models = bedrock.list_foundation_models()["modelSummaries"]
     assert any(m["modelId"] == "amazon.nova-lite-v1:0" for m in models)
+    for identifier in ["amazon.nova-lite-v1:0",
+                       "arn:aws:bedrock:eu-central-1::foundation-model/amazon.nova-lite-v1:0"]:
+        details = bedrock.get_foundation_model(modelIdentifier=identifier)["modelDetails"]
+        assert details["modelId"] == "amazon.nova-lite-v1:0"
+        assert details["responseStreamingSupported"] is True
+    with pytest.raises(bedrock.exceptions.ResourceNotFoundException) as e:
+        bedrock.get_foundation_model(modelIdentifier="amazon.nova-lite")
+    assert "ListFoundationModels" in str(e.value)
 
 
 def test_application_profiles_route_like_their_source_and_are_shared(federation):

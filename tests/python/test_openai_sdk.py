@@ -121,6 +121,16 @@ def test_streaming_with_usage(federation):
 def test_models_list_shows_profiles(federation):
     ids = {m.id for m in client(federation).models.list()}
     assert {"global.amazon.nova-lite-v1:0", "eu.amazon.nova-lite-v1:0", "us.amazon.nova-lite-v1:0", NOVA} <= ids
+    eu = client(federation).models.retrieve("eu.amazon.nova-lite-v1:0")
+    assert eu.id == "eu.amazon.nova-lite-v1:0" and eu.owned_by == "crisp"
+    with pytest.raises(openai.NotFoundError):
+        client(federation).models.retrieve("eu.amazon.nova-lite")
+    # Listing needs a key too, and shows each caller what it may use.
+    with pytest.raises(openai.AuthenticationError):
+        client(federation, key="crisp-wrong").models.list()
+    eu_team = {m.id for m in client(federation, key=EU_KEY).models.list()}
+    assert "eu.amazon.nova-lite-v1:0" in eu_team
+    assert not any(i.startswith("global.") for i in eu_team), eu_team
 
 
 def test_sdk_errors(federation):

@@ -314,9 +314,9 @@ rt = boto3.client("bedrock-runtime", endpoint_url="http://{first}", region_name=
 r = rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=[{{"role": "user", "content": [{{"text": "Hello"}}]}}])
 print(r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"], r["output"]["message"]["content"][0]["text"])'
 
-  curl -s http://{first}/crisp/v1/fleet     # this node's view of every region
+  curl -s http://{first}/crisp/v1/fleet -H 'authorization: Bearer {demo_key}'   # this node's view of every region
+  curl -s http://{first}/v1/models -H 'authorization: Bearer {demo_key}'        # what this key may call
   curl -s http://{admin}/metrics          # Prometheus metrics (every node of this process)
-  curl -s http://{first}/v1/models          # profiles and models
 
 Ctrl-C stops every node."#,
         region = catalog.regions.first().map_or("?", |r| r.code.as_str()),

@@ -139,6 +139,18 @@ pub enum BackendError {
 }
 
 impl BackendError {
+    /// What went wrong, without the kind's prefix: what a peer sends over the backbone,
+    /// where the receiving node rebuilds the same kind around it.
+    pub fn detail(&self) -> &str {
+        match self {
+            BackendError::Capacity { message, .. } => message,
+            BackendError::Unavailable(m)
+            | BackendError::Timeout(m)
+            | BackendError::BadRequest(m)
+            | BackendError::Internal(m) => m,
+        }
+    }
+
     /// Whether trying the next candidate region may succeed.
     pub fn retryable(&self) -> bool {
         !matches!(self, BackendError::BadRequest(_))

@@ -154,7 +154,13 @@ impl InvocationLog {
                 slot[format!("{which}BodyJson")] = body.clone();
             }
         }
-        let record = json!({
+        // What the caller asked to be recorded with the call: Converse's
+        // `requestMetadata`, OpenAI's `metadata`.
+        let metadata = ["requestMetadata", "metadata"]
+            .iter()
+            .find_map(|k| inv.input.get(k).filter(|v| v.is_object()))
+            .cloned();
+        let mut record = json!({
             "schemaType": "ModelInvocationLog",
             "schemaVersion": "1.0",
             "timestamp": now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
@@ -168,6 +174,9 @@ impl InvocationLog {
             "output": output,
             "inferenceRegion": inv.inference_region,
         });
+        if let Some(metadata) = metadata {
+            record["requestMetadata"] = metadata;
+        }
         let (done, written) = tokio::sync::oneshot::channel();
         let job = Job {
             record,

@@ -166,6 +166,33 @@ impl Node {
         self.catalog.region_code(self.region)
     }
 
+    /// Whether `principal` may do `action` on the profile (or model) `id`: always when the
+    /// node runs without access control, never for a caller nobody authenticated.
+    pub fn permits(&self, principal: Option<&str>, action: crisp_policy::Action, id: &str) -> bool {
+        self.verdict(principal, action, id).is_allowed()
+    }
+
+    /// The policies' decision on `principal` doing `action` on `id`, with the reason of a
+    /// denial.
+    pub fn verdict(
+        &self,
+        principal: Option<&str>,
+        action: crisp_policy::Action,
+        id: &str,
+    ) -> crisp_policy::Verdict {
+        let Some(access) = &self.access else {
+            return crisp_policy::Verdict::Allow {
+                policies: Vec::new(),
+            };
+        };
+        let Some(principal) = principal else {
+            return crisp_policy::Verdict::Deny(crisp_policy::DenyReason::UnknownPrincipal);
+        };
+        access
+            .snapshot()
+            .authorize(principal, action, id, self.region_code())
+    }
+
     /// Records every call in this audit log before completing it.
     pub fn with_audit(mut self, audit: Arc<audit::Audit>) -> Node {
         self.audit = Some(audit);

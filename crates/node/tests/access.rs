@@ -169,3 +169,87 @@ async fn keys_guardrails_revocation_and_reload() {
     );
     f.stop().await;
 }
+
+async fn get(f: &support::Federation, path: &str, key: Option<&str>) -> (u16, serde_json::Value) {
+    let mut r = f.http.get(f.url("eu-central-1", path));
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    let r = r.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// The model list, a model's entry and the fleet view need a key when the node has access
+/// control, and the list shows each caller what the policies let it see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_need_a_key_and_show_each_caller_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (files, keys) = write_files(dir.path());
+    let f = Setup::new(REGIONS)
+        .access("eu-central-1", files)
+        .start()
+        .await;
+    for path in [
+        "/v1/models",
+        "/v1/models/eu.amazon.nova-lite-v1:0",
+        "/crisp/v1/fleet",
+    ] {
+        let (s, e) = get(&f, path, None).await;
+        assert_eq!(s, 401, "{path}: {e}");
+        assert_eq!(e["error"]["code"], "invalid_api_key", "{path}");
+        let (s, _) = get(&f, path, Some("crisp-nope")).await;
+        assert_eq!(s, 401, "{path}");
+    }
+    let ids = |list: &serde_json::Value| -> Vec<String> {
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (s, all) = get(&f, "/v1/models", Some(&keys.demo)).await;
+    assert_eq!(s, 200);
+    let all = ids(&all);
+    assert!(
+        all.contains(&"global.amazon.nova-lite-v1:0".to_owned()),
+        "{all:?}"
+    );
+    // The EU-resident team's guardrail hides what would take it outside the EU.
+    let (s, eu) = get(&f, "/v1/models", Some(&keys.eu)).await;
+    assert_eq!(s, 200);
+    let eu = ids(&eu);
+    assert!(
+        eu.contains(&"eu.amazon.nova-lite-v1:0".to_owned()),
+        "{eu:?}"
+    );
+    assert!(!eu.iter().any(|id| id.starts_with("global.")), "{eu:?}");
+    assert!(eu.len() < all.len());
+
+    let (s, m) = get(&f, "/v1/models/eu.amazon.nova-lite-v1:0", Some(&keys.eu)).await;
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(m["id"], "eu.amazon.nova-lite-v1:0");
+    assert_eq!(m["crisp"]["kind"], "geographic_profile");
+    let (s, e) = get(
+        &f,
+        "/v1/models/global.amazon.nova-lite-v1:0",
+        Some(&keys.eu),
+    )
+    .await;
+    assert_eq!(s, 403, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("guardrail"),
+        "{e}"
+    );
+    let (s, e) = get(&f, "/v1/models/eu.nope", Some(&keys.demo)).await;
+    assert_eq!(s, 404, "{e}");
+    assert_eq!(e["error"]["code"], "model_not_found");
+
+    let (s, fleet) = get(&f, "/crisp/v1/fleet", Some(&keys.eu)).await;
+    assert_eq!(s, 200);
+    assert_eq!(fleet["region"], "eu-central-1");
+    f.stop().await;
+}

@@ -75,6 +75,7 @@ async fn bad_requests_are_explained() {
             serde_json::json!({"type": "json_object"}),
         ),
         ("logprobs", serde_json::json!(true)),
+        ("logit_bias", serde_json::json!({"1734": -100})),
     ] {
         let mut body = support::ask(&format!("eu.{NOVA}"));
         body[feature] = value;
@@ -96,6 +97,8 @@ async fn bad_requests_are_explained() {
         ("top_p", serde_json::json!(0.9)),
         ("seed", serde_json::json!(7)),
         ("presence_penalty", serde_json::json!(0.5)),
+        ("logit_bias", serde_json::json!({})),
+        ("metadata", serde_json::json!({"team": "search"})),
     ] {
         body[k] = v;
     }
@@ -113,6 +116,18 @@ async fn bad_requests_are_explained() {
         e["message"].as_str().unwrap().contains("between -2 and 2"),
         "{e}"
     );
+
+    // A prompt the model refuses, run in another region: the refusal comes back over the
+    // backbone as the model's, said once.
+    let mut body = support::ask(&format!("eu.{NOVA}"));
+    body["max_tokens"] = serde_json::json!(10_000_000);
+    let r = f.chat("us-east-1", body).await;
+    let (s, e) = error_of(r).await;
+    assert_eq!(s, 400, "{e}");
+    assert_eq!(e["code"], "model_rejected");
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains("context limit"), "{e}");
+    assert_eq!(message.matches("reject").count(), 1, "{e}");
 
     // Unknown profile: 404 with a suggestion.
     let (s, e) = error_of(
@@ -167,6 +182,22 @@ async fn bad_requests_are_explained() {
             .as_str()
             .unwrap()
             .contains("/v1/chat/completions")
+    );
+
+    // A known path with the wrong method says which one it takes.
+    let r = f
+        .http
+        .get(f.url("us-east-1", "/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["allow"], "POST");
+    let (s, e) = error_of(r).await;
+    assert_eq!(s, 405);
+    assert_eq!(e["code"], "method_not_allowed");
+    assert!(
+        e["message"].as_str().unwrap().contains("send it with POST"),
+        "{e}"
     );
     f.stop().await;
 }

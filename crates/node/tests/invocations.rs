@@ -60,7 +60,11 @@ async fn payloads_stay_in_the_source_region() {
         secret.to_owned(),
         format!("{secret} {}", "word ".repeat(100)),
     ] {
-        let r = f.chat("us-east-1", eu_request(&prompt)).await;
+        let mut body = eu_request(&prompt);
+        if prompt == secret {
+            body["metadata"] = serde_json::json!({"team": "search", "ticket": "T-7"});
+        }
+        let r = f.chat("us-east-1", body).await;
         assert_eq!(inference_region(&r), "eu-west-1");
         r.text().await.unwrap();
     }
@@ -80,6 +84,16 @@ async fn payloads_stay_in_the_source_region() {
     assert_eq!(record["region"], "us-east-1");
     assert_eq!(record["inferenceRegion"], "eu-west-1");
     assert_eq!(record["operation"], "ChatCompletion");
+    // What the caller asked to be recorded with the call is the record's requestMetadata.
+    let small = gz
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["input"]["inputBodyJson"].is_object())
+        .unwrap();
+    assert_eq!(
+        small["requestMetadata"],
+        serde_json::json!({"team": "search", "ticket": "T-7"})
+    );
     // The large prompt went to its own object, referenced by path.
     let large = gz
         .lines()

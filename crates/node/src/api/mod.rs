@@ -4,6 +4,9 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::response::Response;
 use axum::routing::{get, post};
 
 use crate::Node;
@@ -23,9 +26,79 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::list_models))
+        .route("/v1/models/{id}", get(openai::retrieve_model))
         .route("/healthz", get(ops::healthz))
         .route("/crisp/v1/fleet", get(ops::fleet))
         .merge(bedrock::routes())
-        .fallback(openai::not_found)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(node)
+}
+
+/// What this node serves, for the errors of requests it does not.
+const OPENAI_ROUTES: &str = "POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}, GET /healthz and GET /crisp/v1/fleet";
+const BEDROCK_ROUTES: &str = "Converse, ConverseStream, InvokeModel, InvokeModelWithResponseStream (POST /model/{id}/converse, /converse-stream, /invoke, /invoke-with-response-stream), ListInferenceProfiles, GetInferenceProfile, CreateInferenceProfile, DeleteInferenceProfile (/inference-profiles) and ListFoundationModels, GetFoundationModel (GET /foundation-models)";
+
+/// Whether a request comes from a Bedrock SDK (signed with SigV4, or on one of Bedrock's
+/// paths), whose errors must have Bedrock's shape for the SDK to show their message.
+fn is_bedrock(req: &Request) -> bool {
+    let signed = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256"));
+    let path = req.uri().path();
+    signed
+        || ["/model/", "/inference-profiles", "/foundation-models"]
+            .iter()
+            .any(|p| path.starts_with(p))
+}
+
+async fn not_found(req: Request) -> Response {
+    let (method, path) = (req.method(), req.uri().path());
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    if is_bedrock(&req) {
+        let message = format!("no operation at {method} {path}; this node serves {BEDROCK_ROUTES}");
+        return bedrock::error(
+            StatusCode::NOT_FOUND,
+            "UnknownOperationException",
+            &message,
+            &request_id,
+        );
+    }
+    let message = format!("no route for {method} {path}; this node serves {OPENAI_ROUTES}");
+    openai::error_body(StatusCode::NOT_FOUND, "unknown_url", &message)
+}
+
+/// The answer to a known path called with the wrong method, in the caller's dialect. The
+/// router adds the `Allow` header.
+async fn method_not_allowed(req: Request) -> Response {
+    let path = req.uri().path();
+    let allowed = if path == "/v1/chat/completions" || path.starts_with("/model/") {
+        "POST"
+    } else if path == "/inference-profiles" {
+        "GET (list) or POST (create)"
+    } else if path.starts_with("/inference-profiles/") {
+        "GET (read) or DELETE"
+    } else {
+        "GET"
+    };
+    let message = format!(
+        "{path} does not take {}; send it with {allowed}",
+        req.method()
+    );
+    if is_bedrock(&req) {
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        return bedrock::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UnknownOperationException",
+            &message,
+            &request_id,
+        );
+    }
+    openai::error_body(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &message,
+    )
 }

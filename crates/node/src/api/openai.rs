@@ -73,6 +73,12 @@ struct ChatRequest {
     audio: Option<IgnoredAny>,
     #[serde(default)]
     prediction: Option<IgnoredAny>,
+    /// Token biases are not carried to engines; `{}` is accepted.
+    #[serde(default)]
+    logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Key-value pairs recorded with the invocation log's record (`requestMetadata`).
+    #[serde(default)]
+    metadata: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +105,10 @@ impl ChatRequest {
             (self.top_logprobs.is_some(), "top_logprobs"),
             (self.audio.is_some(), "audio"),
             (self.prediction.is_some(), "prediction"),
+            (
+                self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()),
+                "logit_bias",
+            ),
         ]
         .into_iter()
         .find_map(|(asked, name)| asked.then_some(name))
@@ -147,6 +157,9 @@ impl ChatRequest {
     fn into_pipeline(self, request_id: String) -> Result<(InferRequest, bool, bool), String> {
         if self.messages.is_empty() {
             return Err("`messages` must contain at least one message".into());
+        }
+        if let Some(n) = self.metadata.as_ref().map(|m| m.len()).filter(|&n| n > 16) {
+            return Err(format!("`metadata` has {n} pairs; at most 16 are allowed"));
         }
         if self.n.is_some_and(|n| n != 1) {
             return Err("only `n` = 1 is supported".into());
@@ -390,14 +403,15 @@ fn from_backend(e: BackendError) -> PipelineError {
     }
 }
 
-pub async fn not_found(req: Request) -> Response {
+/// An OpenAI error body for a request that reached no handler.
+pub fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
     let body = json!({"error": {
-        "message": format!("no route for {} {}; this node serves POST /v1/chat/completions, GET /v1/models, GET /healthz and GET /crisp/v1/fleet", req.method(), req.uri().path()),
+        "message": message,
         "type": "invalid_request_error",
         "param": null,
-        "code": "unknown_url",
+        "code": code,
     }});
-    (StatusCode::NOT_FOUND, Json(body)).into_response()
+    (status, Json(body)).into_response()
 }
 
 // ---- handlers ----
@@ -468,23 +482,7 @@ type Failure = (PipelineError, Option<Ran>);
 async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Response, Failure> {
     let request_id = call.request_id.clone();
     // Who is calling, before anything else is read.
-    let principal = match &node.access {
-        None => None,
-        Some(access) => {
-            let header = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok());
-            match access.snapshot().authenticate(header) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    metrics::counter!("crisp_auth_failures_total", "api" => "openai", "reason" => "api_key")
-                        .increment(1);
-                    return Err((PipelineError::Unauthenticated(e.to_string()), None));
-                }
-            }
-        }
-    };
+    let principal = caller(node, req.headers()).map_err(|e| (e, None))?;
     call.principal.clone_from(&principal);
     let body = read_body(node, req).await.map_err(|e| (e, None))?;
     if node.invocation_log.is_some() {
@@ -679,48 +677,120 @@ fn sse_body(
     Body::from_stream(futures::stream::once(async move { Ok(first) }).chain(events.flatten()))
 }
 
-pub async fn list_models(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+/// `GET /v1/models`: the profiles and this region's models the caller may see (the
+/// `ListInferenceProfiles` action, as Bedrock's listing), each with its destinations.
+pub async fn list_models(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let principal = match caller(&node, &headers) {
+        Ok(p) => p,
+        Err(e) => return error_response(&e, &request_id),
+    };
+    let data: Vec<serde_json::Value> = model_entries(&node)
+        .filter(|(id, _)| {
+            node.permits(
+                principal.as_deref(),
+                crisp_policy::Action::ListInferenceProfiles,
+                id,
+            )
+        })
+        .map(|(_, entry)| entry)
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/models/{id}` (the SDKs' `models.retrieve`): one entry of the listing, for a
+/// caller allowed `GetInferenceProfile` on it.
+pub async fn retrieve_model(
+    State(node): State<Arc<Node>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let principal = match caller(&node, &headers) {
+        Ok(p) => p,
+        Err(e) => return error_response(&e, &request_id),
+    };
+    let entry = model_entries(&node).find(|(known, _)| *known == id);
+    let Some((_, entry)) = entry else {
+        let e = PipelineError::Resolve(ResolveError::Unknown {
+            requested: id,
+            suggestion: None,
+        });
+        return error_response(&e, &request_id);
+    };
+    let action = crisp_policy::Action::GetInferenceProfile;
+    if let crisp_policy::Verdict::Deny(reason) = node.verdict(principal.as_deref(), action, &id) {
+        let e = PipelineError::Denied {
+            profile: id,
+            reason: reason.category(),
+        };
+        return error_response(&e, &request_id);
+    }
+    Json(entry).into_response()
+}
+
+/// Every ID a client of this region can call, with its `/v1/models` entry: the profiles,
+/// then the models served here (a bare model ID means "this region only").
+fn model_entries(node: &Node) -> impl Iterator<Item = (&str, serde_json::Value)> {
     let catalog = &node.catalog;
     let codes = |d: &[crisp_catalog::RegionIx]| -> Vec<&str> {
         d.iter().map(|&r| catalog.region_code(r)).collect()
     };
-    let mut data: Vec<serde_json::Value> = node
-        .profiles
-        .iter()
-        .map(|p| {
-            let kind = match &p.kind {
-                ProfileKind::Global => "global_profile",
-                ProfileKind::Geographic { .. } => "geographic_profile",
-            };
-            json!({
-                "id": p.id,
-                "object": "model",
-                "created": 0,
-                "owned_by": "crisp",
-                "crisp": {
-                    "kind": kind,
-                    "model": p.model,
-                    "destinations": codes(&p.destinations),
-                    "superseded_by": p.superseded_by,
-                },
-            })
+    let entry = |id: &str, kind: &str, model: &str, destinations: Vec<&str>, next: Option<&str>| {
+        json!({
+            "id": id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "crisp",
+            "crisp": {
+                "kind": kind,
+                "model": model,
+                "destinations": destinations,
+                "superseded_by": next,
+            },
         })
-        .collect();
-    for m in &catalog.models {
-        if m.serves(node.region) {
-            data.push(json!({
-                "id": m.id,
-                "object": "model",
-                "created": 0,
-                "owned_by": "crisp",
-                "crisp": {
-                    "kind": "model",
-                    "model": m.id,
-                    "destinations": [node.region_code()],
-                    "superseded_by": null,
-                },
-            }));
+    };
+    let profiles = node.profiles.iter().map(move |p| {
+        let kind = match &p.kind {
+            ProfileKind::Global => "global_profile",
+            ProfileKind::Geographic { .. } => "geographic_profile",
+        };
+        let doc = entry(
+            &p.id,
+            kind,
+            &p.model,
+            codes(&p.destinations),
+            p.superseded_by.as_deref(),
+        );
+        (p.id.as_str(), doc)
+    });
+    let models = catalog
+        .models
+        .iter()
+        .filter(|m| m.serves(node.region))
+        .map(move |m| {
+            let doc = entry(&m.id, "model", &m.id, vec![node.region_code()], None);
+            (m.id.as_str(), doc)
+        });
+    profiles.chain(models)
+}
+
+/// Who is calling: the principal named by the request's API key when the node has
+/// access control (and an error saying what to send when the key is missing or
+/// unknown), nobody when it has none.
+pub fn caller(node: &Node, headers: &HeaderMap) -> Result<Option<String>, PipelineError> {
+    let Some(access) = &node.access else {
+        return Ok(None);
+    };
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match access.snapshot().authenticate(header) {
+        Ok(p) => Ok(Some(p)),
+        Err(e) => {
+            metrics::counter!("crisp_auth_failures_total", "api" => "openai", "reason" => "api_key")
+                .increment(1);
+            Err(PipelineError::Unauthenticated(e.to_string()))
         }
     }
-    Json(json!({"object": "list", "data": data}))
 }

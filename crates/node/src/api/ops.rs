@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::Node;
@@ -46,8 +48,14 @@ struct ModelDoc {
     admitted: Option<u64>,
 }
 
-/// The node's view of every region: geography, capacity, load, health and freshness.
-pub async fn fleet(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+/// The node's view of every region: geography, capacity, load, health and freshness. With
+/// access control, only for callers with an API key of this deployment: it tells how busy
+/// each region is.
+pub async fn fleet(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    if let Err(e) = super::openai::caller(&node, &headers) {
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        return super::openai::error_response(&e, &request_id);
+    }
     let catalog = &node.catalog;
     let local = node.load_report();
     let regions = catalog
@@ -110,4 +118,5 @@ pub async fn fleet(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
         })
         .unwrap_or_default(),
     )
+    .into_response()
 }

@@ -50,7 +50,7 @@ pub(crate) fn peer_error(e: &BackendError) -> PeerError {
     };
     PeerError {
         kind,
-        message: e.to_string(),
+        message: e.detail().to_owned(),
         retry_after_ms,
     }
 }

@@ -46,6 +46,7 @@ pub fn routes() -> Router<Arc<Node>> {
             get(get_profile).delete(delete_profile),
         )
         .route("/foundation-models", get(list_foundation_models))
+        .route("/foundation-models/{id}", get(get_foundation_model))
 }
 
 // ---- errors ----
@@ -226,6 +227,19 @@ struct ConverseRequest {
     /// `max_tokens` and sampling fields this shape would not read: refused, not misread.
     #[serde(default, rename = "anthropic_version")]
     anthropic_version: Option<serde::de::IgnoredAny>,
+    /// Guardrails are not applied by crisp: a request naming one is refused, never
+    /// answered unguarded.
+    #[serde(default)]
+    guardrail_config: Option<serde::de::IgnoredAny>,
+    /// Model-specific fields are not carried to engines; `{}` is accepted.
+    #[serde(default)]
+    additional_model_request_fields: Option<serde_json::Map<String, Value>>,
+    /// Prompt management is not part of crisp.
+    #[serde(default)]
+    prompt_variables: Option<serde::de::IgnoredAny>,
+    /// Key-value pairs recorded with the invocation log's record.
+    #[serde(default)]
+    request_metadata: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize)]
@@ -317,10 +331,26 @@ fn to_pipeline(
             "inferenceConfig.topP must be greater than 0 and at most 1".into(),
         ));
     }
-    if req.tool_config.is_some() {
-        return Err(PipelineError::InvalidRequest(
-            "toolConfig is not supported: crisp routes text conversations (messages, system, inferenceConfig); remove toolConfig and send the request again (nothing was run)".into(),
-        ));
+    let unsupported = [
+        (req.tool_config.is_some(), "toolConfig"),
+        (req.guardrail_config.is_some(), "guardrailConfig"),
+        (
+            req.additional_model_request_fields
+                .as_ref()
+                .is_some_and(|f| !f.is_empty()),
+            "additionalModelRequestFields",
+        ),
+        (req.prompt_variables.is_some(), "promptVariables"),
+    ]
+    .into_iter()
+    .find_map(|(asked, name)| asked.then_some(name));
+    if let Some(field) = unsupported {
+        return Err(PipelineError::InvalidRequest(format!(
+            "{field} is not supported: crisp routes text conversations (messages, system, inferenceConfig, requestMetadata); remove {field} and send the request again (nothing was run)"
+        )));
+    }
+    if let Some(meta) = &req.request_metadata {
+        check_request_metadata(meta)?;
     }
     Ok(InferRequest {
         request_id: request_id.to_owned(),
@@ -336,6 +366,33 @@ fn to_pipeline(
         principal: None,
         action: crisp_policy::Action::InvokeModel,
     })
+}
+
+/// Bedrock's limits on `requestMetadata`: at most 16 pairs, keys of 1 to 256 characters,
+/// values of at most 256.
+fn check_request_metadata(
+    meta: &std::collections::BTreeMap<String, String>,
+) -> Result<(), PipelineError> {
+    if meta.len() > 16 {
+        return Err(PipelineError::InvalidRequest(format!(
+            "requestMetadata has {} pairs; at most 16 are allowed",
+            meta.len()
+        )));
+    }
+    for (key, value) in meta {
+        let chars = key.chars().count();
+        if chars == 0 || chars > 256 {
+            return Err(PipelineError::InvalidRequest(format!(
+                "requestMetadata key {key:?} has {chars} characters; keys have 1 to 256"
+            )));
+        }
+        if value.chars().count() > 256 {
+            return Err(PipelineError::InvalidRequest(format!(
+                "requestMetadata value of {key:?} is longer than 256 characters"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn stop_reason(f: FinishReason) -> &'static str {
@@ -376,6 +433,10 @@ async fn admit(
 ) -> Result<(Admitted, Call), Response> {
     let mut call = Call::new(request_id, event_name, req.headers(), req.extensions());
     call.requested.clone_from(&model_id);
+    // InvokeModel names a guardrail in a header; crisp applies none, so it refuses.
+    let guarded = req
+        .headers()
+        .contains_key("x-amzn-bedrock-guardrailidentifier");
     let (_, body, principal) = read(node, req, request_id).await?;
     call.principal.clone_from(&principal);
     if node.invocation_log.is_some() {
@@ -385,7 +446,14 @@ async fn admit(
         audit::failed(node, &call, None, error_kind(&e), &e).await;
         pipeline_error(&e, request_id)
     };
-    let mut infer = match to_pipeline(model_id, request_id, &body) {
+    let infer = if guarded {
+        Err(PipelineError::InvalidRequest(
+            "guardrails are not supported: crisp applies none, so it does not answer a request that names one; remove the X-Amzn-Bedrock-GuardrailIdentifier header and send the request again (nothing was run)".into(),
+        ))
+    } else {
+        to_pipeline(model_id, request_id, &body)
+    };
+    let mut infer = match infer {
         Ok(i) => i,
         Err(e) => return Err(fail(e, call).await),
     };
@@ -726,14 +794,14 @@ async fn list_profiles(
     let system = || {
         node.profiles
             .iter()
-            .filter(|p| permitted(&node, principal, list, &p.id))
+            .filter(|p| node.permits(principal, list, &p.id))
             .map(|p| profile_json(&node, p))
     };
     let application = || {
         node.app_profiles
             .iter()
             .flat_map(|s| s.list())
-            .filter(|a| permitted(&node, principal, list, &a.copy_from))
+            .filter(|a| node.permits(principal, list, &a.copy_from))
             .map(|a| app_profile_json(&node, &a))
             .collect::<Vec<Value>>()
     };
@@ -809,40 +877,55 @@ async fn list_foundation_models(State(node): State<Arc<Node>>, req: Request) -> 
         .catalog
         .models
         .iter()
-        .map(|m| {
-            let here = m.serves(node.region);
-            json!({
-                "modelArn": format!("arn:aws:bedrock:{}::foundation-model/{}", node.region_code(), m.id),
-                "modelId": m.id,
-                "modelName": m.name,
-                "providerName": m.id.split('.').next().unwrap_or_default(),
-                "inputModalities": ["TEXT"],
-                "outputModalities": ["TEXT"],
-                "responseStreamingSupported": true,
-                "inferenceTypesSupported": if here { json!(["ON_DEMAND", "INFERENCE_PROFILE"]) } else { json!(["INFERENCE_PROFILE"]) },
-                "modelLifecycle": {"status": "ACTIVE"},
-            })
-        })
+        .map(|m| foundation_model_json(&node, m))
         .collect();
     axum::Json(json!({ "modelSummaries": summaries })).into_response()
 }
 
-// ---- authorization of control-plane calls ----
-
-/// Whether `principal` may do `action` on the profile (or model) `id`; always when the
-/// node runs without access control.
-fn permitted(node: &Node, principal: Option<&str>, action: crisp_policy::Action, id: &str) -> bool {
-    let Some(access) = &node.access else {
-        return true;
-    };
-    let Some(principal) = principal else {
-        return false;
-    };
-    access
-        .snapshot()
-        .authorize(principal, action, id, node.region_code())
-        .is_allowed()
+/// GetFoundationModel: one model of the catalog, by ID or ARN.
+async fn get_foundation_model(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let request_id = new_request_id();
+    if let Err(r) = read(&node, req, &request_id).await {
+        return r;
+    }
+    let wanted = id
+        .rsplit_once("foundation-model/")
+        .map_or(id.as_str(), |(_, m)| m);
+    match node.catalog.models.iter().find(|m| m.id == wanted) {
+        Some(m) => {
+            axum::Json(json!({ "modelDetails": foundation_model_json(&node, m) })).into_response()
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            &format!(
+                "foundation model {id:?} does not exist in this deployment; ListFoundationModels shows the available ones"
+            ),
+            &request_id,
+        ),
+    }
 }
+
+fn foundation_model_json(node: &Node, m: &crisp_catalog::Model) -> Value {
+    let here = m.serves(node.region);
+    json!({
+        "modelArn": format!("arn:aws:bedrock:{}::foundation-model/{}", node.region_code(), m.id),
+        "modelId": m.id,
+        "modelName": m.name,
+        "providerName": m.id.split('.').next().unwrap_or_default(),
+        "inputModalities": ["TEXT"],
+        "outputModalities": ["TEXT"],
+        "responseStreamingSupported": true,
+        "inferenceTypesSupported": if here { json!(["ON_DEMAND", "INFERENCE_PROFILE"]) } else { json!(["INFERENCE_PROFILE"]) },
+        "modelLifecycle": {"status": "ACTIVE"},
+    })
+}
+
+// ---- authorization of control-plane calls ----
 
 fn denied(
     node: &Node,
@@ -851,7 +934,7 @@ fn denied(
     id: &str,
     request_id: &str,
 ) -> Option<Response> {
-    if permitted(node, principal, action, id) {
+    if node.permits(principal, action, id) {
         return None;
     }
     metrics::counter!("crisp_authorization_denials_total", "source" => node.region_code().to_owned(), "reason" => "control_plane")
