@@ -759,7 +759,7 @@ fn validate_models(
                 other => {
                     p.at(
                         b.kind.span(),
-                        format!("model {id} in {code}: unknown backend kind {other:?}; known kinds: simulated, openai"),
+                        format!("model {id} in {code}: unknown backend kind {other:?}; known kinds: simulated, openai (any OpenAI-compatible server: vLLM, SGLang, llama.cpp, Ollama, TGI or a provider's endpoint)"),
                     );
                     continue;
                 }

@@ -61,7 +61,7 @@ kind = "gpu"
         "already used by region eu-west-1",
         "input_price_per_1k",
         "\"eu-west-9\" is not defined",
-        "unknown backend kind \"gpu\"",
+        "unknown backend kind \"gpu\"; known kinds: simulated, openai (any OpenAI-compatible server: vLLM",
     ];
     for e in expected {
         assert!(text.contains(e), "missing {e:?} in:\n{text}");
