@@ -120,6 +120,10 @@ def test_sdk_exceptions(federation):
         rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs,
                     additionalModelRequestFields={"top_k": 20})
     assert "additionalModelRequestFields is not supported" in str(e.value)
+    with pytest.raises(rt.exceptions.ValidationException) as e:
+        rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs,
+                    inferenceConfig={"temperature": 1.5})
+    assert "temperature must be between 0 and 1" in str(e.value)
     answer = rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs,
                          additionalModelRequestFields={}, requestMetadata={"team": "search"},
                          inferenceConfig={"maxTokens": 2})

@@ -109,6 +109,17 @@ async fn bad_requests_are_explained() {
     assert_eq!(s, 400);
     assert!(e["message"].as_str().unwrap().contains("top_p"), "{e}");
     let mut body = support::ask(&format!("eu.{NOVA}"));
+    body["temperature"] = serde_json::json!(2.5);
+    let (s, e) = error_of(f.chat("us-east-1", body).await).await;
+    assert_eq!(s, 400);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("`temperature` must be between 0 and 2"),
+        "{e}"
+    );
+    let mut body = support::ask(&format!("eu.{NOVA}"));
     body["frequency_penalty"] = serde_json::json!(3);
     let (s, e) = error_of(f.chat("us-east-1", body).await).await;
     assert_eq!(s, 400);

@@ -169,6 +169,9 @@ impl ChatRequest {
                 "`{feature}` is not supported: crisp routes text chat completions (messages, max_tokens, temperature, top_p, seed, presence and frequency penalties, stop, stream); remove `{feature}` and send the request again (nothing was run)"
             ));
         }
+        if self.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+            return Err("`temperature` must be between 0 and 2".into());
+        }
         if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
             return Err("`top_p` must be greater than 0 and at most 1".into());
         }

@@ -326,6 +326,14 @@ fn to_pipeline(
             "inferenceConfig.maxTokens must be at least 1".into(),
         ));
     }
+    if config
+        .temperature
+        .is_some_and(|t| !(0.0..=1.0).contains(&t))
+    {
+        return Err(PipelineError::InvalidRequest(
+            "inferenceConfig.temperature must be between 0 and 1".into(),
+        ));
+    }
     if config.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
         return Err(PipelineError::InvalidRequest(
             "inferenceConfig.topP must be greater than 0 and at most 1".into(),
