@@ -564,6 +564,8 @@ pub struct Report {
     pub files: usize,
     pub events: usize,
     pub receipts: usize,
+    /// Events in the open file: recorded, not sealed yet, so not covered by any digest.
+    pub unsealed: usize,
 }
 
 /// Walks the digest chain of `dir` backwards from the newest, checking signatures (the
@@ -647,6 +649,12 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
                 .findings
                 .push(Finding::MissingDigest { sequence: missing });
         }
+    }
+    if let Ok(open) = std::fs::read(dir.join(OPEN)) {
+        report.unsealed = open
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count();
     }
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name().to_string_lossy().into_owned();

@@ -109,12 +109,24 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
             let report = crisp_audit::verify(&dir, &verifier, &region)
                 .with_context(|| format!("cannot read {}", dir.display()))?;
             println!(
-                "{}: {} sealed files, {} events, {} receipts checked",
+                "{}: {}, {}, {} checked",
                 dir.display(),
-                report.files,
-                report.events,
-                report.receipts
+                crate::cli::count(report.files, "sealed file", "sealed files"),
+                crate::cli::count(report.events, "event", "events"),
+                crate::cli::count(report.receipts, "receipt", "receipts"),
             );
+            if report.unsealed > 0 {
+                println!(
+                    "{} more {} in {}, not sealed yet: a digest covers them once the node seals the file ([audit] seal_bytes / seal_after_s)",
+                    report.unsealed,
+                    if report.unsealed == 1 {
+                        "event"
+                    } else {
+                        "events"
+                    },
+                    dir.join("open.jsonl").display()
+                );
+            }
             if report.findings.is_empty() {
                 println!(
                     "OK: the chain is intact and every answer from another region has a valid receipt"

@@ -254,9 +254,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let catalog = load_config(&config)?;
-            let count = |n: usize, one: &str, many: &str| {
-                format!("{n} {}", if n == 1 { one } else { many })
-            };
             println!(
                 "{}: valid ({}, {}, {})",
                 config.display(),
@@ -704,6 +701,11 @@ pub async fn shutdown_signal() {
     {
         let _ = ctrl_c.await;
     }
+}
+
+/// `n` with the noun that goes with it: "1 region", "3 regions".
+pub fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 #[cfg(test)]
