@@ -150,6 +150,9 @@ pub struct DigestBody {
     /// SHA-256 of the previous digest document; empty for the first.
     pub previous_digest_sha256: String,
     pub previous_signature: String,
+    /// When the file was sealed (RFC 3339, UTC); absent in digests of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_at: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -296,6 +299,9 @@ impl Writer {
             events: self.events,
             previous_digest_sha256: self.previous_sha.clone(),
             previous_signature: self.previous_sig.clone(),
+            sealed_at: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok(),
         };
         let body = serde_json::to_string(&body).map_err(std::io::Error::other)?;
         let doc = DigestDocument {
@@ -566,6 +572,10 @@ pub struct Report {
     pub receipts: usize,
     /// Events in the open file: recorded, not sealed yet, so not covered by any digest.
     pub unsealed: usize,
+    /// The newest digest's sequence number and when it was sealed: where the chain ends.
+    /// Files sealed after it and deleted with their digests leave no gap in the chain;
+    /// the region's object store, which keeps every digest shipped, tells.
+    pub newest: Option<(u64, Option<String>)>,
 }
 
 /// Walks the digest chain of `dir` backwards from the newest, checking signatures (the
@@ -623,6 +633,9 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
             });
             continue;
         };
+        if report.newest.is_none() {
+            report.newest = Some((body.sequence, body.sealed_at.clone()));
+        }
         next_previous = Some((
             body.previous_digest_sha256.clone(),
             body.previous_signature.clone(),

@@ -129,6 +129,16 @@ async fn an_intact_trail_verifies_with_every_receipt() {
     assert_eq!(report.events, 12);
     assert_eq!(report.receipts, 12);
     assert!(report.files >= 3);
+    assert_eq!(report.unsealed, 0);
+    // Where the chain ends, and when that digest was sealed (signed with it).
+    let (newest, sealed_at) = report.newest.clone().unwrap();
+    assert_eq!(newest, report.files as u64 - 1);
+    let sealed_at = OffsetDateTime::parse(
+        &sealed_at.unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!((OffsetDateTime::now_utc() - sealed_at).whole_seconds() < 60);
     // The wrong region's key would not do.
     let report = verify(dir.path(), &v, "eu-west-1").unwrap();
     assert!(

@@ -115,6 +115,12 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
                 crate::cli::count(report.events, "event", "events"),
                 crate::cli::count(report.receipts, "receipt", "receipts"),
             );
+            if let Some((sequence, sealed_at)) = &report.newest {
+                println!(
+                    "the chain ends at digest {sequence}, sealed {}; compare with the newest digest in the region's object store to see that none was removed after it",
+                    sealed_at.as_deref().unwrap_or("at an unrecorded time")
+                );
+            }
             if report.unsealed > 0 {
                 println!(
                     "{} more {} in {}, not sealed yet: a digest covers them once the node seals the file ([audit] seal_bytes / seal_after_s)",
