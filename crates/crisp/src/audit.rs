@@ -16,8 +16,12 @@ pub enum AuditCommand {
     /// Walk the signed digest chain and check every file, event and receipt.
     Verify {
         /// The region's audit directory.
+        #[arg(long, required_unless_present = "store")]
+        dir: Option<PathBuf>,
+        /// The region's audit object store, as in `[audit] store` (`{region}` allowed):
+        /// verify the copy shipped there too, and compare where the two chains end.
         #[arg(long)]
-        dir: PathBuf,
+        store: Option<String>,
         /// The deployment CA certificate (ca.pem).
         #[arg(long)]
         ca: PathBuf,
@@ -95,10 +99,11 @@ pub fn shared_store_note(catalog: &Catalog) -> Option<String> {
     })
 }
 
-pub fn run(command: AuditCommand) -> anyhow::Result<()> {
+pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Verify {
             dir,
+            store,
             ca,
             deployment,
             region,
@@ -106,43 +111,63 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
             let pem =
                 std::fs::read(&ca).with_context(|| format!("cannot read {}", ca.display()))?;
             let verifier = crisp_transport::tls::CaVerifier::from_ca_pem(&deployment, &pem)?;
-            let report = crisp_audit::verify(&dir, &verifier, &region)
-                .with_context(|| format!("cannot read {}", dir.display()))?;
-            println!(
-                "{}: {}, {}, {} checked",
-                dir.display(),
-                crate::cli::count(report.files, "sealed file", "sealed files"),
-                crate::cli::count(report.events, "event", "events"),
-                crate::cli::count(report.receipts, "receipt", "receipts"),
-            );
-            if let Some((sequence, sealed_at)) = &report.newest {
-                println!(
-                    "the chain ends at digest {sequence}, sealed {}; compare with the newest digest in the region's object store to see that none was removed after it",
-                    sealed_at.as_deref().unwrap_or("at an unrecorded time")
-                );
+            let mut problems = 0;
+            let mut local_end = None;
+            if let Some(dir) = &dir {
+                let report = crisp_audit::verify(dir, &verifier, &region)
+                    .with_context(|| format!("cannot read {}", dir.display()))?;
+                problems += print_report(&dir.display().to_string(), &report);
+                if report.unsealed > 0 {
+                    println!(
+                        "  {} more {} in {}, not sealed yet: a digest covers them once the node seals the file ([audit] seal_bytes / seal_after_s)",
+                        report.unsealed,
+                        if report.unsealed == 1 {
+                            "event"
+                        } else {
+                            "events"
+                        },
+                        dir.join("open.jsonl").display()
+                    );
+                }
+                local_end = Some(report.newest.as_ref().map(|(seq, _)| *seq));
+                if store.is_none() && report.newest.is_some() {
+                    println!(
+                        "  files sealed after the newest digest and deleted with it leave no gap: give --store (the region's [audit] store) to compare with the shipped copy"
+                    );
+                }
             }
-            if report.unsealed > 0 {
-                println!(
-                    "{} more {} in {}, not sealed yet: a digest covers them once the node seals the file ([audit] seal_bytes / seal_after_s)",
-                    report.unsealed,
-                    if report.unsealed == 1 {
-                        "event"
-                    } else {
-                        "events"
-                    },
-                    dir.join("open.jsonl").display()
-                );
+            if let Some(url) = &store {
+                let copy = tempfile::tempdir().context("cannot create a temporary directory")?;
+                let (location, objects) = download_trail(url, &region, copy.path()).await?;
+                let report = crisp_audit::verify(copy.path(), &verifier, &region)
+                    .context("cannot read the downloaded copy")?;
+                println!("{location}: {objects} objects downloaded");
+                problems += print_report(&location, &report);
+                let store_end = report.newest.as_ref().map(|(seq, _)| *seq);
+                if let Some(local) = local_end {
+                    match (local, store_end) {
+                        (local, Some(shipped)) if local.is_none_or(|l| shipped > l) => {
+                            let from = local.map_or(0, |l| l + 1);
+                            println!(
+                                "  ! digests {from} to {shipped} are in the store but not in the local trail: removed after they were shipped"
+                            );
+                            problems += 1;
+                        }
+                        (Some(local), shipped) if shipped.is_none_or(|s| s < local) => println!(
+                            "  the store is behind the local trail (it ends at digest {}, the local trail at {local}): not shipped yet, see crisp_audit_backlog",
+                            shipped.map_or_else(|| "none".to_owned(), |s| s.to_string())
+                        ),
+                        _ => println!("  the local trail and the store end at the same digest"),
+                    }
+                }
             }
-            if report.findings.is_empty() {
+            if problems == 0 {
                 println!(
                     "OK: the chain is intact and every answer from another region has a valid receipt"
                 );
                 Ok(())
             } else {
-                for f in &report.findings {
-                    println!("  ! {f}");
-                }
-                bail!("{} problem(s) found", report.findings.len())
+                bail!("{problems} problem(s) found")
             }
         }
         AuditCommand::Lookup {
@@ -209,6 +234,90 @@ pub enum GroupBy {
     Tag,
     Profile,
     InferenceRegion,
+}
+
+/// Prints what verification of one copy of a trail found; returns how many problems.
+fn print_report(name: &str, report: &crisp_audit::Report) -> usize {
+    println!(
+        "{name}: {}, {}, {} checked",
+        crate::cli::count(report.files, "sealed file", "sealed files"),
+        crate::cli::count(report.events, "event", "events"),
+        crate::cli::count(report.receipts, "receipt", "receipts"),
+    );
+    if let Some((sequence, sealed_at)) = &report.newest {
+        println!(
+            "  the chain ends at digest {sequence}, sealed {}",
+            sealed_at.as_deref().unwrap_or("at an unrecorded time")
+        );
+    }
+    for f in &report.findings {
+        println!("  ! {f}");
+    }
+    report.findings.len()
+}
+
+/// Downloads the sealed files and digests of `region`'s trail from its object store into
+/// `into`, laid out like the node's audit directory; returns where they were and how many.
+async fn download_trail(url: &str, region: &str, into: &Path) -> anyhow::Result<(String, usize)> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    let shipper = crisp_node::audit::Shipper::from_url(into, url, region)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let location = format!(
+        "{}/{}",
+        url.replace("{region}", region).trim_end_matches('/'),
+        region
+    );
+    let prefix = object_store::path::Path::from(shipper.prefix.as_str());
+    let listed: Vec<_> = shipper
+        .store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .with_context(|| format!("cannot list {location}"))?;
+    std::fs::create_dir_all(into.join("digests"))?;
+    let mut objects = 0;
+    for meta in listed {
+        let key = meta.location.as_ref();
+        let Some(name) = key
+            .strip_prefix(shipper.prefix.as_str())
+            .map(|n| n.trim_start_matches('/'))
+        else {
+            continue;
+        };
+        let wanted = (name.starts_with("audit-") && name.ends_with(".jsonl"))
+            || (name.starts_with("digests/digest-") && !name[8..].contains('/'));
+        if !wanted {
+            continue;
+        }
+        let object = shipper
+            .store
+            .get(&meta.location)
+            .await
+            .with_context(|| format!("cannot read {key}"))?;
+        let bytes = object
+            .bytes()
+            .await
+            .with_context(|| format!("cannot read {key}"))?;
+        std::fs::write(into.join(name), &bytes)?;
+        objects += 1;
+    }
+    // A file is shipped before its digest: one whose digest is not there yet is pending,
+    // not inserted.
+    for entry in std::fs::read_dir(into)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some(seq) = name
+            .strip_prefix("audit-")
+            .and_then(|n| n.strip_suffix(".jsonl"))
+        else {
+            continue;
+        };
+        if !into.join(format!("digests/digest-{seq}.json")).exists() {
+            std::fs::remove_file(into.join(&name))?;
+            objects -= 1;
+        }
+    }
+    Ok((location, objects))
 }
 
 /// `crisp usage`: tokens and cost from audit trails.

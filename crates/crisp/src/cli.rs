@@ -228,7 +228,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Certs { command } => crate::certs::run(command),
         Command::Keys { command } => crate::access::run_keys(command),
-        Command::Audit { command } => crate::audit::run(command),
+        Command::Audit { command } => crate::audit::run(command).await,
         Command::Usage {
             dirs,
             by,

@@ -515,6 +515,64 @@ fn audit_files_reach_the_object_store_and_survive_an_outage() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("audit-"))
         .count();
     assert!(shipped(local), "every sealed local file is in the store");
+    eventually("the last digest shipped", || {
+        data.join(format!(
+            "audit-eu-west-1/crisp/eu-west-1/digests/digest-{:010}.json",
+            local - 1
+        ))
+        .exists()
+    });
+
+    // The auditor checks the local trail against the shipped copy.
+    let s3_env = [
+        ("AWS_ENDPOINT", format!("http://127.0.0.1:{s3_port}")),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_ACCESS_KEY_ID", "crisp".into()),
+        ("AWS_SECRET_ACCESS_KEY", "crisp-secret".into()),
+        ("AWS_REGION", "us-east-1".into()),
+    ];
+    let trail = state.join("audit/eu-west-1");
+    let verify = || {
+        Command::new(env!("CARGO_BIN_EXE_crisp"))
+            .args(["audit", "verify", "--dir"])
+            .arg(&trail)
+            .args([
+                "--store",
+                "s3://audit-{region}/crisp",
+                "--ca",
+                "certs/ca.pem",
+                "--deployment",
+                "solo",
+                "--region",
+                "eu-west-1",
+            ])
+            .envs(s3_env.iter().map(|(k, v)| (k, v)))
+            .current_dir(d)
+            .output()
+            .unwrap()
+    };
+    let out = verify();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    assert!(
+        report.contains(&format!("{} sealed files", local))
+            && report.contains("end at the same digest"),
+        "{report}"
+    );
+    // The newest sealed file and its digest deleted locally: the chain alone still holds,
+    // the shipped copy shows what is missing.
+    let newest = local - 1;
+    std::fs::remove_file(trail.join(format!("audit-{newest:010}.jsonl"))).unwrap();
+    std::fs::remove_file(trail.join(format!("digests/digest-{newest:010}.json"))).unwrap();
+    let out = verify();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{report}");
+    assert!(
+        report.contains(&format!(
+            "digests {newest} to {newest} are in the store but not in the local trail"
+        )),
+        "{report}"
+    );
     assert!(state.join("application-profiles").is_dir());
     assert_eq!(
         tree(d),
