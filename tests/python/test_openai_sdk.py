@@ -118,6 +118,52 @@ def test_streaming_with_usage(federation):
     assert finish in ("stop", "length")
 
 
+def test_responses_api_whole_and_streamed(federation):
+    """`client.responses`: the same profiles, boundary and audit, OpenAI's newer wire format."""
+    c = client(federation, US_EAST_1)
+    raw = c.responses.with_raw_response.create(
+        model="eu.amazon.nova-lite-v1:0", instructions="Answer briefly.",
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "Hello"}]}],
+        max_output_tokens=4)
+    assert raw.headers["x-crisp-inference-region"] in EU
+    response = raw.parse()
+    assert response.object == "response" and response.model == "eu.amazon.nova-lite-v1:0"
+    assert response.output_text
+    assert response.usage.output_tokens == len(response.output_text.split()) <= 4
+    if response.usage.output_tokens == 4:
+        assert response.status == "incomplete"
+        assert response.incomplete_details.reason == "max_output_tokens"
+    # Streamed, through the SDK's own event accumulator.
+    deltas, kinds, last = "", [], None
+    with c.responses.stream(model="global.amazon.nova-lite-v1:0", input="Tell me something",
+                            max_output_tokens=16) as stream:
+        for event in stream:
+            kinds.append(event.type)
+            last = event
+            if event.type == "response.output_text.delta":
+                deltas += event.delta
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    # Completed, or incomplete at the token limit (the SDK accumulates both).
+    assert kinds[-1] in ("response.completed", "response.incomplete"), kinds
+    assert [e.sequence_number for e in [last]] == [len(kinds) - 1]
+    final = last.response
+    assert deltas and final.output_text == deltas
+    assert final.usage.output_tokens == len(deltas.split()) <= 16
+    assert (final.status == "incomplete") == (kinds[-1] == "response.incomplete")
+    # What crisp cannot do is refused, and nothing runs.
+    for extra, what in [({"previous_response_id": "resp_123"}, "keeps no responses"),
+                        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "`tools`"),
+                        ({"text": {"format": {"type": "json_object"}}}, "`text.format`")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(model="eu.amazon.nova-lite-v1:0", input="x", **extra)
+        assert what in str(e.value) and "nothing was run" in str(e.value)
+    # The EU team's guardrail holds here too.
+    with pytest.raises(openai.PermissionDeniedError):
+        client(federation, US_EAST_1, key=EU_KEY).responses.create(
+            model="global.amazon.nova-lite-v1:0", input="x")
+
+
 def test_models_list_shows_profiles(federation):
     ids = {m.id for m in client(federation).models.list()}
     assert {"global.amazon.nova-lite-v1:0", "eu.amazon.nova-lite-v1:0", "us.amazon.nova-lite-v1:0", NOVA} <= ids

@@ -195,6 +195,41 @@ async fn bad_requests_are_explained() {
             .contains("/v1/chat/completions")
     );
 
+    // The Responses API explains its own bad requests.
+    for (body, says) in [
+        (
+            serde_json::json!({"model": format!("eu.{NOVA}")}),
+            "missing field `input`",
+        ),
+        (
+            serde_json::json!({"model": format!("eu.{NOVA}"), "input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}),
+            "only messages are supported",
+        ),
+        (
+            serde_json::json!({"model": format!("eu.{NOVA}"), "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}),
+            "only \"input_text\" parts",
+        ),
+        (
+            serde_json::json!({"model": format!("eu.{NOVA}"), "input": "x", "background": true}),
+            "`background` is not supported",
+        ),
+        (
+            serde_json::json!({"model": format!("eu.{NOVA}"), "input": "x", "temperature": 3}),
+            "`temperature` must be between 0 and 2",
+        ),
+    ] {
+        let r = f
+            .http
+            .post(f.url("us-east-1", "/v1/responses"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let (s, e) = error_of(r).await;
+        assert_eq!(s, 400, "{body}: {e}");
+        assert!(e["message"].as_str().unwrap().contains(says), "{body}: {e}");
+    }
+
     // A known path with the wrong method says which one it takes.
     let r = f
         .http

@@ -68,36 +68,82 @@ async fn payloads_stay_in_the_source_region() {
         assert_eq!(inference_region(&r), "eu-west-1");
         r.text().await.unwrap();
     }
+    // The same through the Responses API.
+    let r = f
+        .http
+        .post(f.url("us-east-1", "/v1/responses"))
+        .json(
+            &serde_json::json!({"model": "eu.amazon.nova-lite-v1:0", "max_output_tokens": 3,
+            "input": format!("{secret} via responses"), "metadata": {"api": "responses"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(inference_region(&r), "eu-west-1");
+    let answer: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(answer["object"], "response");
+    assert_eq!(answer["output"][0]["content"][0]["type"], "output_text");
     let shipped = || contents(&us_store.join("logs"));
-    eventually("the source's log reaches its store", || {
-        shipped().iter().any(|(_, t)| t.contains(secret)) && shipped().len() >= 2
-    })
-    .await;
+    // Three records, and the large prompt's own object.
+    let complete = || {
+        let files = shipped();
+        let records: usize = files
+            .iter()
+            .filter(|(p, _)| p.ends_with(".json.gz"))
+            .map(|(_, t)| t.lines().count())
+            .sum();
+        records == 3
+            && files
+                .iter()
+                .any(|(p, t)| p.ends_with(".json") && t.contains(secret))
+    };
+    eventually("the source's log reaches its store", complete).await;
     let files = shipped();
     let (gz_path, gz) = files.iter().find(|(p, _)| p.ends_with(".json.gz")).unwrap();
     assert!(
         gz_path.contains("AWSLogs/000000000000/BedrockModelInvocationLogs/us-east-1/"),
         "{gz_path}"
     );
-    let record: serde_json::Value = serde_json::from_str(gz.lines().next().unwrap()).unwrap();
-    assert_eq!(record["schemaType"], "ModelInvocationLog");
-    assert_eq!(record["region"], "us-east-1");
-    assert_eq!(record["inferenceRegion"], "eu-west-1");
-    assert_eq!(record["operation"], "ChatCompletion");
+    // Every record of every batch shipped.
+    let records: Vec<serde_json::Value> = files
+        .iter()
+        .filter(|(p, _)| p.ends_with(".json.gz"))
+        .flat_map(|(_, t)| t.lines())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(gz.lines().next().is_some());
+    for record in &records {
+        assert_eq!(record["schemaType"], "ModelInvocationLog");
+        assert_eq!(record["region"], "us-east-1");
+        assert_eq!(record["inferenceRegion"], "eu-west-1");
+    }
+    let chat: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["operation"] == "ChatCompletion")
+        .collect();
+    assert_eq!(chat.len(), 2, "{records:?}");
     // What the caller asked to be recorded with the call is the record's requestMetadata.
-    let small = gz
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let small = chat
+        .iter()
         .find(|r| r["input"]["inputBodyJson"].is_object())
         .unwrap();
     assert_eq!(
         small["requestMetadata"],
         serde_json::json!({"team": "search", "ticket": "T-7"})
     );
+    let responses = records
+        .iter()
+        .find(|r| r["operation"] == "CreateResponse")
+        .unwrap();
+    assert_eq!(
+        responses["requestMetadata"],
+        serde_json::json!({"api": "responses"})
+    );
+    assert!(responses["output"]["outputTokenCount"].as_u64().unwrap() <= 3);
     // The large prompt went to its own object, referenced by path.
-    let large = gz
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let large = chat
+        .iter()
         .find(|r| r["input"]["inputBodyS3Path"].is_string())
         .unwrap();
     let key = large["input"]["inputBodyS3Path"].as_str().unwrap();

@@ -14,6 +14,7 @@ use crate::Node;
 pub mod bedrock;
 pub mod openai;
 pub mod ops;
+pub mod responses;
 
 /// The header every inference response carries: the region that ran the model. (Names
 /// built at compile time: a name parsed from a string at each insert is copied each time.)
@@ -27,6 +28,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{id}", get(openai::retrieve_model))
+        .route("/v1/responses", post(responses::create))
         .route("/healthz", get(ops::healthz))
         .route("/crisp/v1/fleet", get(ops::fleet))
         .merge(bedrock::routes())
@@ -36,7 +38,7 @@ pub fn router(node: Arc<Node>) -> Router {
 }
 
 /// What this node serves, for the errors of requests it does not.
-const OPENAI_ROUTES: &str = "POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}, GET /healthz and GET /crisp/v1/fleet";
+const OPENAI_ROUTES: &str = "POST /v1/chat/completions, POST /v1/responses, GET /v1/models, GET /v1/models/{id}, GET /healthz and GET /crisp/v1/fleet";
 const BEDROCK_ROUTES: &str = "Converse, ConverseStream, InvokeModel, InvokeModelWithResponseStream (POST /model/{id}/converse, /converse-stream, /invoke, /invoke-with-response-stream), ListInferenceProfiles, GetInferenceProfile, CreateInferenceProfile, DeleteInferenceProfile (/inference-profiles) and ListFoundationModels, GetFoundationModel (GET /foundation-models)";
 
 /// Whether a request comes from a Bedrock SDK (signed with SigV4, or on one of Bedrock's
@@ -74,15 +76,17 @@ async fn not_found(req: Request) -> Response {
 /// router adds the `Allow` header.
 async fn method_not_allowed(req: Request) -> Response {
     let path = req.uri().path();
-    let allowed = if path == "/v1/chat/completions" || path.starts_with("/model/") {
-        "POST"
-    } else if path == "/inference-profiles" {
-        "GET (list) or POST (create)"
-    } else if path.starts_with("/inference-profiles/") {
-        "GET (read) or DELETE"
-    } else {
-        "GET"
-    };
+    let allowed =
+        if path == "/v1/chat/completions" || path == "/v1/responses" || path.starts_with("/model/")
+        {
+            "POST"
+        } else if path == "/inference-profiles" {
+            "GET (list) or POST (create)"
+        } else if path.starts_with("/inference-profiles/") {
+            "GET (read) or DELETE"
+        } else {
+            "GET"
+        };
     let message = format!(
         "{path} does not take {}; send it with {allowed}",
         req.method()

@@ -1,5 +1,7 @@
-//! The OpenAI-compatible API: `POST /v1/chat/completions` (JSON and SSE) and
-//! `GET /v1/models`. The only place that knows OpenAI's JSON.
+//! The OpenAI-compatible API: `POST /v1/chat/completions` (JSON and SSE),
+//! `GET /v1/models` and `GET /v1/models/{id}`, and the edge both OpenAI wire formats
+//! share (authentication, body limits, error bodies). The only place that knows the chat
+//! completions JSON; `responses.rs` knows the Responses API's.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -169,12 +171,7 @@ impl ChatRequest {
                 "`{feature}` is not supported: crisp routes text chat completions (messages, max_tokens, temperature, top_p, seed, presence and frequency penalties, stop, stream); remove `{feature}` and send the request again (nothing was run)"
             ));
         }
-        if self.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
-            return Err("`temperature` must be between 0 and 2".into());
-        }
-        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-            return Err("`top_p` must be greater than 0 and at most 1".into());
-        }
+        check_sampling(self.temperature, self.top_p)?;
         for (name, v) in [
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
@@ -258,6 +255,17 @@ impl ChatRequest {
     }
 }
 
+/// OpenAI's ranges for the sampling settings both wire formats take.
+pub(super) fn check_sampling(temperature: Option<f32>, top_p: Option<f32>) -> Result<(), String> {
+    if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+        return Err("`temperature` must be between 0 and 2".into());
+    }
+    if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        return Err("`top_p` must be greater than 0 and at most 1".into());
+    }
+    Ok(())
+}
+
 // ---- response ----
 
 #[derive(Serialize)]
@@ -300,7 +308,7 @@ impl From<Usage> for WireUsage {
     }
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -398,7 +406,7 @@ pub fn error_response(err: &PipelineError, request_id: &str) -> Response {
     response
 }
 
-fn from_backend(e: BackendError) -> PipelineError {
+pub(super) fn from_backend(e: BackendError) -> PipelineError {
     match e {
         BackendError::BadRequest(m) => PipelineError::ModelRejected(m),
         BackendError::Timeout(m) => PipelineError::Timeout(m),
@@ -442,7 +450,22 @@ async fn read_body(node: &Node, req: Request) -> Result<Bytes, PipelineError> {
         })
 }
 
+/// The two OpenAI wire formats for generating text.
+#[derive(Clone, Copy)]
+pub(super) enum Wire {
+    /// `POST /v1/chat/completions`
+    Chat,
+    /// `POST /v1/responses`
+    Responses,
+}
+
 pub async fn chat_completions(State(node): State<Arc<Node>>, req: Request) -> Response {
+    answer(node, req, Wire::Chat).await
+}
+
+/// Runs one generation call of either wire format; a refusal or failure is logged,
+/// counted, audited and answered with OpenAI's error body.
+pub(super) async fn answer(node: Arc<Node>, req: Request, wire: Wire) -> Response {
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let span = tracing::info_span!(
         "request",
@@ -450,13 +473,20 @@ pub async fn chat_completions(State(node): State<Arc<Node>>, req: Request) -> Re
         request_id = %request_id,
         source = node.region_code()
     );
-    let mut call = Call::new(
-        &request_id,
-        "ChatCompletion",
-        req.headers(),
-        req.extensions(),
-    );
-    match handle(&node, req, &mut call).instrument(span).await {
+    let event_name = match wire {
+        Wire::Chat => "ChatCompletion",
+        Wire::Responses => "CreateResponse",
+    };
+    let mut call = Call::new(&request_id, event_name, req.headers(), req.extensions());
+    let result = match wire {
+        Wire::Chat => handle(&node, req, &mut call).instrument(span).await,
+        Wire::Responses => {
+            super::responses::handle(&node, req, &mut call)
+                .instrument(span)
+                .await
+        }
+    };
+    match result {
         Ok(response) => response,
         Err((e, ran)) => {
             tracing::info!(
@@ -480,17 +510,39 @@ pub async fn chat_completions(State(node): State<Arc<Node>>, req: Request) -> Re
     }
 }
 
-type Failure = (PipelineError, Option<Ran>);
+pub(super) type Failure = (PipelineError, Option<Ran>);
 
-async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Response, Failure> {
-    let request_id = call.request_id.clone();
-    // Who is calling, before anything else is read.
+/// What every generation call starts with: who is calling (before anything else is
+/// read), then the size-limited body, kept for the invocation log when there is one.
+pub(super) async fn begin(
+    node: &Node,
+    req: Request,
+    call: &mut Call,
+) -> Result<(Option<String>, Bytes), Failure> {
     let principal = caller(node, req.headers()).map_err(|e| (e, None))?;
     call.principal.clone_from(&principal);
     let body = read_body(node, req).await.map_err(|e| (e, None))?;
     if node.invocation_log.is_some() {
         call.input = serde_json::from_slice(&body).ok();
     }
+    Ok((principal, body))
+}
+
+/// The headers of an admitted answer: where it runs, and the request's ID.
+pub(super) fn answer_headers(admitted: &Admitted, request_id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&admitted.inference_region) {
+        headers.insert(INFERENCE_REGION_HEADER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(REQUEST_ID_HEADER, v);
+    }
+    headers
+}
+
+async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Response, Failure> {
+    let request_id = call.request_id.clone();
+    let (principal, body) = begin(node, req, call).await?;
     // One UTF-8 check for the whole body, not one per string in it.
     let chat: ChatRequest = std::str::from_utf8(&body)
         .map_err(|e| format!("it is not UTF-8 ({e})"))
@@ -512,13 +564,7 @@ async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Respo
     let admitted = pipeline::run(node, infer).await.map_err(|e| (e, None))?;
     observe::admitted(node, &request_id, &admitted, "openai", stream);
     let ran = Ran::of(&admitted);
-    let mut headers = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&admitted.inference_region) {
-        headers.insert(INFERENCE_REGION_HEADER, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        headers.insert(REQUEST_ID_HEADER, v);
-    }
+    let mut headers = answer_headers(&admitted, &request_id);
     if stream {
         headers.insert(
             header::CONTENT_TYPE,

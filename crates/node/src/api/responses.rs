@@ -1,0 +1,565 @@
+//! OpenAI's Responses API: `POST /v1/responses`, text in and text out, whole (JSON) or
+//! streamed (SSE events). The only place that knows its JSON; authentication, the
+//! pipeline, auditing and errors are the chat API's (`openai.rs`).
+//!
+//! crisp keeps no responses: a request that builds on a stored one
+//! (`previous_response_id`, `conversation`), runs in the background, or asks for what
+//! crisp does not carry to engines (tools, structured output, images) is refused with
+//! what to send instead, and nothing runs.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use crisp_engine::{Chunk, FinishReason, Message, Sampling, Usage};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::{Value, json};
+
+use super::openai::{self, Failure, Wire};
+use crate::audit::{self, Call, Ran};
+use crate::error::PipelineError;
+use crate::pipeline::{self, InferRequest};
+use crate::{Node, observe};
+
+/// `POST /v1/responses`
+pub async fn create(State(node): State<Arc<Node>>, req: Request) -> Response {
+    openai::answer(node, req, Wire::Responses).await
+}
+
+#[derive(Deserialize)]
+struct ResponsesRequest {
+    model: String,
+    input: Input,
+    #[serde(default)]
+    instructions: Option<String>,
+    #[serde(default)]
+    max_output_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    stream: bool,
+    /// Kept with the invocation log's record (`requestMetadata`).
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+    // What crisp cannot do: refused when asked for, accepted when off.
+    #[serde(default)]
+    tools: Option<Vec<IgnoredAny>>,
+    #[serde(default)]
+    previous_response_id: Option<String>,
+    #[serde(default)]
+    conversation: Option<IgnoredAny>,
+    #[serde(default)]
+    background: Option<bool>,
+    #[serde(default)]
+    text: Option<TextConfig>,
+    #[serde(default)]
+    prompt: Option<IgnoredAny>,
+    #[serde(default)]
+    top_logprobs: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct TextConfig {
+    #[serde(default)]
+    format: Option<TextFormat>,
+}
+
+#[derive(Deserialize)]
+struct TextFormat {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Input {
+    Text(String),
+    Items(Vec<InputItem>),
+}
+
+#[derive(Deserialize)]
+struct InputItem {
+    /// `message` when given; other item types (tool calls and their outputs, reasoning)
+    /// are refused.
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    content: Option<ItemContent>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ItemContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+const EXAMPLE: &str = r#"{"model": "eu.amazon.nova-lite-v1:0", "input": "Hello"}"#;
+
+impl ResponsesRequest {
+    /// The first thing asked for that crisp cannot give, with what to do instead.
+    fn unsupported(&self) -> Option<String> {
+        let stateful = "crisp keeps no responses: send the whole conversation in `input`";
+        let refuse = |what: &str, instead: &str| {
+            Some(format!(
+                "`{what}` is not supported: {instead}; nothing was run"
+            ))
+        };
+        if self.previous_response_id.is_some() {
+            return refuse("previous_response_id", stateful);
+        }
+        if self.conversation.is_some() {
+            return refuse("conversation", stateful);
+        }
+        if self.background == Some(true) {
+            return refuse(
+                "background",
+                "send the request without it and wait for the answer, or stream it",
+            );
+        }
+        if self.prompt.is_some() {
+            return refuse(
+                "prompt",
+                "send the prompt's text in `instructions` and `input`",
+            );
+        }
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return refuse(
+                "tools",
+                "crisp routes text generation; remove `tools` and send the request again",
+            );
+        }
+        if let Some(format) = self.text.as_ref().and_then(|t| t.format.as_ref())
+            && format.kind != "text"
+        {
+            return refuse(
+                "text.format",
+                "only plain text answers are supported; remove it or use {\"type\": \"text\"}",
+            );
+        }
+        if self.top_logprobs.is_some_and(|n| n > 0) {
+            return refuse("top_logprobs", "crisp does not carry log probabilities");
+        }
+        None
+    }
+
+    fn into_pipeline(self, request_id: String) -> Result<(InferRequest, bool), String> {
+        if let Some(why) = self.unsupported() {
+            return Err(why);
+        }
+        openai::check_sampling(self.temperature, self.top_p)?;
+        if self.max_output_tokens == Some(0) {
+            return Err("`max_output_tokens` must be at least 1".into());
+        }
+        if let Some(n) = self
+            .metadata
+            .as_ref()
+            .map(BTreeMap::len)
+            .filter(|&n| n > 16)
+        {
+            return Err(format!("`metadata` has {n} pairs; at most 16 are allowed"));
+        }
+        let mut messages = Vec::new();
+        if let Some(instructions) = self.instructions {
+            messages.push(Message {
+                role: "system".into(),
+                content: instructions,
+            });
+        }
+        match self.input {
+            Input::Text(text) => messages.push(Message {
+                role: "user".into(),
+                content: text,
+            }),
+            Input::Items(items) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    messages.push(item_message(i, item)?);
+                }
+            }
+        }
+        if !messages.iter().any(|m| m.role == "user") {
+            return Err("`input` must contain at least one user message".into());
+        }
+        let stream = self.stream;
+        Ok((
+            InferRequest {
+                request_id,
+                requested: self.model,
+                principal: None,
+                action: if stream {
+                    crisp_policy::Action::InvokeModelWithResponseStream
+                } else {
+                    crisp_policy::Action::InvokeModel
+                },
+                messages,
+                max_tokens: self.max_output_tokens,
+                sampling: Sampling {
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    ..Sampling::default()
+                },
+                stop: Vec::new(),
+            },
+            stream,
+        ))
+    }
+}
+
+/// One input item as a message: `{"role": ..., "content": text or text parts}`.
+fn item_message(i: usize, item: InputItem) -> Result<Message, String> {
+    if let Some(kind) = item.kind.as_deref().filter(|k| *k != "message") {
+        return Err(format!(
+            "input[{i}] has type {kind:?}; only messages are supported (tool calls and their outputs are not)"
+        ));
+    }
+    let role = item
+        .role
+        .ok_or_else(|| format!("input[{i}] has no `role`"))?;
+    if !matches!(role.as_str(), "user" | "assistant" | "system" | "developer") {
+        return Err(format!(
+            "input[{i}].role {role:?} is not one of user, assistant, system, developer"
+        ));
+    }
+    let content = match item.content {
+        None => return Err(format!("input[{i}] has no `content`")),
+        Some(ItemContent::Text(t)) => t,
+        Some(ItemContent::Parts(parts)) => {
+            let mut text = String::new();
+            for (j, part) in parts.into_iter().enumerate() {
+                match (part.kind.as_str(), part.text) {
+                    ("input_text" | "output_text" | "text", Some(t)) => text.push_str(&t),
+                    (kind, _) => {
+                        return Err(format!(
+                            "input[{i}].content[{j}] has type {kind:?}; only \"input_text\" parts are supported"
+                        ));
+                    }
+                }
+            }
+            text
+        }
+    };
+    Ok(Message { role, content })
+}
+
+pub(super) async fn handle(
+    node: &Arc<Node>,
+    req: Request,
+    call: &mut Call,
+) -> Result<Response, Failure> {
+    let request_id = call.request_id.clone();
+    let (principal, body) = openai::begin(node, req, call).await?;
+    let request: ResponsesRequest = serde_json::from_slice(&body).map_err(|e| {
+        (
+            PipelineError::InvalidRequest(format!(
+                "the request body is not a valid Responses request: {e}. Send JSON like {EXAMPLE}"
+            )),
+            None,
+        )
+    })?;
+    let requested = request.model.clone();
+    call.requested.clone_from(&requested);
+    let settings = Settings {
+        id: format!("resp_{request_id}"),
+        item_id: format!("msg_{request_id}"),
+        created_at: openai::unix_now(),
+        model: requested,
+        instructions: request.instructions.clone(),
+        max_output_tokens: request.max_output_tokens,
+        temperature: request.temperature,
+        top_p: request.top_p,
+        metadata: request.metadata.clone().unwrap_or_default(),
+    };
+    let (mut infer, stream) = request
+        .into_pipeline(request_id.clone())
+        .map_err(|e| (PipelineError::InvalidRequest(e), None))?;
+    infer.principal = principal;
+    let admitted = pipeline::run(node, infer).await.map_err(|e| (e, None))?;
+    observe::admitted(node, &request_id, &admitted, "openai", stream);
+    let ran = Ran::of(&admitted);
+    let mut headers = openai::answer_headers(&admitted, &request_id);
+    if stream {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        let body = sse_body(node.clone(), call.clone(), ran, admitted.stream, settings);
+        return Ok((headers, body).into_response());
+    }
+    let mut text = String::new();
+    let mut stream = admitted.stream;
+    let (finish, usage) = loop {
+        match stream.next().await {
+            Some(Ok(Chunk::Delta(t))) => text.push_str(&t),
+            Some(Ok(Chunk::Done {
+                finish_reason,
+                usage,
+            })) => break (finish_reason, usage),
+            Some(Err(e)) => return Err((openai::from_backend(e), Some(ran))),
+            None => {
+                return Err((
+                    PipelineError::ModelFailed(
+                        "the engine ended the answer without finishing it".into(),
+                    ),
+                    Some(ran),
+                ));
+            }
+        }
+    };
+    let response = settings.response(Some((&text, finish, usage)));
+    let json = serde_json::to_vec(&response).map_err(|e| {
+        (
+            PipelineError::Internal(format!("answer JSON: {e}")),
+            Some(ran.clone()),
+        )
+    })?;
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    // The answer is complete only once its audit event is recorded.
+    audit::completed(node, call, &ran, usage, &text)
+        .await
+        .map_err(|e| (e, Some(ran.clone())))?;
+    Ok((headers, json).into_response())
+}
+
+/// What the response object repeats from the request.
+struct Settings {
+    id: String,
+    item_id: String,
+    created_at: u64,
+    model: String,
+    instructions: Option<String>,
+    max_output_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl Settings {
+    /// The response object: in progress (`None`), or finished with its text.
+    fn response(&self, done: Option<(&str, FinishReason, Usage)>) -> Value {
+        let (status, incomplete, output, usage) = match done {
+            None => ("in_progress", Value::Null, json!([]), Value::Null),
+            Some((text, finish, usage)) => {
+                let status = item_status(finish);
+                let incomplete = match finish {
+                    FinishReason::Length => json!({"reason": "max_output_tokens"}),
+                    FinishReason::Stop => Value::Null,
+                };
+                (
+                    status,
+                    incomplete,
+                    json!([self.message(status, Some(text))]),
+                    wire_usage(usage),
+                )
+            }
+        };
+        json!({
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": null,
+            "incomplete_details": incomplete,
+            "instructions": self.instructions,
+            "max_output_tokens": self.max_output_tokens,
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": false,
+            "temperature": self.temperature,
+            "tool_choice": "none",
+            "tools": [],
+            "top_p": self.top_p,
+            "store": false,
+            "text": {"format": {"type": "text"}},
+            "truncation": "disabled",
+            "metadata": self.metadata,
+            "usage": usage,
+        })
+    }
+
+    /// The assistant's message item; without text, as it starts.
+    fn message(&self, status: &str, text: Option<&str>) -> Value {
+        let content = match text {
+            Some(t) => json!([output_text(t)]),
+            None => json!([]),
+        };
+        json!({
+            "type": "message",
+            "id": self.item_id,
+            "status": status,
+            "role": "assistant",
+            "content": content,
+        })
+    }
+}
+
+fn item_status(finish: FinishReason) -> &'static str {
+    match finish {
+        FinishReason::Stop => "completed",
+        FinishReason::Length => "incomplete",
+    }
+}
+
+fn output_text(text: &str) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": []})
+}
+
+fn wire_usage(u: Usage) -> Value {
+    json!({
+        "input_tokens": u.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": u.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": u.prompt_tokens.saturating_add(u.completion_tokens),
+    })
+}
+
+/// Numbers the events of one stream and writes them as SSE.
+struct Events {
+    next: u64,
+}
+
+impl Events {
+    fn event(&mut self, kind: &str, mut data: Value) -> Bytes {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(self.next);
+        self.next += 1;
+        Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+    }
+}
+
+/// The streamed answer: `response.created`, the message's item and text part opening,
+/// one `response.output_text.delta` per chunk, their closing, then `response.completed`
+/// (or `response.incomplete` at the token limit) once the audit event is recorded; an
+/// `error` event if the answer breaks off.
+fn sse_body(
+    node: Arc<Node>,
+    call: Call,
+    ran: Ran,
+    answer: crisp_engine::ChunkStream,
+    settings: Settings,
+) -> Body {
+    let settings = Arc::new(settings);
+    let events = Arc::new(Mutex::new(Events { next: 0 }));
+    let text = Arc::new(Mutex::new(String::new()));
+    let opening = {
+        let mut ev = events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let s = &settings;
+        let mut out = vec![
+            ev.event("response.created", json!({"response": s.response(None)})),
+            ev.event(
+                "response.in_progress",
+                json!({"response": s.response(None)}),
+            ),
+        ];
+        out.push(ev.event(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": s.message("in_progress", None)}),
+        ));
+        out.push(ev.event(
+            "response.content_part.added",
+            json!({"item_id": s.item_id, "output_index": 0, "content_index": 0, "part": output_text("")}),
+        ));
+        out
+    };
+    let body = answer.then(move |item| {
+        let (node, call, ran, settings, events, text) = (
+            node.clone(),
+            call.clone(),
+            ran.clone(),
+            settings.clone(),
+            events.clone(),
+            text.clone(),
+        );
+        async move {
+            let out: Vec<Bytes> = match item {
+                Ok(Chunk::Delta(delta)) => {
+                    if let Ok(mut all) = text.lock() {
+                        all.push_str(&delta);
+                    }
+                    let mut ev = events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    vec![ev.event(
+                        "response.output_text.delta",
+                        json!({"item_id": settings.item_id, "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []}),
+                    )]
+                }
+                Ok(Chunk::Done {
+                    finish_reason,
+                    usage,
+                }) => {
+                    let all = text.lock().map(|t| t.clone()).unwrap_or_default();
+                    // The final event goes out only once the audit event is recorded.
+                    let audited = audit::completed(&node, &call, &ran, usage, &all).await;
+                    let mut ev = events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let s = &settings;
+                    let status = item_status(finish_reason);
+                    let mut v = vec![
+                        ev.event(
+                            "response.output_text.done",
+                            json!({"item_id": s.item_id, "output_index": 0, "content_index": 0, "text": all, "logprobs": []}),
+                        ),
+                        ev.event(
+                            "response.content_part.done",
+                            json!({"item_id": s.item_id, "output_index": 0, "content_index": 0, "part": output_text(&all)}),
+                        ),
+                        ev.event(
+                            "response.output_item.done",
+                            json!({"output_index": 0, "item": s.message(status, Some(&all))}),
+                        ),
+                    ];
+                    match audited {
+                        Ok(()) => {
+                            let last = match finish_reason {
+                                FinishReason::Stop => "response.completed",
+                                FinishReason::Length => "response.incomplete",
+                            };
+                            let response = s.response(Some((&all, finish_reason, usage)));
+                            v.push(ev.event(last, json!({"response": response})));
+                        }
+                        Err(e) => v.push(ev.event(
+                            "error",
+                            json!({"code": "audit_unavailable", "message": e.to_string(), "param": null}),
+                        )),
+                    }
+                    v
+                }
+                Err(e) => {
+                    let err = openai::from_backend(e);
+                    audit::failed(&node, &call, Some(&ran), "stream_interrupted", &err).await;
+                    let mut ev = events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    vec![ev.event(
+                        "error",
+                        json!({"code": "stream_interrupted", "message": format!("the answer broke off: {err}"), "param": null}),
+                    )]
+                }
+            };
+            futures::stream::iter(out.into_iter().map(Ok::<_, std::convert::Infallible>))
+        }
+    });
+    Body::from_stream(
+        futures::stream::iter(opening.into_iter().map(Ok::<_, std::convert::Infallible>))
+            .chain(body.flatten()),
+    )
+}
