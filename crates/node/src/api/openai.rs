@@ -528,16 +528,39 @@ pub(super) async fn begin(
     Ok((principal, body))
 }
 
-/// The headers of an admitted answer: where it runs, and the request's ID.
-pub(super) fn answer_headers(admitted: &Admitted, request_id: &str) -> HeaderMap {
+/// Runs a parsed request through the pipeline to admission. The answer's headers say
+/// where it runs, carry the request's ID and its content type (SSE when streamed).
+pub(super) async fn admit(
+    node: &Arc<Node>,
+    mut infer: InferRequest,
+    principal: Option<String>,
+    stream: bool,
+) -> Result<(Admitted, Ran, HeaderMap), Failure> {
+    let request_id = infer.request_id.clone();
+    infer.principal = principal;
+    let admitted = pipeline::run(node, infer).await.map_err(|e| (e, None))?;
+    observe::admitted(node, &request_id, &admitted, "openai", stream);
+    let ran = Ran::of(&admitted);
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&admitted.inference_region) {
         headers.insert(INFERENCE_REGION_HEADER, v);
     }
-    if let Ok(v) = HeaderValue::from_str(request_id) {
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
         headers.insert(REQUEST_ID_HEADER, v);
     }
-    headers
+    if stream {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    } else {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    Ok((admitted, ran, headers))
 }
 
 async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Response, Failure> {
@@ -557,20 +580,11 @@ async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Respo
         })?;
     let requested = chat.model.clone();
     call.requested.clone_from(&requested);
-    let (mut infer, stream, include_usage) = chat
+    let (infer, stream, include_usage) = chat
         .into_pipeline(request_id.clone())
         .map_err(|e| (PipelineError::InvalidRequest(e), None))?;
-    infer.principal = principal;
-    let admitted = pipeline::run(node, infer).await.map_err(|e| (e, None))?;
-    observe::admitted(node, &request_id, &admitted, "openai", stream);
-    let ran = Ran::of(&admitted);
-    let mut headers = answer_headers(&admitted, &request_id);
+    let (admitted, ran, headers) = admit(node, infer, principal, stream).await?;
     if stream {
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         let body = sse_body(
             node.clone(),
             call.clone(),
@@ -592,10 +606,6 @@ async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Respo
                 Some(ran.clone()),
             )
         })?;
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
         // The answer is complete only once its audit event is recorded.
         let [Choice { message, .. }] = &completion.choices;
         audit::completed(node, call, &ran, usage, &message.content)

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use crisp_engine::{Chunk, FinishReason, Message, Sampling, Usage};
 use futures::StreamExt;
@@ -21,10 +20,10 @@ use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 
 use super::openai::{self, Failure, Wire};
+use crate::Node;
 use crate::audit::{self, Call, Ran};
 use crate::error::PipelineError;
-use crate::pipeline::{self, InferRequest};
-use crate::{Node, observe};
+use crate::pipeline::InferRequest;
 
 /// `POST /v1/responses`
 pub async fn create(State(node): State<Arc<Node>>, req: Request) -> Response {
@@ -286,20 +285,11 @@ pub(super) async fn handle(
         top_p: request.top_p,
         metadata: request.metadata.clone().unwrap_or_default(),
     };
-    let (mut infer, stream) = request
-        .into_pipeline(request_id.clone())
+    let (infer, stream) = request
+        .into_pipeline(request_id)
         .map_err(|e| (PipelineError::InvalidRequest(e), None))?;
-    infer.principal = principal;
-    let admitted = pipeline::run(node, infer).await.map_err(|e| (e, None))?;
-    observe::admitted(node, &request_id, &admitted, "openai", stream);
-    let ran = Ran::of(&admitted);
-    let mut headers = openai::answer_headers(&admitted, &request_id);
+    let (admitted, ran, headers) = openai::admit(node, infer, principal, stream).await?;
     if stream {
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         let body = sse_body(node.clone(), call.clone(), ran, admitted.stream, settings);
         return Ok((headers, body).into_response());
     }
@@ -330,10 +320,6 @@ pub(super) async fn handle(
             Some(ran.clone()),
         )
     })?;
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
     // The answer is complete only once its audit event is recorded.
     audit::completed(node, call, &ran, usage, &text)
         .await
