@@ -5,7 +5,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from test_openai_sdk import EU, EU_CENTRAL_1, EU_WEST_2, US_EAST_1, federation, region_port  # noqa: F401
+from test_openai_sdk import EU, EU_CENTRAL_1, EU_KEY, EU_WEST_2, US_EAST_1, federation, region_port  # noqa: F401
 
 AKID = "AKIACRISPDEMO0000001"
 SECRET = "crisp-demo-secret-loopback-only"
@@ -140,6 +140,27 @@ def test_sdk_exceptions(federation):
     assert e.value.response["Error"]["Code"] == "InvalidSignatureException"
 
 
+def test_bedrock_api_keys_are_crisp_api_keys(federation, monkeypatch):
+    """boto3 with a Bedrock API key (AWS_BEARER_TOKEN_BEDROCK) sends it as a bearer token:
+    crisp's own API keys work there, with the same principal and policies."""
+    monkeypatch.setenv("AWS_BEARER_TOKEN_BEDROCK", EU_KEY)
+    rt = boto3.client("bedrock-runtime", endpoint_url=f"http://127.0.0.1:{region_port(federation, US_EAST_1)}",
+                      region_name="us-east-1", config=NO_RETRY)
+    msgs = [{"role": "user", "content": [{"text": "Hi"}]}]
+    r = rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs, inferenceConfig={"maxTokens": 2})
+    assert r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"] in EU
+    # The EU team's guardrail applies to its key here too.
+    with pytest.raises(rt.exceptions.AccessDeniedException):
+        rt.converse(modelId="global.amazon.nova-lite-v1:0", messages=msgs)
+    monkeypatch.setenv("AWS_BEARER_TOKEN_BEDROCK", "crisp-not-a-key")
+    bad = boto3.client("bedrock-runtime", endpoint_url=f"http://127.0.0.1:{region_port(federation, US_EAST_1)}",
+                       region_name="us-east-1", config=NO_RETRY)
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        bad.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)
+    assert e.value.response["Error"]["Code"] == "UnrecognizedClientException"
+    assert "crisp keys create" in e.value.response["Error"]["Message"]
+
+
 def test_control_plane_lists_and_gets_profiles(federation):
     bedrock = client(federation, "bedrock", EU_CENTRAL_1)
     ids, token, pages = [], None, 0
@@ -214,6 +235,11 @@ def test_application_profiles_route_like_their_source_and_are_shared(federation)
             assert time.time() < deadline, "the profile never became visible on eu-west-2"
             time.sleep(0.3)
     assert r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"] in EU
+    # The ARN must name this deployment's account, like a system profile's.
+    foreign = arn.replace(":000000000000:", ":999999999999:")
+    with pytest.raises(rt.exceptions.ValidationException) as e:
+        rt.converse(modelId=foreign, messages=[{"role": "user", "content": [{"text": "Hi"}]}])
+    assert "belongs to account 999999999999" in str(e.value)
     apps = client(federation, "bedrock", EU_WEST_2).list_inference_profiles(typeEquals="APPLICATION")
     assert [p["inferenceProfileName"] for p in apps["inferenceProfileSummaries"]] == ["search-team-eu"]
 

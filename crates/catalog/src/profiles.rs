@@ -391,7 +391,7 @@ pub enum ResolveError {
     )]
     Malformed { requested: String },
     #[error(
-        "the model or inference profile {requested:?} does not exist in this deployment{}; GET /v1/models lists what you can call",
+        "the model or inference profile {requested:?} does not exist in this deployment{}; GET /v1/models or ListInferenceProfiles lists what you can call",
         suggestion.as_ref().map(|s| format!(" (did you mean {s:?}?)")).unwrap_or_default()
     )]
     Unknown {
@@ -590,43 +590,90 @@ fn parse_arn<'r>(
     arn: &'r str,
     source: RegionIx,
 ) -> Result<&'r str, ResolveError> {
-    let malformed = || ResolveError::Malformed {
-        requested: arn.to_owned(),
-    };
-    let mut parts = arn.splitn(6, ':');
-    let (Some("arn"), Some(_partition), Some("bedrock"), Some(region), Some(account), Some(rest)) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return Err(malformed());
-    };
-    let source_code = catalog.region_code(source);
+    let (region, account, rest) = split_arn(arn)?;
     let id = if let Some(id) = rest.strip_prefix("inference-profile/") {
-        if account != catalog.deployment.account {
-            return Err(ResolveError::ForeignAccount {
-                arn: arn.to_owned(),
-                account: account.to_owned(),
-                expected: catalog.deployment.account.clone(),
-            });
-        }
+        check_account(catalog, arn, account)?;
         id
     } else if let Some(id) = rest.strip_prefix("foundation-model/") {
         id
     } else {
-        return Err(malformed());
-    };
-    if !region.is_empty() && region != source_code {
-        return Err(ResolveError::ForeignRegion {
-            arn: arn.to_owned(),
-            region: region.to_owned(),
-            source_region: source_code.to_owned(),
+        return Err(ResolveError::Malformed {
+            requested: arn.to_owned(),
         });
-    }
+    };
+    check_region(catalog, arn, region, source)?;
     Ok(id)
+}
+
+/// The opaque ID in an application inference profile's ARN
+/// (`arn:aws:bedrock:<region>:<account>:application-inference-profile/<id>`), which must
+/// name this deployment's account. Any region's ARN will do: application profiles are
+/// shared by every region of the deployment.
+pub fn application_profile_id<'r>(
+    catalog: &Catalog,
+    arn: &'r str,
+) -> Result<&'r str, ResolveError> {
+    let (_, account, rest) = split_arn(arn)?;
+    let id = rest
+        .strip_prefix("application-inference-profile/")
+        .ok_or_else(|| ResolveError::Malformed {
+            requested: arn.to_owned(),
+        })?;
+    check_account(catalog, arn, account)?;
+    Ok(id)
+}
+
+/// `arn:<partition>:bedrock:<region>:<account>:<rest>` as (region, account, rest).
+fn split_arn(arn: &str) -> Result<(&str, &str, &str), ResolveError> {
+    let mut parts = arn.splitn(6, ':');
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (
+            Some("arn"),
+            Some(_partition),
+            Some("bedrock"),
+            Some(region),
+            Some(account),
+            Some(rest),
+        ) => Ok((region, account, rest)),
+        _ => Err(ResolveError::Malformed {
+            requested: arn.to_owned(),
+        }),
+    }
+}
+
+fn check_account(catalog: &Catalog, arn: &str, account: &str) -> Result<(), ResolveError> {
+    if account == catalog.deployment.account {
+        return Ok(());
+    }
+    Err(ResolveError::ForeignAccount {
+        arn: arn.to_owned(),
+        account: account.to_owned(),
+        expected: catalog.deployment.account.clone(),
+    })
+}
+
+fn check_region(
+    catalog: &Catalog,
+    arn: &str,
+    region: &str,
+    source: RegionIx,
+) -> Result<(), ResolveError> {
+    let source_code = catalog.region_code(source);
+    if region.is_empty() || region == source_code {
+        return Ok(());
+    }
+    Err(ResolveError::ForeignRegion {
+        arn: arn.to_owned(),
+        region: region.to_owned(),
+        source_region: source_code.to_owned(),
+    })
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {

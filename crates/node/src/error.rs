@@ -93,7 +93,7 @@ fn exhausted_message(
         boundary.join(", ")
     ));
     if boundary.len() <= 1 {
-        m.push_str(", or call an inference profile (GET /v1/models lists them) so other regions can take it");
+        m.push_str(", or call an inference profile (GET /v1/models or ListInferenceProfiles lists them) so other regions can take it");
     }
     m.push('.');
     m

@@ -182,10 +182,16 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
     }
     let catalog = &node.catalog;
     // An application profile routes exactly like the profile or model it copies.
+    let is_arn = req.requested.starts_with("arn:");
+    let app_id = if is_arn && req.requested.contains(":application-inference-profile/") {
+        crisp_catalog::profiles::application_profile_id(catalog, &req.requested)?
+    } else {
+        req.requested.as_str()
+    };
     let application = node
         .app_profiles
         .as_ref()
-        .and_then(|store| store.get(crate::app_profiles::app_profile_id(&req.requested)));
+        .and_then(|store| store.get(app_id));
     if application.is_none() && req.requested.contains(":application-inference-profile/") {
         return Err(PipelineError::Resolve(
             crisp_catalog::profiles::ResolveError::Unknown {

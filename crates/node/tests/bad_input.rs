@@ -47,6 +47,28 @@ async fn bad_requests_are_explained() {
         "{e}"
     );
 
+    let (s, e) = error_of(post_raw(&f, "[]").await).await;
+    assert_eq!(s, 400);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("it is not a JSON object"),
+        "{e}"
+    );
+    let (s, e) = error_of(
+        post_raw(&f, "{\"model\": \"eu.amazon.nova-lite-v1:0\", \"messages\": [{\"role\": \"user\", \"content\": 5}]}").await,
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("a string, or a list of parts"),
+        "{e}"
+    );
+
     let (s, e) = error_of(post_raw(&f, "{\"model\": 7, \"messages\": []}").await).await;
     assert_eq!(s, 400);
     assert!(
@@ -76,6 +98,8 @@ async fn bad_requests_are_explained() {
         ),
         ("logprobs", serde_json::json!(true)),
         ("logit_bias", serde_json::json!({"1734": -100})),
+        ("web_search_options", serde_json::json!({})),
+        ("modalities", serde_json::json!(["text", "audio"])),
     ] {
         let mut body = support::ask(&format!("eu.{NOVA}"));
         body[feature] = value;
@@ -99,6 +123,7 @@ async fn bad_requests_are_explained() {
         ("presence_penalty", serde_json::json!(0.5)),
         ("logit_bias", serde_json::json!({})),
         ("metadata", serde_json::json!({"team": "search"})),
+        ("modalities", serde_json::json!(["text"])),
     ] {
         body[k] = v;
     }

@@ -75,6 +75,11 @@ struct ChatRequest {
     audio: Option<IgnoredAny>,
     #[serde(default)]
     prediction: Option<IgnoredAny>,
+    #[serde(default)]
+    web_search_options: Option<IgnoredAny>,
+    /// `["text"]` is accepted; audio output is not available.
+    #[serde(default)]
+    modalities: Option<Vec<String>>,
     /// Token biases are not carried to engines; `{}` is accepted.
     #[serde(default)]
     logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
@@ -107,6 +112,13 @@ impl ChatRequest {
             (self.top_logprobs.is_some(), "top_logprobs"),
             (self.audio.is_some(), "audio"),
             (self.prediction.is_some(), "prediction"),
+            (self.web_search_options.is_some(), "web_search_options"),
+            (
+                self.modalities
+                    .as_ref()
+                    .is_some_and(|m| m.iter().any(|m| m != "text")),
+                "modalities",
+            ),
             (
                 self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()),
                 "logit_bias",
@@ -138,7 +150,10 @@ struct ChatMessage {
 }
 
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = r#"a string, or a list of parts like {"type": "text", "text": "Hello"}"#
+)]
 enum Content {
     Text(String),
     Parts(Vec<Part>),
@@ -253,6 +268,16 @@ impl ChatRequest {
             include_usage,
         ))
     }
+}
+
+/// The body as text, if it is UTF-8 and a JSON object (a struct would also be read from
+/// an array, by position): one check for the whole body, not one per string in it.
+pub(super) fn json_object(body: &[u8]) -> Result<&str, String> {
+    let text = std::str::from_utf8(body).map_err(|e| format!("it is not UTF-8 ({e})"))?;
+    if !text.trim_start().starts_with('{') {
+        return Err("it is not a JSON object".into());
+    }
+    Ok(text)
 }
 
 /// OpenAI's ranges for the sampling settings both wire formats take.
@@ -566,9 +591,7 @@ pub(super) async fn admit(
 async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Response, Failure> {
     let request_id = call.request_id.clone();
     let (principal, body) = begin(node, req, call).await?;
-    // One UTF-8 check for the whole body, not one per string in it.
-    let chat: ChatRequest = std::str::from_utf8(&body)
-        .map_err(|e| format!("it is not UTF-8 ({e})"))
+    let chat: ChatRequest = json_object(&body)
         .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
         .map_err(|e| {
             (

@@ -77,7 +77,10 @@ struct TextFormat {
 }
 
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = r#"a string, or a list of messages like {"role": "user", "content": "Hello"}"#
+)]
 enum Input {
     Text(String),
     Items(Vec<InputItem>),
@@ -96,7 +99,10 @@ struct InputItem {
 }
 
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = r#"a string, or a list of parts like {"type": "input_text", "text": "Hello"}"#
+)]
 enum ItemContent {
     Text(String),
     Parts(Vec<ContentPart>),
@@ -264,14 +270,16 @@ pub(super) async fn handle(
 ) -> Result<Response, Failure> {
     let request_id = call.request_id.clone();
     let (principal, body) = openai::begin(node, req, call).await?;
-    let request: ResponsesRequest = serde_json::from_slice(&body).map_err(|e| {
-        (
-            PipelineError::InvalidRequest(format!(
-                "the request body is not a valid Responses request: {e}. Send JSON like {EXAMPLE}"
-            )),
-            None,
-        )
-    })?;
+    let request: ResponsesRequest = openai::json_object(&body)
+        .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            (
+                PipelineError::InvalidRequest(format!(
+                    "the request body is not a valid Responses request: {e}. Send JSON like {EXAMPLE}"
+                )),
+                None,
+            )
+        })?;
     let requested = request.model.clone();
     call.requested.clone_from(&requested);
     let settings = Settings {

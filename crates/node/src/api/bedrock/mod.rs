@@ -129,8 +129,9 @@ fn stream_exception(e: &BackendError) -> (&'static str, String) {
 
 // ---- authentication ----
 
-/// Checks the SigV4 signature when the node has credentials configured; returns the
-/// access key that signed, if any.
+/// Checks the SigV4 signature when the node has credentials configured, or a bearer API
+/// key (what the SDKs send for Bedrock API keys, `AWS_BEARER_TOKEN_BEDROCK`) against the
+/// same keys as the OpenAI API; returns the principal, if any.
 fn authenticate(
     node: &Node,
     parts: &http::request::Parts,
@@ -139,6 +140,25 @@ fn authenticate(
     let snapshot = node.access.as_ref().map(|a| a.snapshot());
     if snapshot.is_none() && node.sigv4_keys().is_none() {
         return Ok(None);
+    }
+    let bearer = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            v.get(..7)
+                .is_some_and(|p| p.eq_ignore_ascii_case("bearer "))
+        });
+    if let Some(value) = bearer {
+        let Some(snapshot) = &snapshot else {
+            return Err(sigv4::SigV4Error::Unrecognized(
+                "this node has no API keys ([access] keys): sign the request with SigV4 credentials instead".into(),
+            ));
+        };
+        return snapshot
+            .authenticate(Some(value))
+            .map(Some)
+            .map_err(|e| sigv4::SigV4Error::Unrecognized(e.to_string()));
     }
     // Credentials of principals first, then the node's own (demo) keys.
     let lookup = |akid: &str| -> Option<String> {
