@@ -45,6 +45,18 @@ def test_converse_with_a_profile_arn(federation):
     assert r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"].startswith("us-")
 
 
+def test_stop_sequences_end_the_answer_with_their_own_reason(federation):
+    rt = client(federation, "bedrock-runtime", US_EAST_1)
+    msgs = [{"role": "user", "content": [{"text": "Say something long"}]}]
+    whole = rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs,
+                        inferenceConfig={"maxTokens": 40})["output"]["message"]["content"][0]["text"]
+    stop = whole.split()[3]
+    r = rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs,
+                    inferenceConfig={"maxTokens": 40, "stopSequences": [stop]})
+    assert r["stopReason"] == "stop_sequence", r
+    assert stop not in r["output"]["message"]["content"][0]["text"]
+
+
 def test_converse_stream(federation):
     rt = client(federation, "bedrock-runtime", EU_WEST_2)
     r = rt.converse_stream(

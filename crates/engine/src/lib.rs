@@ -87,15 +87,39 @@ pub struct Usage {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
+    /// The model ended its answer.
     Stop,
+    /// One of the request's stop sequences ended it (Bedrock's `stop_sequence`; OpenAI
+    /// says `stop` for both).
+    StopSequence,
+    /// `max_tokens` ended it.
     Length,
 }
 
 impl FinishReason {
+    /// OpenAI's `finish_reason`.
     pub fn as_str(self) -> &'static str {
         match self {
-            FinishReason::Stop => "stop",
+            FinishReason::Stop | FinishReason::StopSequence => "stop",
             FinishReason::Length => "length",
+        }
+    }
+
+    /// The name that tells all three apart (between regions, on the backbone).
+    pub fn name(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::StopSequence => "stop_sequence",
+            FinishReason::Length => "length",
+        }
+    }
+
+    /// From [`FinishReason::name`] or OpenAI's `finish_reason`; anything else is `Stop`.
+    pub fn from_name(name: &str) -> FinishReason {
+        match name {
+            "length" => FinishReason::Length,
+            "stop_sequence" => FinishReason::StopSequence,
+            _ => FinishReason::Stop,
         }
     }
 }

@@ -393,6 +393,8 @@ struct StreamChunk<'a> {
 struct Folded<'a> {
     text: Option<Cow<'a, str>>,
     finish_reason: Option<Cow<'a, str>>,
+    /// vLLM names the stop string that ended the answer (`stop_reason`).
+    stop_string: bool,
 }
 
 #[derive(Deserialize)]
@@ -401,6 +403,10 @@ struct StreamChoice<'a> {
     delta: Option<Delta<'a>>,
     #[serde(default, borrow, deserialize_with = "maybe_borrowed")]
     finish_reason: Option<Cow<'a, str>>,
+    /// vLLM: the stop string (or token ID) that ended the answer; `null` (no allocation)
+    /// in every other chunk.
+    #[serde(default)]
+    stop_reason: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -447,6 +453,9 @@ where
                 }
                 if choice.finish_reason.is_some() {
                     folded.finish_reason = choice.finish_reason;
+                }
+                if let Some(serde_json::Value::String(_)) = choice.stop_reason {
+                    folded.stop_string = true;
                 }
             }
             Ok(folded)
@@ -774,10 +783,9 @@ impl Relay {
                 self.usage = Some(u);
             }
             if let Some(f) = chunk.choices.finish_reason {
-                self.finish = Some(if f == "length" {
-                    FinishReason::Length
-                } else {
-                    FinishReason::Stop
+                self.finish = Some(match FinishReason::from_name(&f) {
+                    FinishReason::Stop if chunk.choices.stop_string => FinishReason::StopSequence,
+                    other => other,
                 });
             }
             let text = chunk.choices.text.unwrap_or_default();
@@ -895,6 +903,27 @@ mod tests {
             assert_eq!(chunk.usage.map(|u| u.completion_tokens), Some(2));
         }
         assert!(serde_json::from_str::<StreamChunk>(r#"{"choices":{}}"#).is_err());
+    }
+
+    #[test]
+    fn a_stop_string_named_by_the_server_is_told_apart() {
+        let fold = |json: &str| {
+            serde_json::from_str::<StreamChunk>(json)
+                .unwrap()
+                .choices
+                .stop_string
+        };
+        // vLLM names the stop string that ended the answer...
+        let c = fold(r#"{"choices":[{"delta":{},"finish_reason":"stop","stop_reason":"\n\n"}]}"#);
+        assert!(c);
+        // ...and says null (or a token ID) otherwise; other servers say nothing.
+        for json in [
+            r#"{"choices":[{"delta":{"content":"a"},"finish_reason":null,"stop_reason":null}]}"#,
+            r#"{"choices":[{"delta":{},"finish_reason":"stop","stop_reason":128001}]}"#,
+            r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#,
+        ] {
+            assert!(!fold(json), "{json}");
+        }
     }
 
     fn cfg() -> OpenAiConfig {

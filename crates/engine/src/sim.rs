@@ -505,7 +505,7 @@ fn plan_output(
 
     if let Some(cut) = first_stop(&pieces.concat(), stop) {
         truncate_pieces(&mut pieces, cut);
-        finish_reason = FinishReason::Stop;
+        finish_reason = FinishReason::StopSequence;
     }
     (pieces, finish_reason)
 }

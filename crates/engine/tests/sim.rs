@@ -162,6 +162,7 @@ async fn finish_reason_is_length_at_the_limit_and_stop_before_it() {
                 assert!((8..16).contains(&n), "natural length {n} outside [8, 16)");
                 stops += 1;
             }
+            FinishReason::StopSequence => panic!("no stop sequences were given"),
         }
     }
     assert!(stops > 0 && lengths > 0, "stops {stops}, lengths {lengths}");
@@ -196,7 +197,7 @@ async fn stop_sequences_end_the_answer_before_them() {
     let out = run(&e, req).await;
     assert_eq!(out.text, full.text[..cut]);
     assert!(!out.text.contains(&stop));
-    assert_eq!(out.finish_reason, FinishReason::Stop);
+    assert_eq!(out.finish_reason, FinishReason::StopSequence);
     // The token the stop string starts in was generated, so it is counted.
     assert_eq!(
         out.usage.completion_tokens as usize,
@@ -211,7 +212,7 @@ async fn stop_sequences_end_the_answer_before_them() {
     let out = run(&e, req).await;
     assert_eq!(out.text, "");
     assert_eq!(out.usage.completion_tokens, 0);
-    assert_eq!(out.finish_reason, FinishReason::Stop);
+    assert_eq!(out.finish_reason, FinishReason::StopSequence);
 
     // Stop strings that never occur change nothing.
     let mut req = request("Say something long.", Some(40));

@@ -357,7 +357,7 @@ impl Settings {
                 let status = item_status(finish);
                 let incomplete = match finish {
                     FinishReason::Length => json!({"reason": "max_output_tokens"}),
-                    FinishReason::Stop => Value::Null,
+                    FinishReason::Stop | FinishReason::StopSequence => Value::Null,
                 };
                 (
                     status,
@@ -409,7 +409,7 @@ impl Settings {
 
 fn item_status(finish: FinishReason) -> &'static str {
     match finish {
-        FinishReason::Stop => "completed",
+        FinishReason::Stop | FinishReason::StopSequence => "completed",
         FinishReason::Length => "incomplete",
     }
 }
@@ -526,7 +526,9 @@ fn sse_body(
                     match audited {
                         Ok(()) => {
                             let last = match finish_reason {
-                                FinishReason::Stop => "response.completed",
+                                FinishReason::Stop | FinishReason::StopSequence => {
+                                    "response.completed"
+                                }
                                 FinishReason::Length => "response.incomplete",
                             };
                             let response = s.response(Some((&all, finish_reason, usage)));

@@ -188,11 +188,7 @@ impl PeerClient {
                     let checked = expect.check(&ca, signed)?;
                     let _ = receipt.set(checked);
                     Ok(Chunk::Done {
-                        finish_reason: if finish_reason == "length" {
-                            FinishReason::Length
-                        } else {
-                            FinishReason::Stop
-                        },
+                        finish_reason: FinishReason::from_name(&finish_reason),
                         usage: Usage {
                             prompt_tokens: usage.prompt_tokens,
                             completion_tokens: usage.completion_tokens,

@@ -196,7 +196,7 @@ async fn run_forwarded(
                         finish_reason,
                         usage,
                     }) => StreamEvent::Done {
-                        finish_reason: finish_reason.as_str().to_owned(),
+                        finish_reason: finish_reason.name().to_owned(),
                         usage: WireUsage {
                             prompt_tokens: usage.prompt_tokens,
                             completion_tokens: usage.completion_tokens,

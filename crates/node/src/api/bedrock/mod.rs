@@ -426,6 +426,7 @@ fn check_request_metadata(
 fn stop_reason(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Stop => "end_turn",
+        FinishReason::StopSequence => "stop_sequence",
         FinishReason::Length => "max_tokens",
     }
 }
