@@ -39,9 +39,14 @@ pub enum PipelineError {
     /// Who is calling could not be established.
     #[error("{0}")]
     Unauthenticated(String),
-    /// The caller may not do this; the reason is a category, never policy text.
-    #[error("access to {profile} is denied: {reason}")]
-    Denied { profile: String, reason: String },
+    /// The caller may not do this; the reason is a category, never policy text. `allowed`
+    /// names IDs of the same model the caller may use instead.
+    #[error("access to {profile} is denied: {reason}{}", instead(.allowed))]
+    Denied {
+        profile: String,
+        reason: String,
+        allowed: Vec<String>,
+    },
     /// No region of the boundary could take the request.
     #[error("{}", exhausted_message(.profile, .attempts, .skipped, .boundary))]
     Exhausted {
@@ -65,6 +70,14 @@ pub enum PipelineError {
         "this region cannot record audit events right now ({0}); retry shortly or call another region"
     )]
     AuditUnavailable(String),
+}
+
+fn instead(allowed: &[String]) -> String {
+    if allowed.is_empty() {
+        String::new()
+    } else {
+        format!(". For this model you may call {}", allowed.join(", "))
+    }
 }
 
 fn exhausted_message(

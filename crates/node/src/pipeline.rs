@@ -209,17 +209,38 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
             .principal
             .as_deref()
             .ok_or_else(|| PipelineError::Unauthenticated("no credentials".into()))?;
-        let verdict =
-            access
-                .snapshot()
-                .authorize(principal, req.action, target.id(), node.region_code());
+        let snapshot = access.snapshot();
+        let verdict = snapshot.authorize(principal, req.action, target.id(), node.region_code());
         if let crisp_policy::Verdict::Deny(reason) = verdict {
             metrics::counter!("crisp_authorization_denials_total", "source" => node.region_code().to_owned(), "reason" => reason.label())
                 .increment(1);
             tracing::info!(request_id = %req.request_id, principal, profile = target.id(), reason = ?reason, "request denied");
+            // What the caller may use instead: the other current profiles of the model,
+            // and the bare model where this region serves it.
+            let allowed = node
+                .profiles
+                .iter()
+                .filter(|p| p.model == target.model.id && p.superseded_by.is_none())
+                .map(|p| p.id.as_str())
+                .chain(
+                    target
+                        .model
+                        .serves(node.region)
+                        .then_some(target.model.id.as_str()),
+                )
+                .filter(|id| *id != target.id())
+                .filter(|id| {
+                    snapshot
+                        .authorize(principal, req.action, id, node.region_code())
+                        .is_allowed()
+                })
+                .take(3)
+                .map(str::to_owned)
+                .collect();
             return Err(PipelineError::Denied {
                 profile: target.id().to_owned(),
                 reason: reason.category(),
+                allowed,
             });
         }
     }

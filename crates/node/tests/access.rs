@@ -112,6 +112,12 @@ async fn keys_guardrails_revocation_and_reload() {
         !msg.contains("forbid ("),
         "no policy text in client errors: {msg}"
     );
+    // It says what the caller may use instead.
+    assert!(
+        msg.contains("For this model you may call eu.amazon.nova-lite-v1:0"),
+        "{msg}"
+    );
+    assert!(!msg.contains("us.amazon"), "{msg}");
     // The bare model in Frankfurt is inside the EU: allowed.
     let (s, _) = call(&f, "eu-central-1", Some(&keys.eu), NOVA).await;
     assert_eq!(s, 200);

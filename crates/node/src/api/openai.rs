@@ -805,6 +805,7 @@ pub async fn retrieve_model(
         let e = PipelineError::Denied {
             profile: id,
             reason: reason.category(),
+            allowed: Vec::new(),
         };
         return error_response(&e, &request_id);
     }
