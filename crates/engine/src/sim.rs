@@ -215,9 +215,14 @@ impl Inner {
         let prompt = prompt_tokens(&req.messages);
         let max_tokens = req.max_tokens.unwrap_or(self.cfg.default_max_tokens);
         if u64::from(prompt) + u64::from(max_tokens) > u64::from(self.cfg.context_tokens) {
+            let limit = if req.max_tokens.is_some() {
+                format!("the answer may take up to {max_tokens} tokens")
+            } else {
+                format!("the answer may take up to {max_tokens} tokens (the engine's default)")
+            };
             return Err(BackendError::BadRequest(format!(
-                "prompt has {prompt} tokens and max_tokens is {max_tokens}, which exceeds the \
-                 context limit of {} tokens for model {}",
+                "the prompt has {prompt} tokens and {limit}, which exceeds the context limit of \
+                 {} tokens for model {}; shorten the prompt or ask for fewer tokens",
                 self.cfg.context_tokens, self.model
             )));
         }
