@@ -119,6 +119,14 @@ def test_sdk_exceptions(federation):
     with pytest.raises(rt.exceptions.ValidationException) as e:
         rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs, toolConfig=tools)
     assert "toolConfig is not supported" in str(e.value)
+    # Conversations are checked as the managed service checks them.
+    with pytest.raises(rt.exceptions.ValidationException) as e:
+        rt.converse(modelId="eu.amazon.nova-lite-v1:0",
+                    messages=[{"role": "assistant", "content": [{"text": "x"}]}])
+    assert "must start with a user message" in str(e.value)
+    with pytest.raises(rt.exceptions.ValidationException) as e:
+        rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=[{"role": "user", "content": []}])
+    assert "messages[0].content is empty" in str(e.value)
     # So are guardrails (an unguarded answer to a guarded request) and model-specific fields.
     guardrail = {"guardrailIdentifier": "pii-filter", "guardrailVersion": "1"}
     with pytest.raises(rt.exceptions.ValidationException) as e:

@@ -328,11 +328,21 @@ fn to_pipeline(
             content: text(req.system, "system")?,
         });
     }
+    if req.messages.first().is_some_and(|m| m.role != "user") {
+        return Err(PipelineError::InvalidRequest(
+            "a conversation must start with a user message: make messages[0].role \"user\"".into(),
+        ));
+    }
     for (i, m) in req.messages.into_iter().enumerate() {
         if m.role != "user" && m.role != "assistant" {
             return Err(PipelineError::InvalidRequest(format!(
                 "messages[{i}].role must be user or assistant, not {:?}",
                 m.role
+            )));
+        }
+        if m.content.is_empty() {
+            return Err(PipelineError::InvalidRequest(format!(
+                "messages[{i}].content is empty: give it at least one {{\"text\": ...}} block"
             )));
         }
         messages.push(Message {
