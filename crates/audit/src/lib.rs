@@ -247,6 +247,16 @@ impl Writer {
             previous_sha,
             previous_sig,
         };
+        // A crash between sealing a file and writing its digest leaves the file without
+        // one: its digest is written now, so the chain covers it and the next seal does
+        // not take its name.
+        let orphan = format!("audit-{:010}.jsonl", w.sequence);
+        if dir.join(&orphan).exists() {
+            let events = BufReader::new(File::open(dir.join(&orphan))?)
+                .lines()
+                .count() as u64;
+            w.write_digest(orphan, events)?;
+        }
         // Events left in the open file by a crash are sealed first, so a restart never
         // mixes two runs in one file.
         if w.events > 0 {
@@ -289,14 +299,27 @@ impl Writer {
     fn seal(&mut self) -> std::io::Result<()> {
         self.flush()?;
         let name = format!("audit-{:010}.jsonl", self.sequence);
+        std::fs::rename(self.dir.join(OPEN), self.dir.join(&name))?;
+        self.write_digest(name, self.events)?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(OPEN))?;
+        self.bytes = 0;
+        self.events = 0;
+        self.opened = Instant::now();
+        Ok(())
+    }
+
+    /// Writes the signed digest of the sealed file `name` as the next link of the chain.
+    fn write_digest(&mut self, name: String, events: u64) -> std::io::Result<()> {
         let sealed = self.dir.join(&name);
-        std::fs::rename(self.dir.join(OPEN), &sealed)?;
         let body = DigestBody {
             sequence: self.sequence,
             region: self.region.clone(),
             file: name,
             file_sha256: sha256_file(&sealed)?,
-            events: self.events,
+            events,
             previous_digest_sha256: self.previous_sha.clone(),
             previous_signature: self.previous_sig.clone(),
             sealed_at: time::OffsetDateTime::now_utc()
@@ -321,13 +344,6 @@ impl Writer {
         self.previous_sha = hex::encode(Sha256::digest(&text));
         self.previous_sig = doc.signature;
         self.sequence += 1;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(OPEN))?;
-        self.bytes = 0;
-        self.events = 0;
-        self.opened = Instant::now();
         Ok(())
     }
 }
@@ -619,14 +635,25 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
                 digest: name.clone(),
             });
         }
-        match check_signature(&doc, ca, region) {
+        let body = serde_json::from_str::<DigestBody>(&doc.body).ok();
+        // The certificate must have been valid when the file was sealed (the signed seal
+        // time; digests without one are checked at the time of verification), so an
+        // expired or rotated-out certificate does not void the trail it signed.
+        let at = body
+            .as_ref()
+            .and_then(|b| b.sealed_at.as_deref())
+            .and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .and_then(|t| u64::try_from(t.unix_timestamp()).ok());
+        match check_signature(&doc, ca, region, at) {
             Ok(()) => {}
             Err(why) => report.findings.push(Finding::BadSignature {
                 digest: name.clone(),
                 why,
             }),
         }
-        let Ok(body) = serde_json::from_str::<DigestBody>(&doc.body) else {
+        let Some(body) = body else {
             report.findings.push(Finding::BadSignature {
                 digest: name,
                 why: "unreadable body".into(),
@@ -678,15 +705,20 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
     Ok(report)
 }
 
-fn check_signature(doc: &DigestDocument, ca: &CaVerifier, region: &str) -> Result<(), String> {
+fn check_signature(
+    doc: &DigestDocument,
+    ca: &CaVerifier,
+    region: &str,
+    at: Option<u64>,
+) -> Result<(), String> {
     let cert = B64.decode(&doc.certificate).map_err(|e| e.to_string())?;
     let sig = B64.decode(&doc.signature).map_err(|e| e.to_string())?;
-    // Digests are verified at the time of verification; a rotated-out certificate
-    // still verifies while it is within its validity.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let id = ca.verify(&cert, now)?;
+    let at = at.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    });
+    let id = ca.verify(&cert, at)?;
     if id.region != region {
         return Err(format!("signed by region {}, not {region}", id.region));
     }

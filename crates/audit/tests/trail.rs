@@ -360,3 +360,83 @@ async fn with_write_durability_events_are_in_the_file_when_recorded_and_sealed_i
     // Sealed by the log's thread once the file passed its size.
     assert_eq!(report.events, 10);
 }
+
+/// A trail outlives its region's certificate: each digest is checked against the time it
+/// was sealed (signed with it), not the time of verification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trail_verifies_after_its_certificate_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let short = ca
+        .issue_region(
+            "us-east-1",
+            now - time::Duration::hours(1),
+            now + time::Duration::seconds(3),
+        )
+        .unwrap();
+    let material = TlsMaterial::from_pem(
+        ca.cert_pem().as_bytes(),
+        short.cert_pem.as_bytes(),
+        short.key_pem.as_bytes(),
+        &RegionIdentity::new("demo", "us-east-1"),
+        u64::try_from(now.unix_timestamp()).unwrap(),
+    )
+    .unwrap();
+    let log = AuditLog::open(
+        dir.path(),
+        "us-east-1",
+        Arc::new(NodeKey(material)),
+        Sealing {
+            max_bytes: 1,
+            max_age: Duration::from_secs(3600),
+        },
+    )
+    .unwrap();
+    log.record(&event(0, None, "us-east-1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(log);
+    // The certificate has expired by the time the auditor looks.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let v =
+        crisp_transport::tls::CaVerifier::from_ca_pem("demo", ca.cert_pem().as_bytes()).unwrap();
+    let report = verify(dir.path(), &v, "us-east-1").unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    assert_eq!(report.events, 1);
+}
+
+/// A crash after a file was sealed (renamed) but before its digest was written: the next
+/// start writes the missing digest instead of sealing over the file, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_sealing_and_the_digest_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let key = || Arc::new(NodeKey(material(&ca, "us-east-1")));
+    let sealing = Sealing {
+        max_bytes: 1,
+        max_age: Duration::from_secs(3600),
+    };
+    let log = AuditLog::open(dir.path(), "us-east-1", key(), sealing).unwrap();
+    for i in 0..2 {
+        log.record(&event(i, None, "us-east-1")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(log);
+    // The second file's digest never made it to disk.
+    std::fs::remove_file(dir.path().join("digests/digest-0000000001.json")).unwrap();
+    let log = AuditLog::open(dir.path(), "us-east-1", key(), sealing).unwrap();
+    log.record(&event(2, None, "us-east-1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let v =
+        crisp_transport::tls::CaVerifier::from_ca_pem("demo", ca.cert_pem().as_bytes()).unwrap();
+    let r = verify(dir.path(), &v, "us-east-1").unwrap();
+    assert!(r.findings.is_empty(), "{:?}", r.findings);
+    assert_eq!(r.events, 3);
+    let mut ids: Vec<String> = crisp_audit::events(dir.path())
+        .unwrap()
+        .into_iter()
+        .map(|e| e.request_id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["r0", "r1", "r2"]);
+}
