@@ -43,11 +43,13 @@ pub enum AuditCommand {
         inference_region: Option<String>,
         #[arg(long)]
         error_code: Option<String>,
-        /// RFC 3339 lower bound on eventTime, e.g. 2026-11-28T10:00:00Z.
-        #[arg(long)]
-        since: Option<String>,
-        #[arg(long)]
-        until: Option<String>,
+        /// Events at or after this time (RFC 3339, e.g. 2026-11-28T10:00:00Z or
+        /// 2026-11-28T11:00:00+01:00).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<time::OffsetDateTime>,
+        /// Events at or before this time (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        until: Option<time::OffsetDateTime>,
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
@@ -130,6 +132,11 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                     );
                 }
                 local_end = Some(report.newest.as_ref().map(|(seq, _)| *seq));
+                if report.newest.is_none() && report.unsealed == 0 && report.findings.is_empty() {
+                    println!(
+                        "  nothing to verify: no digest, no sealed file and no event here; if this region has served requests, its trail was removed (give --store to check the shipped copy)"
+                    );
+                }
                 if store.is_none() && report.newest.is_some() {
                     println!(
                         "  files sealed after the newest digest and deleted with it leave no gap: give --store (the region's [audit] store) to compare with the shipped copy"
@@ -196,12 +203,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                     && error_code
                         .as_ref()
                         .is_none_or(|c| e.error_code.as_ref() == Some(c))
-                    && since
-                        .as_ref()
-                        .is_none_or(|s| e.event_time.as_str() >= s.as_str())
-                    && until
-                        .as_ref()
-                        .is_none_or(|u| e.event_time.as_str() <= u.as_str())
+                    && in_window(&e.event_time, since, until)
             };
             for e in events.iter().filter(|e| keep(e)) {
                 if json {
@@ -320,12 +322,35 @@ async fn download_trail(url: &str, region: &str, into: &Path) -> anyhow::Result<
     Ok((location, objects))
 }
 
+/// An RFC 3339 time from the command line, with what to write when it is not one.
+pub fn parse_time(s: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|e| {
+        format!("{s:?} is not an RFC 3339 time ({e}); write it like 2026-11-28T10:00:00Z")
+    })
+}
+
+/// Whether an event's time is inside [since, until], compared as instants (an event whose
+/// time cannot be read is outside any window).
+fn in_window(
+    event_time: &str,
+    since: Option<time::OffsetDateTime>,
+    until: Option<time::OffsetDateTime>,
+) -> bool {
+    if since.is_none() && until.is_none() {
+        return true;
+    }
+    let Ok(t) = parse_time(event_time) else {
+        return false;
+    };
+    since.is_none_or(|s| t >= s) && until.is_none_or(|u| t <= u)
+}
+
 /// `crisp usage`: tokens and cost from audit trails.
 pub fn usage(
     dirs: &[PathBuf],
     by: GroupBy,
-    since: Option<&str>,
-    until: Option<&str>,
+    since: Option<time::OffsetDateTime>,
+    until: Option<time::OffsetDateTime>,
     json: bool,
 ) -> anyhow::Result<()> {
     use std::collections::BTreeMap;
@@ -341,10 +366,7 @@ pub fn usage(
         let events =
             crisp_audit::events(dir).with_context(|| format!("cannot read {}", dir.display()))?;
         for e in events {
-            if e.error_code.is_some()
-                || since.is_some_and(|s| e.event_time.as_str() < s)
-                || until.is_some_and(|u| e.event_time.as_str() > u)
-            {
+            if e.error_code.is_some() || !in_window(&e.event_time, since, until) {
                 continue;
             }
             let d = &e.additional_event_data;

@@ -117,10 +117,12 @@ enum Command {
         dirs: Vec<PathBuf>,
         #[arg(long, value_enum, default_value = "principal")]
         by: crate::audit::GroupBy,
-        #[arg(long)]
-        since: Option<String>,
-        #[arg(long)]
-        until: Option<String>,
+        /// Events at or after this time (RFC 3339, e.g. 2026-11-28T10:00:00Z).
+        #[arg(long, value_parser = crate::audit::parse_time)]
+        since: Option<time::OffsetDateTime>,
+        /// Events at or before this time (RFC 3339).
+        #[arg(long, value_parser = crate::audit::parse_time)]
+        until: Option<time::OffsetDateTime>,
         #[arg(long)]
         json: bool,
     },
@@ -235,7 +237,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             since,
             until,
             json,
-        } => crate::audit::usage(&dirs, by, since.as_deref(), until.as_deref(), json),
+        } => crate::audit::usage(&dirs, by, since, until, json),
         Command::Policy {
             command:
                 PolicyCommand::Check {

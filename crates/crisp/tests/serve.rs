@@ -345,6 +345,52 @@ fn usage_reports_tokens_and_cost_from_the_audit_trail() {
         rows.iter().all(|r| r["key"] != "nope"),
         "failed calls cost nothing"
     );
+    // Time windows compare instants, whatever the offset they are written in.
+    let requests_since = |since: &str| -> u64 {
+        let out = crisp(
+            &[
+                "usage",
+                "--dir",
+                "audit/eu-west-1",
+                "--by",
+                "profile",
+                "--json",
+                "--since",
+                since,
+            ],
+            d,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["requests"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .sum()
+    };
+    let hour_ago = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    let in_paris = hour_ago
+        .to_offset(time::UtcOffset::from_hms(1, 0, 0).unwrap())
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    assert_eq!(requests_since(&in_paris), 3, "{in_paris}");
+    assert_eq!(requests_since("2999-01-01T00:00:00Z"), 0);
+    let out = crisp(
+        &["usage", "--dir", "audit/eu-west-1", "--since", "yesterday"],
+        d,
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("write it like 2026-11-28T10:00:00Z"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn s3s_fs() -> Option<std::path::PathBuf> {
