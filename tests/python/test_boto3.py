@@ -110,6 +110,13 @@ def test_sdk_exceptions(federation):
     with pytest.raises(botocore.exceptions.ClientError) as e:
         bad.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)
     assert e.value.response["Error"]["Code"] == "InvalidSignatureException"
+    # The refused sign-in is in the region's audit trail, like an accepted call.
+    import re, json as _json
+    trail = re.search(r"audit trails: (\S+)/<region>", federation["banner"]).group(1)
+    with open(f"{trail}/eu-west-2/open.jsonl") as f:
+        events = [_json.loads(l) for l in f if l.strip()]
+    assert any(ev.get("errorCode") == "InvalidSignatureException"
+               and ev["requestParameters"]["modelId"] == "eu.amazon.nova-lite-v1:0" for ev in events), events[-3:]
     unknown = client(federation, "bedrock-runtime", EU_WEST_2, akid="AKIAUNKNOWN000000000")
     with pytest.raises(botocore.exceptions.ClientError) as e:
         unknown.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)

@@ -211,12 +211,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         nodes.push(RunningNode::start(node, l, options)?);
     }
     wait_for_mesh(&nodes).await;
-    print_banner(&catalog, &lock);
-    println!(
-        "audit trails: {0}/<region> (crisp audit lookup --dir {0}/us-east-1; crisp audit verify --dir {0}/us-east-1 --ca {0}/ca.pem --deployment {1} --region us-east-1)",
-        audit_root.display(),
-        catalog.deployment.name
-    );
+    print_banner(&catalog, &lock, &audit_root);
 
     crate::cli::shutdown_signal().await;
     eprintln!("\nshutting down {} nodes...", nodes.len());
@@ -242,7 +237,7 @@ async fn wait_for_mesh(nodes: &[RunningNode]) {
     }
 }
 
-fn print_banner(catalog: &Catalog, lock: &Lock) {
+fn print_banner(catalog: &Catalog, lock: &Lock, audit_root: &std::path::Path) {
     let profiles = Profiles::build(catalog, lock);
     println!(
         "crisp: {} regions up on loopback (deployment {:?}), linked by mutual TLS\n",
@@ -318,7 +313,13 @@ print(r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"], r["outpu
   curl -s http://{first}/v1/models -H 'authorization: Bearer {demo_key}'        # what this key may call
   curl -s http://{admin}/metrics          # Prometheus metrics (every node of this process)
 
+audit trails: {audit}/<region>
+  crisp audit lookup --dir {audit}/{region}
+  crisp audit verify --dir {audit}/{region} --ca {audit}/ca.pem --deployment {deployment} --region {region}
+
 Ctrl-C stops every node."#,
+        audit = audit_root.display(),
+        deployment = catalog.deployment.name,
         region = catalog.regions.first().map_or("?", |r| r.code.as_str()),
         akid = DEMO_ACCESS_KEY,
         demo_key = DEMO_API_KEY,

@@ -211,20 +211,30 @@ async fn read(
     req: Request,
     request_id: &str,
 ) -> Result<(http::request::Parts, Bytes, Option<String>), Response> {
+    read_or_refuse(node, req)
+        .await
+        .map_err(|(status, exception, message)| error(status, exception, &message, request_id))
+}
+
+/// Reads the (size-limited) body and authenticates the caller; a refusal says its status,
+/// exception and message.
+async fn read_or_refuse(
+    node: &Node,
+    req: Request,
+) -> Result<(http::request::Parts, Bytes, Option<String>), (StatusCode, &'static str, String)> {
     let (parts, body) = req.into_parts();
     let limit = node.catalog.limits.max_body_bytes;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        error(
+        (
             StatusCode::BAD_REQUEST,
             "ValidationException",
-            &format!("the request body is larger than this node's limit of {limit} bytes"),
-            request_id,
+            format!("the request body is larger than this node's limit of {limit} bytes"),
         )
     })?;
     let principal = authenticate(node, &parts, &bytes).map_err(|e| {
         metrics::counter!("crisp_auth_failures_total", "api" => "bedrock", "reason" => e.exception())
             .increment(1);
-        error(StatusCode::FORBIDDEN, e.exception(), &e.to_string(), request_id)
+        (StatusCode::FORBIDDEN, e.exception(), e.to_string())
     })?;
     Ok((parts, bytes, principal))
 }
@@ -476,7 +486,19 @@ async fn admit(
     let guarded = req
         .headers()
         .contains_key("x-amzn-bedrock-guardrailidentifier");
-    let (_, body, principal) = read(node, req, request_id).await?;
+    let (_, body, principal) = match read_or_refuse(node, req).await {
+        Ok(read) => read,
+        Err((status, exception, message)) => {
+            // A refused caller is audited too: who tried, with which error.
+            let refused = if status == StatusCode::FORBIDDEN {
+                PipelineError::Unauthenticated(message.clone())
+            } else {
+                PipelineError::InvalidRequest(message.clone())
+            };
+            audit::failed(node, &call, None, exception, &refused).await;
+            return Err(error(status, exception, &message, request_id));
+        }
+    };
     call.principal.clone_from(&principal);
     if node.invocation_log.is_some() {
         call.input = serde_json::from_slice(&body).ok();
