@@ -627,3 +627,37 @@ fn audit_files_reach_the_object_store_and_survive_an_outage() {
     );
     drop(s3);
 }
+
+/// A client that leaves in the middle of a streamed answer still leaves an event: the
+/// model ran, and the trail says where.
+#[test]
+fn a_client_that_leaves_mid_answer_is_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (client, peer, admin) = (port(), port(), port());
+    std::fs::write(d.join("crisp.toml"), config(client, peer, admin, false)).unwrap();
+    issue_certs(d);
+    let _node = serve(d, client, &[]);
+    let body = r#"{"model": "eu.m1", "stream": true, "max_tokens": 4000, "messages": [{"role": "user", "content": "a long story"}]}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", client)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 512];
+    let n = s.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    drop(s);
+    let trail = d.join("audit/eu-west-1");
+    eventually("the abandoned call is in the trail", || {
+        crisp_audit::events(&trail).is_ok_and(|events| {
+            events.iter().any(|e| {
+                e.error_code.as_deref() == Some("ClientDisconnected")
+                    && e.additional_event_data.inference_region.as_deref() == Some("eu-west-1")
+            })
+        })
+    });
+}

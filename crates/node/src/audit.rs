@@ -248,9 +248,77 @@ pub async fn failed(node: &Node, call: &Call, ran: Option<&Ran>, code: &str, err
     let _ = audit.write(&event).await;
 }
 
+/// Records a call whose client went away before its answer ended (the handler or the
+/// response body was dropped): the model ran, so the trail says so. Disarmed by the
+/// answer's last chunk or error, whose outcome the API edge records itself.
+struct Unfinished {
+    node: Arc<Node>,
+    call: Call,
+    ran: Ran,
+    armed: bool,
+}
+
+impl Unfinished {
+    /// The answer reached its end (or broke): the API edge records the outcome.
+    fn settle(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (node, call, ran) = (self.node.clone(), self.call.clone(), self.ran.clone());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { abandoned(&node, &call, &ran).await });
+        }
+    }
+}
+
+/// The event of a call abandoned by its client mid-answer.
+async fn abandoned(node: &Node, call: &Call, ran: &Ran) {
+    let Some(audit) = &node.audit else {
+        return;
+    };
+    let mut event = base(node, call);
+    event.error_code = Some("ClientDisconnected".into());
+    event.error_message = Some(format!(
+        "the client closed the connection before the answer was complete; the model ran in {}",
+        ran.inference_region
+    ));
+    event.additional_event_data.inference_region = Some(ran.inference_region.clone());
+    event.additional_event_data.profile_id = Some(ran.profile_id.clone());
+    event.additional_event_data.regions_tried = ran.tried.clone();
+    let _ = audit.write(&event).await;
+}
+
+/// An admitted answer whose call is audited even if its client goes away before it ends.
+pub fn guarded(
+    stream: crisp_engine::ChunkStream,
+    node: Arc<Node>,
+    call: Call,
+    ran: Ran,
+) -> crisp_engine::ChunkStream {
+    use futures::StreamExt;
+    let mut guard = Unfinished {
+        node,
+        call,
+        ran,
+        armed: true,
+    };
+    // The closure owns the guard: it is dropped with the stream.
+    Box::pin(stream.inspect(move |item| {
+        if !matches!(item, Ok(crisp_engine::Chunk::Delta(_))) {
+            guard.settle();
+        }
+    }))
+}
+
 /// Wraps an admitted answer so that its final chunk is released only once the audit event
 /// is recorded (a failed write turns it into an error), and a broken answer is audited as
-/// failed.
+/// failed; one its client abandons is audited too.
 pub fn audited(
     node: Arc<Node>,
     call: Call,
@@ -259,6 +327,7 @@ pub fn audited(
 ) -> crisp_engine::ChunkStream {
     use futures::StreamExt;
     let text = Arc::new(std::sync::Mutex::new(String::new()));
+    let stream = guarded(stream, node.clone(), call.clone(), ran.clone());
     Box::pin(stream.then(move |item| {
         let (node, call, ran, text) = (node.clone(), call.clone(), ran.clone(), text.clone());
         async move {

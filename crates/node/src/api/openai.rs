@@ -557,15 +557,18 @@ pub(super) async fn begin(
 /// where it runs, carry the request's ID and its content type (SSE when streamed).
 pub(super) async fn admit(
     node: &Arc<Node>,
+    call: &Call,
     mut infer: InferRequest,
     principal: Option<String>,
     stream: bool,
 ) -> Result<(Admitted, Ran, HeaderMap), Failure> {
     let request_id = infer.request_id.clone();
     infer.principal = principal;
-    let admitted = pipeline::run(node, infer).await.map_err(|e| (e, None))?;
+    let mut admitted = pipeline::run(node, infer).await.map_err(|e| (e, None))?;
     observe::admitted(node, &request_id, &admitted, "openai", stream);
     let ran = Ran::of(&admitted);
+    // From here the model runs: a client that leaves before the answer ends is audited.
+    admitted.stream = audit::guarded(admitted.stream, node.clone(), call.clone(), ran.clone());
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&admitted.inference_region) {
         headers.insert(INFERENCE_REGION_HEADER, v);
@@ -606,7 +609,7 @@ async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Respo
     let (infer, stream, include_usage) = chat
         .into_pipeline(request_id.clone())
         .map_err(|e| (PipelineError::InvalidRequest(e), None))?;
-    let (admitted, ran, headers) = admit(node, infer, principal, stream).await?;
+    let (admitted, ran, headers) = admit(node, call, infer, principal, stream).await?;
     if stream {
         let body = sse_body(
             node.clone(),

@@ -296,7 +296,7 @@ pub(super) async fn handle(
     let (infer, stream) = request
         .into_pipeline(request_id)
         .map_err(|e| (PipelineError::InvalidRequest(e), None))?;
-    let (admitted, ran, headers) = openai::admit(node, infer, principal, stream).await?;
+    let (admitted, ran, headers) = openai::admit(node, call, infer, principal, stream).await?;
     if stream {
         let body = sse_body(node.clone(), call.clone(), ran, admitted.stream, settings);
         return Ok((headers, body).into_response());
