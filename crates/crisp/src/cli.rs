@@ -426,7 +426,10 @@ struct ServeSetup {
 /// Reads and validates the configuration, lock file, certificates and access files and
 /// builds the node from them; nothing is started, so a broken configuration changes
 /// nothing.
-async fn build_node(setup: &ServeSetup) -> anyhow::Result<Node> {
+/// Builds the node of a configuration; on a reload, `running` is the node serving now,
+/// whose audit trail and invocation log the new node keeps writing (one writer per
+/// directory: a second one would seal the file the first still appends to).
+async fn build_node(setup: &ServeSetup, running: Option<&Node>) -> anyhow::Result<Node> {
     let config = setup.config.as_path();
     let region = setup.region.as_str();
     let catalog = load_config(config)?;
@@ -484,17 +487,34 @@ async fn build_node(setup: &ServeSetup) -> anyhow::Result<Node> {
     let access_files = crate::access::files(config, &catalog)?;
     let tls = Arc::new(tls);
     let audit_dir = crate::audit::dir_for(&setup.data_dir, &catalog, region);
-    let audit = crate::audit::open(&audit_dir, &catalog, region, tls.clone())?;
-    tracing::info!(dir = %audit_dir.display(), "audit trail");
+    let kept = running.and_then(|n| n.audit.clone().map(|a| (n, a)));
+    let audit = match kept {
+        Some((old, audit)) => {
+            if old.catalog.audit != catalog.audit {
+                tracing::warn!(
+                    "the [audit] settings changed: they take effect when the node restarts (the running trail keeps its one writer)"
+                );
+            }
+            audit
+        }
+        None => {
+            let audit = crate::audit::open(&audit_dir, &catalog, region, tls.clone())?;
+            tracing::info!(dir = %audit_dir.display(), "audit trail");
+            audit
+        }
+    };
     if let Some(note) = crate::audit::shared_store_note(&catalog) {
         tracing::warn!("{note}");
     }
-    let shipper = match &catalog.audit.store {
-        Some(url) => Some(Arc::new(
+    let shipper = match (&catalog.audit.store, running) {
+        (Some(_), Some(old)) if old.catalog.audit.store == catalog.audit.store => {
+            old.audit_shipper.clone()
+        }
+        (Some(url), _) => Some(Arc::new(
             crisp_node::audit::Shipper::from_url(&audit_dir, url, region)
                 .map_err(|e| anyhow::anyhow!("audit store: {e}"))?,
         )),
-        None => None,
+        (None, _) => None,
     };
     let mut node = Node::new(catalog, &lock, region, tls)?
         .with_app_profiles(app_profiles)
@@ -508,17 +528,30 @@ async fn build_node(setup: &ServeSetup) -> anyhow::Result<Node> {
         .iter()
         .find(|l| l.region == region)
     {
-        let dir = setup.data_dir.join("invocations").join(region);
-        let log = crisp_node::invocations::InvocationLog::new(
-            &dir,
-            &settings.store,
-            &node.catalog.deployment.account,
-            region,
-            settings.large_body_bytes,
-        )
-        .map_err(|e| anyhow::anyhow!("invocation log: {e}"))?;
-        tracing::info!(store = %settings.store, "model invocation logging is on for this region");
-        node = node.with_invocation_log(Arc::new(log));
+        let log = match running.and_then(|n| n.invocation_log.clone().map(|l| (n, l))) {
+            Some((old, log)) => {
+                if !old.catalog.invocation_logs.contains(settings) {
+                    tracing::warn!(
+                        "the [[invocation_log]] settings changed: they take effect when the node restarts"
+                    );
+                }
+                log
+            }
+            None => {
+                let dir = setup.data_dir.join("invocations").join(region);
+                let log = crisp_node::invocations::InvocationLog::new(
+                    &dir,
+                    &settings.store,
+                    &node.catalog.deployment.account,
+                    region,
+                    settings.large_body_bytes,
+                )
+                .map_err(|e| anyhow::anyhow!("invocation log: {e}"))?;
+                tracing::info!(store = %settings.store, "model invocation logging is on for this region");
+                Arc::new(log)
+            }
+        };
+        node = node.with_invocation_log(log);
     }
     match access_files {
         Some(files) => {
@@ -618,7 +651,7 @@ async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<(
         metrics: install_metrics()?,
     };
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let node = build_node(&setup).await?;
+    let node = build_node(&setup, None).await?;
     let listeners = Listeners::bind_catalog(&node.catalog, region, setup.listen.as_deref()).await?;
     let mut running = start_node(&setup, node, listeners, reload_tx.clone())?;
 
@@ -641,7 +674,7 @@ async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<(
         // A changed configuration or lock file means a new node: built and validated in
         // full first, started on the same ports alongside the old one (SO_REUSEPORT), and
         // only then is the old one drained. A broken configuration changes nothing.
-        match build_node(&setup).await {
+        match build_node(&setup, Some(&running.node)).await {
             Ok(node)
                 if node.catalog == running.node.catalog
                     && node.profiles.len() == running.node.profiles.len()

@@ -183,6 +183,46 @@ fn the_configuration_reloads_on_sighup_and_on_the_admin_endpoint_and_a_broken_on
     assert_eq!(chat(client, "m2"), 200);
     assert_eq!(chat(client, "eu.m1"), 200);
     assert_eq!(http(admin, "GET", "/readyz", "").0, 200);
+
+    // Reloads, with a changed configuration and with the same one, keep one writer on the
+    // audit trail: it still verifies, with every call in it.
+    std::fs::write(d.join("crisp.toml"), config(client, peer, admin, true)).unwrap();
+    let (status, body) = http(admin, "POST", "/admin/reload", "");
+    assert_eq!(status, 200, "{body}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(chat(client, "eu.m1"), 200);
+    let (status, body) = http(admin, "POST", "/admin/reload", "");
+    assert_eq!(status, 200, "{body}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(chat(client, "eu.m1"), 200);
+    drop(node);
+    let out = crisp(
+        &[
+            "audit",
+            "verify",
+            "--dir",
+            "audit/eu-west-1",
+            "--ca",
+            "certs/ca.pem",
+            "--deployment",
+            "solo",
+            "--region",
+            "eu-west-1",
+        ],
+        d,
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    let events = crisp_audit::events(&d.join("audit/eu-west-1")).unwrap();
+    // eu.m1 five times, m2 at least twice, eu.m2 once (m2 was polled until served).
+    assert!(events.len() >= 8, "{report}");
+    let last_two = &events[events.len() - 2..];
+    assert!(
+        last_two
+            .iter()
+            .all(|e| e.request_parameters.model_id == "eu.m1" && e.error_code.is_none()),
+        "the calls after the reloads are recorded: {report}"
+    );
 }
 
 /// Every request a client saw complete has its audit event after `kill -9` and restart.
