@@ -202,6 +202,8 @@ struct Writer {
     sequence: u64,
     previous_sha: String,
     previous_sig: String,
+    /// Held while this writer lives: one writer per trail, even across processes.
+    _lock: File,
 }
 
 impl Writer {
@@ -212,6 +214,24 @@ impl Writer {
         sealing: Sealing,
     ) -> std::io::Result<Writer> {
         std::fs::create_dir_all(dir.join("digests"))?;
+        // A second writer would seal the file the first appends to: refuse it.
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(".lock"))?;
+        // A writer that is just stopping (a restart) gets a moment to let go.
+        let mut attempts = 0;
+        while let Err(e) = lock.try_lock() {
+            attempts += 1;
+            if attempts > 40 {
+                return Err(std::io::Error::other(format!(
+                    "{} is already written by another node ({e}): run one node per region and data directory",
+                    dir.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         // Continue the chain where it ended.
         let mut sequence = 0;
         let mut previous_sha = String::new();
@@ -246,6 +266,7 @@ impl Writer {
             sequence,
             previous_sha,
             previous_sig,
+            _lock: lock,
         };
         // A crash between sealing a file and writing its digest leaves the file without
         // one: its digest is written now, so the chain covers it and the next seal does

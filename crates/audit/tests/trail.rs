@@ -440,3 +440,21 @@ async fn a_crash_between_sealing_and_the_digest_loses_nothing() {
     ids.sort();
     assert_eq!(ids, ["r0", "r1", "r2"]);
 }
+
+/// One writer per trail: a second node on the same directory is refused, not allowed to
+/// seal the file the first one appends to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_on_a_trail_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let key = || Arc::new(NodeKey(material(&ca, "us-east-1")));
+    let first = AuditLog::open(dir.path(), "us-east-1", key(), Sealing::default()).unwrap();
+    first.record(&event(0, None, "us-east-1")).await.unwrap();
+    let second = AuditLog::open(dir.path(), "us-east-1", key(), Sealing::default());
+    let err = second
+        .err()
+        .expect("a second writer is refused")
+        .to_string();
+    assert!(err.contains("already written by another node"), "{err}");
+    first.record(&event(1, None, "us-east-1")).await.unwrap();
+}

@@ -89,7 +89,7 @@ pub fn run(command: CertsCommand) -> anyhow::Result<()> {
             dir,
             days,
         } => {
-            if dir.join("ca.key").exists() {
+            if dir.join("ca.key").exists() || dir.join("ca.pem").exists() {
                 bail!(
                     "{} already holds a CA; remove it first if you really mean to replace it (every node certificate would have to be reissued)",
                     dir.display()

@@ -461,7 +461,7 @@ async fn build_node(setup: &ServeSetup, running: Option<&Node>) -> anyhow::Resul
     let tls = TlsStore::load(TlsFiles::in_dir(&certs, region), identity, unix_ms() / 1000)
         .with_context(|| {
             format!(
-                "the backbone needs this node's certificates in {0}; create them with `crisp certs init --deployment {1} --dir {0}` and `crisp certs issue --deployment {1} --region {region} --dir {0}`",
+                "the backbone needs this node's certificates in {0} (ca.pem, {region}.pem, {region}.key, issued for deployment {1}); issue them where the deployment CA's key is kept with `crisp certs issue --deployment {1} --region {region} --dir <that directory>` and copy ca.pem and the region's two files here (a new deployment starts with `crisp certs init`)",
                 certs.display(),
                 catalog.deployment.name
             )
