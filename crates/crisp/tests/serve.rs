@@ -90,6 +90,25 @@ fn crisp(args: &[&str], dir: &Path) -> std::process::Output {
         .unwrap()
 }
 
+/// `crisp audit verify` of eu-west-1's trail in `d/audit`.
+fn verify_trail(d: &Path) -> std::process::Output {
+    crisp(
+        &[
+            "audit",
+            "verify",
+            "--dir",
+            "audit/eu-west-1",
+            "--ca",
+            "certs/ca.pem",
+            "--deployment",
+            "solo",
+            "--region",
+            "eu-west-1",
+        ],
+        d,
+    )
+}
+
 /// A deployment CA and eu-west-1's certificate in `d/certs`.
 fn issue_certs(d: &Path) {
     for args in [
@@ -196,21 +215,7 @@ fn the_configuration_reloads_on_sighup_and_on_the_admin_endpoint_and_a_broken_on
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(chat(client, "eu.m1"), 200);
     drop(node);
-    let out = crisp(
-        &[
-            "audit",
-            "verify",
-            "--dir",
-            "audit/eu-west-1",
-            "--ca",
-            "certs/ca.pem",
-            "--deployment",
-            "solo",
-            "--region",
-            "eu-west-1",
-        ],
-        d,
-    );
+    let out = verify_trail(d);
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{report}");
     let events = crisp_audit::events(&d.join("audit/eu-west-1")).unwrap();
@@ -309,21 +314,7 @@ fn no_completed_request_is_missing_from_the_audit_trail_after_kill_9() {
         );
     }
     // And the trail verifies.
-    let out = crisp(
-        &[
-            "audit",
-            "verify",
-            "--dir",
-            "audit/eu-west-1",
-            "--ca",
-            "certs/ca.pem",
-            "--deployment",
-            "solo",
-            "--region",
-            "eu-west-1",
-        ],
-        d,
-    );
+    let out = verify_trail(d);
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{report}");
     // Events not sealed yet are counted, not passed over in silence.

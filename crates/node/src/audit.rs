@@ -87,6 +87,19 @@ pub struct Call {
 }
 
 impl Call {
+    /// Who called what, without the body: what an event needs.
+    fn identity(&self) -> Call {
+        Call {
+            request_id: self.request_id.clone(),
+            event_name: self.event_name,
+            requested: self.requested.clone(),
+            principal: self.principal.clone(),
+            source_ip: self.source_ip.clone(),
+            user_agent: self.user_agent.clone(),
+            input: None,
+        }
+    }
+
     pub fn new(
         request_id: &str,
         event_name: &'static str,
@@ -249,28 +262,22 @@ pub async fn failed(node: &Node, call: &Call, ran: Option<&Ran>, code: &str, err
 }
 
 /// Records a call whose client went away before its answer ended (the handler or the
-/// response body was dropped): the model ran, so the trail says so. Disarmed by the
+/// response body was dropped): the model ran, so the trail says so. Emptied by the
 /// answer's last chunk or error, whose outcome the API edge records itself.
-struct Unfinished {
-    node: Arc<Node>,
-    call: Call,
-    ran: Ran,
-    armed: bool,
-}
+struct Unfinished(Option<(Arc<Node>, Call, Ran)>);
 
 impl Unfinished {
     /// The answer reached its end (or broke): the API edge records the outcome.
     fn settle(&mut self) {
-        self.armed = false;
+        self.0 = None;
     }
 }
 
 impl Drop for Unfinished {
     fn drop(&mut self) {
-        if !self.armed {
+        let Some((node, call, ran)) = self.0.take() else {
             return;
-        }
-        let (node, call, ran) = (self.node.clone(), self.call.clone(), self.ran.clone());
+        };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move { abandoned(&node, &call, &ran).await });
         }
@@ -294,20 +301,19 @@ async fn abandoned(node: &Node, call: &Call, ran: &Ran) {
     let _ = audit.write(&event).await;
 }
 
-/// An admitted answer whose call is audited even if its client goes away before it ends.
+/// An admitted answer whose call is audited even if its client goes away before it ends
+/// (unchanged on a node without an audit trail).
 pub fn guarded(
     stream: crisp_engine::ChunkStream,
-    node: Arc<Node>,
-    call: Call,
-    ran: Ran,
+    node: &Arc<Node>,
+    call: &Call,
+    ran: &Ran,
 ) -> crisp_engine::ChunkStream {
     use futures::StreamExt;
-    let mut guard = Unfinished {
-        node,
-        call,
-        ran,
-        armed: true,
-    };
+    if node.audit.is_none() {
+        return stream;
+    }
+    let mut guard = Unfinished(Some((node.clone(), call.identity(), ran.clone())));
     // The closure owns the guard: it is dropped with the stream.
     Box::pin(stream.inspect(move |item| {
         if !matches!(item, Ok(crisp_engine::Chunk::Delta(_))) {
@@ -327,7 +333,7 @@ pub fn audited(
 ) -> crisp_engine::ChunkStream {
     use futures::StreamExt;
     let text = Arc::new(std::sync::Mutex::new(String::new()));
-    let stream = guarded(stream, node.clone(), call.clone(), ran.clone());
+    let stream = guarded(stream, &node, &call, &ran);
     Box::pin(stream.then(move |item| {
         let (node, call, ran, text) = (node.clone(), call.clone(), ran.clone(), text.clone());
         async move {

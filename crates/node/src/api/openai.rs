@@ -568,7 +568,7 @@ pub(super) async fn admit(
     observe::admitted(node, &request_id, &admitted, "openai", stream);
     let ran = Ran::of(&admitted);
     // From here the model runs: a client that leaves before the answer ends is audited.
-    admitted.stream = audit::guarded(admitted.stream, node.clone(), call.clone(), ran.clone());
+    admitted.stream = audit::guarded(admitted.stream, node, call, &ran);
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&admitted.inference_region) {
         headers.insert(INFERENCE_REGION_HEADER, v);
