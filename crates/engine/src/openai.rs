@@ -184,16 +184,19 @@ impl OpenAiBackend {
         Ok(m)
     }
 
-    /// Scrapes every `interval` for as long as the returned task runs.
+    /// Scrapes every `interval` until the returned task is aborted or the backend (every
+    /// clone of it) is dropped, so a replaced node's engines stop being scraped.
     pub fn spawn_scraper(&self, interval: Duration) -> Option<tokio::task::JoinHandle<()>> {
         self.shared.cfg.metrics_url.as_ref()?;
         let handle = tokio::runtime::Handle::try_current().ok()?;
-        let me = self.clone();
+        let weak = Arc::downgrade(&self.shared);
         Some(handle.spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                let Some(shared) = weak.upgrade() else { return };
+                let me = OpenAiBackend { shared };
                 if let Err(e) = me.scrape().await {
                     tracing::debug!(url = ?me.shared.cfg.metrics_url, error = %e, "engine metrics unavailable");
                     if let Ok(mut g) = me.shared.scraped.lock() {

@@ -86,7 +86,9 @@ async fn server(behaviour: Behaviour) -> (u16, Arc<Seen>) {
                     read.read_exact(&mut body).await.unwrap();
                     s.requests.fetch_add(1, Ordering::SeqCst);
                     *s.last_head.lock().unwrap() = head;
-                    *s.last_body.lock().unwrap() = serde_json::from_slice(&body).unwrap();
+                    if let Ok(json) = serde_json::from_slice(&body) {
+                        *s.last_body.lock().unwrap() = json;
+                    }
                     match behaviour {
                         Behaviour::Busy => {
                             let msg = r#"{"error":{"message":"busy"}}"#;
@@ -139,7 +141,11 @@ fn backend(port: u16) -> OpenAiBackend {
 }
 
 fn backend_with(port: u16, first_token_timeout: Duration) -> OpenAiBackend {
-    OpenAiBackend::new(OpenAiConfig {
+    OpenAiBackend::new(config(port, first_token_timeout)).unwrap()
+}
+
+fn config(port: u16, first_token_timeout: Duration) -> OpenAiConfig {
+    OpenAiConfig {
         base_url: format!("http://127.0.0.1:{port}/v1"),
         api_key: Some("sk-upstream".into()),
         upstream_model: "m".into(),
@@ -151,8 +157,7 @@ fn backend_with(port: u16, first_token_timeout: Duration) -> OpenAiBackend {
         metrics_url: None,
         default_retry_after: Duration::from_secs(1),
         ca_pem: None,
-    })
-    .unwrap()
+    }
 }
 
 fn request() -> GenerateRequest {
@@ -342,4 +347,26 @@ async fn admission_is_the_answers_head_not_its_end() {
         body["stream"], true,
         "the request went upstream without \"stream\": true"
     );
+}
+
+#[tokio::test]
+async fn the_engine_metrics_scraper_ends_with_its_backend() {
+    let (port, seen) = server(Behaviour::KeepAlive).await;
+    let b = OpenAiBackend::new(OpenAiConfig {
+        metrics_url: Some(format!("http://127.0.0.1:{port}/metrics")),
+        ..config(port, Duration::from_secs(5))
+    })
+    .unwrap();
+    let task = b.spawn_scraper(Duration::from_millis(20)).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(seen.requests.load(Ordering::SeqCst) > 0, "never scraped");
+    // A replaced node drops its engines: the scraper stops with them.
+    drop(b);
+    tokio::time::timeout(Duration::from_secs(2), task)
+        .await
+        .expect("the scraper outlived its backend")
+        .unwrap();
+    let after = seen.requests.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(seen.requests.load(Ordering::SeqCst), after);
 }
