@@ -98,6 +98,16 @@ enum Command {
         /// directory].
         #[arg(long, env = "CRISP_DATA_DIR", value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// On SIGTERM, Ctrl-C or a reload that replaces the node: how long open requests
+        /// and streams may run on after the node stops accepting. Answers still streaming
+        /// then end with an error telling the client to send the request again.
+        #[arg(
+            long,
+            env = "CRISP_DRAIN_GRACE_S",
+            default_value_t = 10,
+            value_name = "SECONDS"
+        )]
+        drain_grace: u64,
     },
     /// Create the deployment CA and issue region certificates for the backbone.
     Certs {
@@ -212,6 +222,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             busy_poll,
             listen,
             data_dir,
+            drain_grace,
         } => {
             let client_tls = match (client_cert, client_key) {
                 (Some(c), Some(k)) => Some((c, k)),
@@ -225,6 +236,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 threads,
                 listen,
                 data_dir,
+                grace: std::time::Duration::from_secs(drain_grace),
             };
             serve(&config, &region, args).await
         }
@@ -420,6 +432,8 @@ struct ServeSetup {
     listen: Option<String>,
     /// Where the node writes its local data.
     data_dir: PathBuf,
+    /// How long a stopping node drains.
+    grace: std::time::Duration,
     metrics: crisp_node::admin::MetricsRender,
 }
 
@@ -567,11 +581,14 @@ async fn build_node(setup: &ServeSetup, running: Option<&Node>) -> anyhow::Resul
     Ok(node)
 }
 
+/// What a reload asked for on the admin listener is answered with.
+type ReloadReply = tokio::sync::oneshot::Sender<Result<&'static str, String>>;
+
 fn start_node(
     setup: &ServeSetup,
     node: Node,
     listeners: Listeners,
-    reload: tokio::sync::mpsc::Sender<()>,
+    reload: tokio::sync::mpsc::Sender<ReloadReply>,
 ) -> anyhow::Result<RunningNode> {
     let running = RunningNode::start(
         node,
@@ -580,10 +597,20 @@ fn start_node(
             client_tls: setup.client_tls.clone(),
             metrics: Some(setup.metrics.clone()),
             on_reload: Some(Arc::new(move || {
-                let _ = reload.try_send(());
+                let reload = reload.clone();
+                Box::pin(async move {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    reload
+                        .send(tx)
+                        .await
+                        .map_err(|_| "the node is shutting down".to_owned())?;
+                    rx.await
+                        .map_err(|_| "the node is shutting down".to_owned())?
+                })
             })),
             client_threads: setup.threads.threads,
             busy_poll: setup.threads.busy_poll,
+            grace: setup.grace,
             ..ServeOptions::default()
         },
     )?;
@@ -605,6 +632,7 @@ struct ServeArgs {
     threads: ClientThreads,
     listen: Option<String>,
     data_dir: Option<PathBuf>,
+    grace: std::time::Duration,
 }
 
 async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<()> {
@@ -615,6 +643,7 @@ async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<(
         threads,
         listen,
         data_dir,
+        grace,
     } = args;
     let data_dir = match data_dir {
         Some(dir) => {
@@ -648,9 +677,10 @@ async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<(
         threads,
         listen,
         data_dir,
+        grace,
         metrics: install_metrics()?,
     };
-    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadReply>(1);
     let node = build_node(&setup, None).await?;
     let listeners = Listeners::bind_catalog(&node.catalog, region, setup.listen.as_deref()).await?;
     let mut running = start_node(&setup, node, listeners, reload_tx.clone())?;
@@ -664,55 +694,76 @@ async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<(
         let hangup = hup.recv();
         #[cfg(not(unix))]
         let hangup = std::future::pending::<Option<()>>();
-        tokio::select! {
+        let reply = tokio::select! {
             () = &mut shutdown => break,
-            _ = hangup => tracing::info!("SIGHUP: reloading"),
-            _ = reload_rx.recv() => tracing::info!("reload requested on the admin listener"),
-        }
-        // Certificates and access files swap in place.
-        let _ = running.node.reload();
-        // A changed configuration or lock file means a new node: built and validated in
-        // full first, started on the same ports alongside the old one (SO_REUSEPORT), and
-        // only then is the old one drained. A broken configuration changes nothing.
-        match build_node(&setup, Some(&running.node)).await {
-            Ok(node)
-                if node.catalog == running.node.catalog
-                    && node.profiles.len() == running.node.profiles.len()
-                    && node
-                        .profiles
-                        .iter()
-                        .zip(running.node.profiles.iter())
-                        .all(|(a, b)| a == b) => {}
-            Ok(node) => {
-                let listeners =
-                    match Listeners::bind_catalog(&node.catalog, region, setup.listen.as_deref())
-                        .await
-                    {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "new configuration refused: cannot listen");
-                            continue;
-                        }
-                    };
-                match start_node(&setup, node, listeners, reload_tx.clone()) {
-                    Ok(next) => {
-                        let old = std::mem::replace(&mut running, next);
-                        tracing::info!("configuration reloaded; draining the previous node");
-                        tokio::spawn(old.shutdown());
-                    }
-                    Err(e) => tracing::error!(error = %e, "new configuration refused"),
-                }
+            _ = hangup => {
+                tracing::info!("SIGHUP: reloading");
+                // Certificates and access files swap in place.
+                let _ = running.node.reload();
+                None
             }
-            Err(e) => {
-                metrics::counter!("crisp_reload_failures_total", "what" => "configuration")
-                    .increment(1);
-                tracing::error!(error = %format!("{e:#}"), "new configuration refused; the node keeps the current one");
+            // The admin endpoint has reloaded those itself.
+            Some(reply) = reload_rx.recv() => {
+                tracing::info!("reload requested on the admin listener");
+                Some(reply)
             }
+        };
+        let outcome = reload_configuration(&setup, &mut running, reload_tx.clone()).await;
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
         }
     }
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
+}
+
+/// A changed configuration or lock file means a new node: built and validated in full
+/// first, started on the same ports alongside the old one (SO_REUSEPORT), and only then is
+/// the old one drained. A broken configuration changes nothing and says why.
+async fn reload_configuration(
+    setup: &ServeSetup,
+    running: &mut RunningNode,
+    reload_tx: tokio::sync::mpsc::Sender<ReloadReply>,
+) -> Result<&'static str, String> {
+    let refused = |e: String| {
+        metrics::counter!("crisp_reload_failures_total", "what" => "configuration").increment(1);
+        tracing::error!(error = %e, "new configuration refused; the node keeps the current one");
+        Err(e)
+    };
+    let node = match build_node(setup, Some(&running.node)).await {
+        Ok(node) => node,
+        Err(e) => return refused(format!("{e:#}")),
+    };
+    if node.catalog == running.node.catalog
+        && node.profiles.len() == running.node.profiles.len()
+        && node
+            .profiles
+            .iter()
+            .zip(running.node.profiles.iter())
+            .all(|(a, b)| a == b)
+    {
+        return Ok("unchanged");
+    }
+    let listeners = match Listeners::bind_catalog(
+        &node.catalog,
+        &setup.region,
+        setup.listen.as_deref(),
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(e) => return refused(format!("cannot listen: {e}")),
+    };
+    match start_node(setup, node, listeners, reload_tx) {
+        Ok(next) => {
+            let old = std::mem::replace(running, next);
+            tracing::info!("configuration reloaded; draining the previous node");
+            tokio::spawn(old.retire());
+            Ok("reloaded")
+        }
+        Err(e) => refused(format!("{e:#}")),
+    }
 }
 
 pub async fn shutdown_signal() {

@@ -197,22 +197,32 @@ fn the_configuration_reloads_on_sighup_and_on_the_admin_endpoint_and_a_broken_on
     )
     .unwrap();
     let (status, body) = http(admin, "POST", "/admin/reload", "");
-    assert_eq!(status, 200, "{body}");
-    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(status, 422, "a refused configuration is an error: {body}");
+    assert!(
+        body.contains(r#""configuration":{"status":"refused","error":"#) && body.contains("bogus"),
+        "the answer says what was refused and why: {body}"
+    );
     assert_eq!(chat(client, "m2"), 200);
     assert_eq!(chat(client, "eu.m1"), 200);
     assert_eq!(http(admin, "GET", "/readyz", "").0, 200);
 
     // Reloads, with a changed configuration and with the same one, keep one writer on the
     // audit trail: it still verifies, with every call in it.
-    std::fs::write(d.join("crisp.toml"), config(client, peer, admin, true)).unwrap();
+    std::fs::write(d.join("crisp.toml"), config(client, peer, admin, false)).unwrap();
     let (status, body) = http(admin, "POST", "/admin/reload", "");
     assert_eq!(status, 200, "{body}");
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        body.contains(r#""configuration":{"status":"reloaded"}"#),
+        "{body}"
+    );
+    eventually("the new node serves", || chat(client, "m2") == 404);
     assert_eq!(chat(client, "eu.m1"), 200);
     let (status, body) = http(admin, "POST", "/admin/reload", "");
     assert_eq!(status, 200, "{body}");
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        body.contains(r#""configuration":{"status":"unchanged"}"#),
+        "{body}"
+    );
     assert_eq!(chat(client, "eu.m1"), 200);
     drop(node);
     let out = verify_trail(d);
@@ -691,4 +701,75 @@ fn a_client_that_leaves_mid_answer_is_audited() {
             })
         })
     });
+}
+
+/// SIGTERM drains: the admin listener says 503 on `/readyz` while open answers run on, new
+/// connections are refused, and an answer still streaming when the grace period ends gets
+/// an error event saying to send it again, and is audited, before the process exits.
+#[test]
+fn a_stopping_node_says_so_and_ends_what_outlives_its_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (client, peer, admin) = (port(), port(), port());
+    // A model that streams slowly: 20 tokens a second.
+    let slow = config(client, peer, admin, false).replace(
+        "time_scale = 0.01\n",
+        "decode_tokens_per_s = 20.0\nmax_tokens = 4000\n",
+    );
+    std::fs::write(d.join("crisp.toml"), slow).unwrap();
+    issue_certs(d);
+    let node = serve(d, client, &[("CRISP_DRAIN_GRACE_S", "2".into())]);
+    assert_eq!(http(admin, "GET", "/readyz", "").0, 200);
+    let body = r#"{"model": "eu.m1", "stream": true, "max_tokens": 4000, "messages": [{"role": "user", "content": "a long story"}]}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", client)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 512];
+    let n = s.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+
+    let pid = node.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    eventually("readyz says the node is draining", || {
+        http(admin, "GET", "/readyz", "").0 == 503
+    });
+    eventually("a draining node accepts no new client", || {
+        TcpStream::connect(("127.0.0.1", client)).is_err()
+    });
+    // The answer runs on, then ends with an error event instead of a cut connection.
+    let mut rest = String::new();
+    let _ = s.read_to_string(&mut rest);
+    let tail = &rest[rest.len().saturating_sub(600)..];
+    assert!(
+        tail.contains("stream_interrupted") && tail.contains("send the request again"),
+        "{tail}"
+    );
+    let mut node = node;
+    let status = node.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let events = crisp_audit::events(&d.join("audit/eu-west-1")).unwrap();
+    assert!(
+        events.iter().any(|e| {
+            e.error_code.as_deref() == Some("stream_interrupted")
+                && e.additional_event_data.inference_region.as_deref() == Some("eu-west-1")
+        }),
+        "the cut answer is in the trail"
+    );
+    let out = verify_trail(d);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

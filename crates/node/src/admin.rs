@@ -14,17 +14,23 @@ use crate::{Node, observe};
 /// Renders the process's metrics in the Prometheus text format.
 pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Reloads the process's configuration and answers what became of it: `Ok("reloaded")`,
+/// `Ok("unchanged")`, or why the new configuration was refused.
+pub type ConfigReload = Arc<
+    dyn Fn() -> futures::future::BoxFuture<'static, Result<&'static str, String>> + Send + Sync,
+>;
+
 #[derive(Clone)]
 struct Admin {
     node: Arc<Node>,
     render: Option<MetricsRender>,
-    on_reload: Option<Arc<dyn Fn() + Send + Sync>>,
+    on_reload: Option<ConfigReload>,
 }
 
 pub fn router(
     node: Arc<Node>,
     render: Option<MetricsRender>,
-    on_reload: Option<Arc<dyn Fn() + Send + Sync>>,
+    on_reload: Option<ConfigReload>,
 ) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
@@ -64,11 +70,13 @@ async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
     }
 }
 
+/// Reloads certificates and access files, then (through the process, which owns the
+/// listeners) the configuration, and answers what became of each: 422 when anything new
+/// was refused, so a deploy script that reloads learns that its change did not apply.
 async fn reload(State(admin): State<Admin>) -> impl IntoResponse {
-    let report = admin.node.reload();
-    // The configuration itself is reloaded by the process, which owns the listeners.
+    let mut report = admin.node.reload();
     if let Some(f) = &admin.on_reload {
-        f();
+        report.configuration = Some(f().await);
     }
     let status = if report.ok() {
         StatusCode::OK

@@ -31,6 +31,7 @@ pub mod api;
 pub mod app_profiles;
 pub mod audit;
 pub mod backbone;
+mod drain;
 pub mod error;
 pub mod fleet;
 pub mod invocations;
@@ -73,6 +74,9 @@ pub struct Node {
     sigv4: Option<api::bedrock::sigv4::SigV4Keys>,
     /// Turns true when the node begins to shut down; endless streams end on it.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Turns true when the drain grace period is over: answers still streaming end with
+    /// an error instead of a cut connection.
+    cut: tokio::sync::watch::Sender<bool>,
     /// Metric handles of admitted requests.
     served: observe::ServedCache,
 }
@@ -158,6 +162,7 @@ impl Node {
             audit_shipper: None,
             invocation_log: None,
             stopping: tokio::sync::watch::Sender::new(false),
+            cut: tokio::sync::watch::Sender::new(false),
             served: observe::ServedCache::default(),
         })
     }
@@ -302,7 +307,19 @@ impl Node {
         ReloadReport {
             certificates,
             access,
+            configuration: None,
         }
+    }
+
+    /// Ends the answers still streaming, each with an error that says the node stopped;
+    /// what a drain does when its grace period is over.
+    pub fn cut_streams(&self) {
+        let _ = self.cut.send(true);
+    }
+
+    /// An admitted answer that [`Node::cut_streams`] can end.
+    pub(crate) fn until_cut(&self, stream: crisp_engine::ChunkStream) -> crisp_engine::ChunkStream {
+        drain::until_cut(stream, self.cut.subscribe(), self.region_code())
     }
 
     /// Resolves when the node begins to shut down.
@@ -358,11 +375,15 @@ impl Node {
 pub struct ReloadReport {
     pub certificates: Result<&'static str, String>,
     pub access: Result<&'static str, String>,
+    /// The configuration and lock file, which the process reloads (not the node).
+    pub configuration: Option<Result<&'static str, String>>,
 }
 
 impl ReloadReport {
     pub fn ok(&self) -> bool {
-        self.certificates.is_ok() && self.access.is_ok()
+        self.certificates.is_ok()
+            && self.access.is_ok()
+            && self.configuration.as_ref().is_none_or(Result::is_ok)
     }
 
     pub fn to_json(&self) -> serde_json::Value {
@@ -370,7 +391,11 @@ impl ReloadReport {
             Ok(s) => serde_json::json!({"status": s}),
             Err(e) => serde_json::json!({"status": "refused", "error": e}),
         };
-        serde_json::json!({"certificates": one(&self.certificates), "access": one(&self.access)})
+        let mut json = serde_json::json!({"certificates": one(&self.certificates), "access": one(&self.access)});
+        if let Some(c) = &self.configuration {
+            json["configuration"] = one(c);
+        }
+        json
     }
 }
 
@@ -401,8 +426,8 @@ pub struct ServeOptions {
     /// Renders `/metrics` on the admin listener.
     pub metrics: Option<admin::MetricsRender>,
     /// Called by `POST /admin/reload` after the node's own reload, so the process can
-    /// reload its configuration too.
-    pub on_reload: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// reload its configuration too; what it answers is part of the reply.
+    pub on_reload: Option<admin::ConfigReload>,
     /// Threads serving client connections, each with a single-threaded runtime of its
     /// own; 0 (the default) serves them on the runtime that starts the node, which
     /// answered a lone request faster where it was measured (docs/performance.md).
@@ -612,6 +637,11 @@ pub struct RunningNode {
     pub admin_addr: Option<SocketAddr>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// The admin listener, which outlives the others on a shutdown (its `/readyz` says
+    /// 503 while they drain); closed by `admin_stop`.
+    admin: Option<tokio::task::JoinHandle<()>>,
+    admin_stop: tokio::sync::watch::Sender<bool>,
+    grace: Duration,
 }
 
 impl RunningNode {
@@ -634,8 +664,9 @@ impl RunningNode {
             Some(l) => Some(l.local_addr()?),
             None => None,
         };
-        if let Some(admin) = listeners.admin {
-            tasks.spawn(serve::serve(
+        let admin_stop = tokio::sync::watch::Sender::new(false);
+        let admin = listeners.admin.map(|admin| {
+            tokio::spawn(serve::serve(
                 admin,
                 admin::router(
                     node.clone(),
@@ -643,25 +674,23 @@ impl RunningNode {
                     options.on_reload.clone(),
                 ),
                 serve::Security::Plain,
-                rx.clone(),
+                admin_stop.subscribe(),
                 grace,
                 None,
-            ));
-        }
+            ))
+        });
         if let Some(log) = node.invocation_log.clone() {
             let mut stop = rx.clone();
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    let stopping = tokio::select! {
-                        _ = tick.tick() => false,
-                        _ = stop.wait_for(|s| *s) => true,
-                    };
-                    log.flush().await;
-                    if stopping {
-                        return;
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        // The last flush comes once the drain is over (`stop`).
+                        _ = stop.wait_for(|s| *s) => return,
                     }
+                    log.flush().await;
                 }
             });
         }
@@ -671,15 +700,11 @@ impl RunningNode {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    let stopping = tokio::select! {
-                        _ = tick.tick() => false,
-                        _ = stop.wait_for(|s| *s) => true,
-                    };
-                    // On shutdown, a last attempt, so a clean stop leaves nothing behind.
-                    shipper.ship_once().await;
-                    if stopping {
-                        return;
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.wait_for(|s| *s) => return,
                     }
+                    shipper.ship_once().await;
                 }
             });
         }
@@ -781,14 +806,51 @@ impl RunningNode {
             admin_addr,
             shutdown,
             tasks,
+            admin,
+            admin_stop,
+            grace,
         })
     }
 
-    /// Stops accepting, lets open requests finish within the grace period given at
-    /// start, and waits for everything to end.
-    pub async fn shutdown(mut self) {
+    /// Stops accepting clients and peers, lets open requests finish within the grace
+    /// period given at start, ends the answers still streaming then with an error that
+    /// says so, and waits for everything to end. The admin listener serves until the
+    /// end, its `/readyz` answering 503, so a load balancer sees the node leave.
+    pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        self.drain().await;
+    }
+
+    /// Like [`RunningNode::shutdown`], for a node replaced by a reload: it stops
+    /// accepting now, before the returned future runs, and its admin listener closes at
+    /// once, since the new node answers on the same port.
+    pub fn retire(self) -> impl std::future::Future<Output = ()> + Send {
+        let _ = self.shutdown.send(true);
+        let _ = self.admin_stop.send(true);
+        self.drain()
+    }
+
+    async fn drain(mut self) {
+        let node = self.node.clone();
+        let grace = self.grace;
+        let cut = tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            node.cut_streams();
+        });
         while self.tasks.join_next().await.is_some() {}
+        cut.abort();
+        // A last attempt once every answer has ended, so a clean stop leaves nothing of
+        // the drained requests behind.
+        if let Some(log) = &self.node.invocation_log {
+            log.flush().await;
+        }
+        if let Some(shipper) = &self.node.audit_shipper {
+            shipper.ship_once().await;
+        }
+        let _ = self.admin_stop.send(true);
+        if let Some(admin) = self.admin.take() {
+            let _ = admin.await;
+        }
     }
 }
 

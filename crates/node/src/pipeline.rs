@@ -350,7 +350,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                     attempts,
                     reason: candidate.reason.to_string(),
                     application: application.clone(),
-                    stream: watched(stream, watch),
+                    stream: watched(node.until_cut(stream), watch),
                 });
             }
             Err(e) => {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::connect_info::ConnectInfo;
 use crisp_transport::{RegionIdentity, TlsStore};
+use futures::FutureExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -96,7 +97,12 @@ impl Workers {
     }
 }
 
-/// Serves `app` until `stop` turns true, then drains for at most `grace`. Each request
+/// How long connections live on after the grace period, for the answers the node then
+/// ends with an error (see [`crate::Node::cut_streams`]) to reach their clients.
+const CUT_MARGIN: Duration = Duration::from_secs(1);
+
+/// Serves `app` until `stop` turns true, then drains for at most `grace` (and
+/// [`CUT_MARGIN`]). Each request
 /// carries the peer's address as `ConnectInfo`. With `workers`, each connection is served
 /// on one of their runtimes; otherwise on the caller's.
 pub async fn serve(
@@ -121,28 +127,33 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
-                let accepted = Accepted {
+                Accepted {
                     remote,
                     app: app.clone(),
                     security: security.clone(),
                     watcher: graceful.watcher(),
-                };
-                match workers.as_deref().and_then(Workers::next) {
-                    Some(runtime) => accepted.spawn_on(&mut connections, stream, runtime),
-                    None => {
-                        connections.spawn(accepted.serve(stream));
-                    }
                 }
+                .start(stream, workers.as_deref(), &mut connections);
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             () = stopped(&mut stop) => break,
         }
     }
+    // Connections the kernel has already queued would be reset with the listener: serve
+    // them too (a reloaded node's replacement takes the new ones on the same port).
+    while let Some(Ok((stream, remote))) = listener.accept().now_or_never() {
+        Accepted {
+            remote,
+            app: app.clone(),
+            security: security.clone(),
+            watcher: graceful.watcher(),
+        }
+        .start(stream, workers.as_deref(), &mut connections);
+    }
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace) => {
+        _ = tokio::time::sleep(grace + CUT_MARGIN) => {
             tracing::debug!(left = connections.len(), "grace period over; closing connections");
         }
     }
@@ -158,6 +169,17 @@ struct Accepted {
 }
 
 impl Accepted {
+    /// Serves the connection on the next of `workers`, or on the caller's runtime.
+    fn start(self, stream: TcpStream, workers: Option<&Workers>, tasks: &mut JoinSet<()>) {
+        let _ = stream.set_nodelay(true);
+        match workers.and_then(Workers::next) {
+            Some(runtime) => self.spawn_on(tasks, stream, runtime),
+            None => {
+                tasks.spawn(self.serve(stream));
+            }
+        }
+    }
+
     async fn serve<S: Io>(self, stream: S) {
         connection(stream, self.remote, self.app, self.security, self.watcher).await;
     }

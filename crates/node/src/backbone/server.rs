@@ -189,7 +189,7 @@ async fn run_forwarded(
                 source_region: source_region.clone(),
             };
             let signer = node.clone();
-            let events = stream.map(move |item| {
+            let events = node.until_cut(stream).map(move |item| {
                 let event = match item {
                     Ok(Chunk::Delta(text)) => StreamEvent::Delta(text),
                     Ok(Chunk::Done {
