@@ -127,6 +127,28 @@ impl PipelineError {
         }
     }
 
+    /// A short name of what went wrong, the same in every dialect: OpenAI's error `code`
+    /// and the `outcome` label of the request metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            PipelineError::InvalidRequest(_) => "invalid_request",
+            PipelineError::TooLarge { .. } => "request_too_large",
+            PipelineError::Resolve(ResolveError::Unknown { .. }) => "model_not_found",
+            PipelineError::Resolve(ResolveError::NotServedHere { .. }) => {
+                "model_not_served_in_region"
+            }
+            PipelineError::Resolve(_) => "invalid_model",
+            PipelineError::Exhausted { .. } => "capacity_exhausted",
+            PipelineError::ModelRejected(_) => "model_rejected",
+            PipelineError::Unauthenticated(_) => "invalid_api_key",
+            PipelineError::Denied { .. } => "access_denied",
+            PipelineError::AuditUnavailable(_) => "audit_unavailable",
+            PipelineError::Timeout(_) => "timeout",
+            PipelineError::ModelFailed(_) => "upstream_error",
+            PipelineError::Internal(_) => "internal_error",
+        }
+    }
+
     /// Whether the same request may succeed later.
     pub fn retryable(&self) -> bool {
         !matches!(self.culprit(), Culprit::Client)

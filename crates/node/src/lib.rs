@@ -855,7 +855,9 @@ impl RunningNode {
 }
 
 /// Follows one peer's telemetry for as long as the node runs. A broken or silent stream
-/// makes the peer unreachable until it speaks again.
+/// makes the peer unreachable until it speaks again. Each change is logged once: a peer
+/// lost at warn, a peer back (or first reached) at info, and a peer not reached since the
+/// node started at warn after [`PEER_PATIENCE`] (peers of a fleet start together).
 async fn subscribe(node: Arc<Node>, region: RegionIx, addr: String) {
     let silence = Duration::from_millis(
         node.catalog
@@ -863,9 +865,11 @@ async fn subscribe(node: Arc<Node>, region: RegionIx, addr: String) {
             .stale_after_ms
             .max(node.catalog.routing.telemetry_interval_ms * 3),
     );
+    let code = node.catalog.region_code(region).to_owned();
+    let mut health = PeerHealth::new(tokio::time::Instant::now());
     let mut backoff = Duration::from_millis(50);
     loop {
-        match node.peers.telemetry(&addr).await {
+        let why = match node.peers.telemetry(&addr).await {
             Ok(stream) => {
                 let mut stream = std::pin::pin!(stream);
                 loop {
@@ -873,24 +877,83 @@ async fn subscribe(node: Arc<Node>, region: RegionIx, addr: String) {
                         Ok(Some(Ok(report))) => {
                             backoff = Duration::from_millis(50);
                             node.fleet.apply_report(&node.catalog, region, &report);
+                            if health.reached() {
+                                tracing::info!(peer = %code, addr = %addr, "peer reachable");
+                            }
                         }
-                        Ok(Some(Err(e))) => {
-                            tracing::debug!(peer = %addr, error = %e, "telemetry stream broke");
-                            break;
-                        }
-                        Ok(None) => break,
+                        Ok(Some(Err(e))) => break format!("its telemetry stream broke: {e}"),
+                        Ok(None) => break "it closed its telemetry stream".to_owned(),
                         Err(_) => {
-                            tracing::debug!(peer = %addr, "telemetry stream went silent");
-                            break;
+                            break format!(
+                                "its telemetry stream was silent for {} ms",
+                                silence.as_millis()
+                            );
                         }
                     }
                 }
             }
-            Err(e) => tracing::debug!(peer = %addr, error = %e, "telemetry unavailable"),
-        }
+            Err(e) => format!("no telemetry: {e}"),
+        };
         node.fleet.set_reachable(region, false);
+        match health.lost(tokio::time::Instant::now()) {
+            Some(Lost::Now) => {
+                tracing::warn!(peer = %code, addr = %addr, why = %why, "peer unreachable; requests go to other regions of their profiles until it is back");
+            }
+            Some(Lost::SinceStart) => {
+                tracing::warn!(peer = %code, addr = %addr, why = %why, "peer not reached since this node started; check that it runs and that its peer address and certificates are right");
+            }
+            None => tracing::debug!(peer = %code, why = %why, "peer still unreachable"),
+        }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// How long a peer may stay unreached after start before it is worth a warning.
+const PEER_PATIENCE: Duration = Duration::from_secs(10);
+
+/// What has been said about one peer, so each change is logged once.
+struct PeerHealth {
+    started: tokio::time::Instant,
+    /// `None` until first reached.
+    up: Option<bool>,
+    warned_at_start: bool,
+}
+
+enum Lost {
+    /// It was reachable and is not any more.
+    Now,
+    /// It has not been reached since the node started, for [`PEER_PATIENCE`].
+    SinceStart,
+}
+
+impl PeerHealth {
+    fn new(started: tokio::time::Instant) -> PeerHealth {
+        PeerHealth {
+            started,
+            up: None,
+            warned_at_start: false,
+        }
+    }
+
+    /// It spoke; true when that is news.
+    fn reached(&mut self) -> bool {
+        self.up.replace(true) != Some(true)
+    }
+
+    /// It is unreachable; what to say about it, if anything.
+    fn lost(&mut self, now: tokio::time::Instant) -> Option<Lost> {
+        match self.up {
+            Some(true) => {
+                self.up = Some(false);
+                Some(Lost::Now)
+            }
+            None if !self.warned_at_start && now - self.started >= PEER_PATIENCE => {
+                self.warned_at_start = true;
+                Some(Lost::SinceStart)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -898,6 +961,22 @@ async fn subscribe(node: Arc<Node>, region: RegionIx, addr: String) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_change_of_a_peers_health_is_said_once() {
+        let t0 = tokio::time::Instant::now();
+        let mut h = PeerHealth::new(t0);
+        // Peers start together: early misses are not news...
+        assert!(h.lost(t0 + Duration::from_secs(1)).is_none());
+        // ...a peer that never came is, once.
+        assert!(matches!(h.lost(t0 + PEER_PATIENCE), Some(Lost::SinceStart)));
+        assert!(h.lost(t0 + PEER_PATIENCE * 2).is_none());
+        assert!(h.reached());
+        assert!(!h.reached());
+        assert!(matches!(h.lost(t0 + PEER_PATIENCE * 3), Some(Lost::Now)));
+        assert!(h.lost(t0 + PEER_PATIENCE * 3).is_none());
+        assert!(h.reached());
+    }
 
     #[test]
     fn listening_on_a_host_keeps_the_configured_port() {

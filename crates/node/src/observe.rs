@@ -6,12 +6,75 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crisp_routing::Scope;
 use metrics::{Counter, Histogram};
 
 use crate::Node;
+use crate::error::PipelineError;
+
+/// Lets one log line per key through per `every`, counting the ones it holds back.
+pub(crate) struct LogThrottle {
+    every: Duration,
+    last: std::sync::Mutex<Vec<(String, Instant, u64)>>,
+}
+
+impl LogThrottle {
+    pub(crate) const fn new(every: Duration) -> LogThrottle {
+        LogThrottle {
+            every,
+            last: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// `Some(n)` when a line about `key` may be logged now, `n` being the lines held
+    /// back since the last one; `None` when it is held back.
+    pub(crate) fn admit(&self, key: &str, now: Instant) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match last.iter_mut().find(|(k, _, _)| k == key) {
+            Some((_, at, held)) if now.saturating_duration_since(*at) < self.every => {
+                *held += 1;
+                None
+            }
+            Some((_, at, held)) => {
+                *at = now;
+                Some(std::mem::take(held))
+            }
+            None => {
+                last.push((key.to_owned(), now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// Refusals logged, at most one line a second per kind (a full fleet refuses many).
+static REFUSAL_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+
+/// A request refused before an engine admitted it, in either dialect: counted in
+/// `crisp_requests_total` with its code as the outcome, and logged.
+pub fn refused(node: &Node, request_id: &str, api: &'static str, err: &PipelineError) {
+    request(&RequestOutcome {
+        source: node.region_code(),
+        profile: "-",
+        scope: "-",
+        inference_region: "-",
+        outcome: err.code(),
+        duration: Duration::ZERO,
+    });
+    if let Some(held) = REFUSAL_LOG.admit(err.code(), Instant::now()) {
+        tracing::info!(
+            request_id,
+            api,
+            source = node.region_code(),
+            error = %err,
+            retryable = err.retryable(),
+            similar_refusals_not_logged = held,
+            "request refused"
+        );
+    }
+}
 
 pub fn scope_label(scope: Scope) -> &'static str {
     match scope {
@@ -75,6 +138,11 @@ pub struct Served {
 }
 
 impl Served {
+    /// The region that runs the requests.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
     /// A request that ended: the handles for `ok`, the labels for anything else.
     pub fn finished(&self, outcome: &str, duration: Duration) {
         if outcome != "ok" {
@@ -309,5 +377,37 @@ pub fn fleet_gauges(node: &Node) {
             metrics::gauge!("crisp_region_cooldown_seconds", &labels)
                 .set(summary.cooldown_ms.get(m).copied().unwrap_or(0) as f64 / 1000.0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttled_log_lets_one_line_a_period_through_per_key_and_counts_the_rest() {
+        let log = LogThrottle::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert_eq!(log.admit("eu-west-1", t0), Some(0));
+        for ms in [1, 200, 999] {
+            assert_eq!(log.admit("eu-west-1", t0 + Duration::from_millis(ms)), None);
+        }
+        // Another region has its own allowance.
+        assert_eq!(
+            log.admit("us-east-1", t0 + Duration::from_millis(10)),
+            Some(0)
+        );
+        assert_eq!(
+            log.admit("eu-west-1", t0 + Duration::from_millis(1000)),
+            Some(3)
+        );
+        assert_eq!(
+            log.admit("eu-west-1", t0 + Duration::from_millis(1001)),
+            None
+        );
+        assert_eq!(
+            log.admit("eu-west-1", t0 + Duration::from_millis(2500)),
+            Some(1)
+        );
     }
 }

@@ -57,42 +57,7 @@ pub struct Admitted {
 }
 
 /// Warnings about engines failing requests, at most one per region per second.
-static FAILURE_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
-
-/// Lets one log line per key through per `every`, counting the ones it holds back.
-struct LogThrottle {
-    every: Duration,
-    last: std::sync::Mutex<Vec<(String, Instant, u64)>>,
-}
-
-impl LogThrottle {
-    const fn new(every: Duration) -> LogThrottle {
-        LogThrottle {
-            every,
-            last: std::sync::Mutex::new(Vec::new()),
-        }
-    }
-
-    /// `Some(n)` when a line about `key` may be logged now, `n` being the lines held
-    /// back since the last one; `None` when it is held back.
-    fn admit(&self, key: &str, now: Instant) -> Option<u64> {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        match last.iter_mut().find(|(k, _, _)| k == key) {
-            Some((_, at, held)) if now.saturating_duration_since(*at) < self.every => {
-                *held += 1;
-                None
-            }
-            Some((_, at, held)) => {
-                *at = now;
-                Some(std::mem::take(held))
-            }
-            None => {
-                last.push((key.to_owned(), now, 0));
-                Some(0)
-            }
-        }
-    }
-}
+static FAILURE_LOG: observe::LogThrottle = observe::LogThrottle::new(Duration::from_secs(1));
 
 /// Cool-down after a capacity error that carries no Retry-After.
 const DEFAULT_COOLDOWN: Duration = Duration::from_secs(1);
@@ -149,7 +114,13 @@ fn watched(stream: ChunkStream, mut watch: Watch) -> ChunkStream {
                 .usage(usage.prompt_tokens, usage.completion_tokens, cost);
             watch.finish("ok");
         }
-        Err(_) => watch.finish("stream_error"),
+        Err(e) => {
+            let region = watch.served.region();
+            if let Some(held) = FAILURE_LOG.admit(region, Instant::now()) {
+                tracing::warn!(region, error = %e, similar_failures_not_logged = held, "an admitted answer broke off");
+            }
+            watch.finish("stream_error");
+        }
     }))
 }
 
@@ -466,36 +437,4 @@ async fn try_region(
         stop: req.stop.clone(),
     });
     node.peers.generate(addr, code, body, receipt.clone()).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_throttled_log_lets_one_line_a_period_through_per_key_and_counts_the_rest() {
-        let log = LogThrottle::new(Duration::from_secs(1));
-        let t0 = Instant::now();
-        assert_eq!(log.admit("eu-west-1", t0), Some(0));
-        for ms in [1, 200, 999] {
-            assert_eq!(log.admit("eu-west-1", t0 + Duration::from_millis(ms)), None);
-        }
-        // Another region has its own allowance.
-        assert_eq!(
-            log.admit("us-east-1", t0 + Duration::from_millis(10)),
-            Some(0)
-        );
-        assert_eq!(
-            log.admit("eu-west-1", t0 + Duration::from_millis(1000)),
-            Some(3)
-        );
-        assert_eq!(
-            log.admit("eu-west-1", t0 + Duration::from_millis(1001)),
-            None
-        );
-        assert_eq!(
-            log.admit("eu-west-1", t0 + Duration::from_millis(2500)),
-            Some(1)
-        );
-    }
 }

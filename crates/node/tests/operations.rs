@@ -74,6 +74,15 @@ async fn metrics_move_as_the_requests_did() {
     // Refused.
     let r = f.chat("us-east-1", ask("nope.model")).await;
     assert_eq!(r.status(), 404);
+    // Refused in the Bedrock dialect: counted under the same outcome.
+    let r = f
+        .http
+        .post(f.url("us-east-1", "/model/nope.model/converse"))
+        .json(&serde_json::json!({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
 
     let after = scrape(&f.http, admin).await;
     let delta = |name: &str, needles: &[&str]| {
@@ -100,7 +109,8 @@ async fn metrics_move_as_the_requests_did() {
             "crisp_requests_total",
             &[src, "outcome=\"model_not_found\""]
         ),
-        1.0
+        2.0,
+        "one refusal in each dialect"
     );
     assert_eq!(
         delta(

@@ -4,7 +4,7 @@
 //! completions JSON; `responses.rs` knows the Responses API's.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -22,7 +22,7 @@ use super::{INFERENCE_REGION_HEADER, REQUEST_ID_HEADER};
 use serde::de::IgnoredAny;
 
 use crate::audit::{self, Call, Ran};
-use crate::error::PipelineError;
+use crate::error::{Culprit, PipelineError};
 use crate::pipeline::{self, Admitted, InferRequest};
 use crate::{Node, observe};
 
@@ -343,72 +343,35 @@ pub(super) fn unix_now() -> u64 {
 
 /// OpenAI's error code for a pipeline error (also the `outcome` metric label).
 pub fn error_code(err: &PipelineError) -> &'static str {
-    error_parts(err).2
+    err.code()
 }
 
-fn error_parts(err: &PipelineError) -> (StatusCode, &'static str, &'static str) {
+fn error_parts(err: &PipelineError) -> (StatusCode, &'static str) {
+    let kind = match err.culprit() {
+        Culprit::Client => "invalid_request_error",
+        Culprit::Capacity => "rate_limit_error",
+        Culprit::Upstream | Culprit::Internal => "api_error",
+    };
     match err {
-        PipelineError::InvalidRequest(_) => (
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "invalid_request",
-        ),
-        PipelineError::TooLarge { .. } => (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "request_too_large",
-        ),
-        PipelineError::Resolve(ResolveError::Unknown { .. }) => (
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
-        ),
-        PipelineError::Resolve(ResolveError::NotServedHere { .. }) => (
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "model_not_served_in_region",
-        ),
-        PipelineError::Resolve(_) => (
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "invalid_model",
-        ),
-        PipelineError::Exhausted { .. } => (
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "capacity_exhausted",
-        ),
-        PipelineError::ModelRejected(_) => (
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "model_rejected",
-        ),
-        PipelineError::Unauthenticated(_) => (
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "invalid_api_key",
-        ),
-        PipelineError::Denied { .. } => {
-            (StatusCode::FORBIDDEN, "permission_error", "access_denied")
-        }
-        PipelineError::AuditUnavailable(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "api_error",
-            "audit_unavailable",
-        ),
-        PipelineError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "api_error", "timeout"),
-        PipelineError::ModelFailed(_) => (StatusCode::BAD_GATEWAY, "api_error", "upstream_error"),
-        PipelineError::Internal(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "api_error",
-            "internal_error",
-        ),
+        PipelineError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, kind),
+        PipelineError::Resolve(ResolveError::Unknown { .. }) => (StatusCode::NOT_FOUND, kind),
+        PipelineError::Exhausted { .. } => (StatusCode::TOO_MANY_REQUESTS, kind),
+        PipelineError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, kind),
+        PipelineError::Denied { .. } => (StatusCode::FORBIDDEN, "permission_error"),
+        PipelineError::AuditUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, kind),
+        PipelineError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, kind),
+        PipelineError::ModelFailed(_) => (StatusCode::BAD_GATEWAY, kind),
+        PipelineError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, kind),
+        PipelineError::InvalidRequest(_)
+        | PipelineError::Resolve(_)
+        | PipelineError::ModelRejected(_) => (StatusCode::BAD_REQUEST, kind),
     }
 }
 
 /// OpenAI's error body for a pipeline error, with its status.
 pub fn error_response(err: &PipelineError, request_id: &str) -> Response {
-    let (status, kind, code) = error_parts(err);
+    let (status, kind) = error_parts(err);
+    let code = err.code();
     let param = match err {
         PipelineError::Resolve(_) => Some("model"),
         _ => None,
@@ -514,21 +477,7 @@ pub(super) async fn answer(node: Arc<Node>, req: Request, wire: Wire) -> Respons
     match result {
         Ok(response) => response,
         Err((e, ran)) => {
-            tracing::info!(
-                request_id = %request_id,
-                source = node.region_code(),
-                error = %e,
-                retryable = e.retryable(),
-                "request refused"
-            );
-            observe::request(&observe::RequestOutcome {
-                source: node.region_code(),
-                profile: "-",
-                scope: "-",
-                inference_region: "-",
-                outcome: error_code(&e),
-                duration: Duration::ZERO,
-            });
+            observe::refused(&node, &request_id, "openai", &e);
             audit::failed(&node, &call, ran.as_ref(), error_code(&e), &e).await;
             error_response(&e, &request_id)
         }

@@ -495,6 +495,7 @@ async fn admit(
             } else {
                 PipelineError::InvalidRequest(message.clone())
             };
+            crate::observe::refused(node, request_id, "bedrock", &refused);
             audit::failed(node, &call, None, exception, &refused).await;
             return Err(error(status, exception, &message, request_id));
         }
@@ -504,6 +505,7 @@ async fn admit(
         call.input = serde_json::from_slice(&body).ok();
     }
     let fail = |e: PipelineError, call: Call| async move {
+        crate::observe::refused(node, request_id, "bedrock", &e);
         audit::failed(node, &call, None, error_kind(&e), &e).await;
         pipeline_error(&e, request_id)
     };
