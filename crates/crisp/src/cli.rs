@@ -157,10 +157,22 @@ enum Command {
     /// Replay a scenario against running nodes (e.g. those of `crisp up`) and print the
     /// measured figures next to the simulated ones.
     Bench(crate::sim::BenchArgs),
-    /// Check a configuration file and report every problem.
+    /// Check what `crisp serve` would read, before a node starts: the configuration
+    /// (every problem at once), the lock file, the access files, the certificates and the
+    /// addresses.
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// The profile lock file [default: crisp.lock next to the configuration].
+        #[arg(long)]
+        lock: Option<PathBuf>,
+        /// The certificates directory [default: certs/ next to the configuration].
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        /// Check this region's certificates (repeatable) [default: every region whose
+        /// certificate is in the directory].
+        #[arg(long, short)]
+        region: Vec<String>,
     },
 }
 
@@ -266,19 +278,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(2)
             }
         }
-        Command::Check { config } => {
-            let catalog = load_config(&config)?;
-            println!(
-                "{}: valid ({}, {}, {})",
-                config.display(),
-                count(catalog.regions.len(), "region", "regions"),
-                count(catalog.geographies.len(), "geography", "geographies"),
-                count(catalog.models.len(), "model", "models")
-            );
-            if let Some(note) = crate::audit::shared_store_note(&catalog) {
-                eprintln!("note: {note}");
-            }
-            Ok(())
+        Command::Check {
+            config,
+            lock,
+            certs,
+            region,
+        } => {
+            crate::check::run(crate::check::CheckArgs {
+                config,
+                lock,
+                certs,
+                regions: region,
+            })
+            .await
         }
         Command::Profiles { command } => profiles(command),
         Command::Sim(args) => crate::sim::sim(args),

@@ -8,6 +8,7 @@ use clap::Parser;
 mod access;
 mod audit;
 mod certs;
+mod check;
 mod cli;
 mod observe;
 mod sim;

@@ -156,3 +156,111 @@ kind = "simulated"
     let out = crisp(&["profiles", "lock", "--config", s(&cfg)]);
     assert!(text(&out).contains("up to date"), "{}", text(&out));
 }
+
+/// `crisp check` reads what a node would: the access files, the certificates, and
+/// addresses that only collide once resolved.
+#[test]
+fn check_finds_what_a_node_would_trip_over() {
+    let dir = tmpdir("check-all");
+    let cfg = dir.join("crisp.toml");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    std::fs::copy(
+        examples.join("principals.toml"),
+        dir.join("principals.toml"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    std::fs::copy(
+        examples.join("policies/teams.cedar"),
+        dir.join("policies/teams.cedar"),
+    )
+    .unwrap();
+    let access = "\n[access]\nprincipals = \"principals.toml\"\nkeys = \"keys.toml\"\npolicies = [\"policies/teams.cedar\"]\n";
+    // `access` goes before the first table the demo opens after [deployment].
+    let with_access =
+        |demo: &str| demo.replacen("\n[[geography]]", &format!("{access}\n[[geography]]"), 1);
+    std::fs::write(&cfg, with_access(DEMO)).unwrap();
+    let deployment = "demo";
+    assert!(DEMO.contains(&format!("name = \"{deployment}\"")));
+    let certs = dir.join("certs");
+    for args in [
+        vec![
+            "certs",
+            "init",
+            "--deployment",
+            deployment,
+            "--dir",
+            s(&certs),
+        ],
+        vec![
+            "certs",
+            "issue",
+            "--deployment",
+            deployment,
+            "--region",
+            "eu-west-1",
+            "--dir",
+            s(&certs),
+        ],
+    ] {
+        assert!(crisp(&args).status.success());
+    }
+    let out = crisp(&["check", "--config", s(&cfg), "--region", "eu-west-1"]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains("PROBLEM  [access]: cannot read") && t.contains("keys.toml"),
+        "{t}"
+    );
+    assert!(
+        crisp(&["keys", "create", "--config", s(&cfg), "--principal", "demo"])
+            .status
+            .success()
+    );
+    let out = crisp(&["check", "--config", s(&cfg), "--region", "eu-west-1"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("certificate of eu-west-1: valid"), "{t}");
+    assert!(
+        t.contains("[access]: principals, keys and 1 policy file load"),
+        "{t}"
+    );
+
+    // A broken policy, a region without its certificate, and two regions on one socket
+    // written two ways.
+    std::fs::write(
+        dir.join("policies/teams.cedar"),
+        "permit(principal, action, resource",
+    )
+    .unwrap();
+    let eu_west_1_client = DEMO
+        .lines()
+        .find(|l| l.starts_with("client = \"127.0.0.1:"))
+        .unwrap()
+        .trim_start_matches("client = \"127.0.0.1:")
+        .trim_end_matches('"')
+        .to_owned();
+    let clash = with_access(DEMO).replacen("client = \"127.0.0.1:", "client = \"localhost:", 1)
+        + &format!(
+            "\n[[region]]\ncode = \"eu-south-1\"\ncity = \"Milan\"\ncountry = \"IT\"\nlat = 45.5\nlon = 9.2\ntags = [\"eu\"]\nclient = \"127.0.0.1:{eu_west_1_client}\"\npeer = \"127.0.0.1:9200\"\n"
+        );
+    std::fs::write(&cfg, clash).unwrap();
+    let out = crisp(&[
+        "check",
+        "--config",
+        s(&cfg),
+        "--region",
+        "eu-west-1",
+        "--region",
+        "us-east-1",
+    ]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("3 problems"), "{t}");
+    assert!(t.contains("PROBLEM  [access]"), "{t}");
+    assert!(t.contains("PROBLEM  certificate of us-east-1"), "{t}");
+    assert!(
+        t.contains(&format!("same socket 127.0.0.1:{eu_west_1_client}")),
+        "{t}"
+    );
+}

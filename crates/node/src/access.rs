@@ -30,7 +30,14 @@ impl AccessFiles {
             .map(|p| {
                 std::fs::read_to_string(p)
                     .map(|t| (p.clone(), t))
-                    .map_err(|e| format!("cannot read {}: {e}", p.display()))
+                    .map_err(|e| {
+                        let hint = if p == &self.keys && e.kind() == std::io::ErrorKind::NotFound {
+                            "; `crisp keys create --config <the configuration> --principal <id>` creates it with a principal's first key"
+                        } else {
+                            ""
+                        };
+                        format!("cannot read {}: {e}{hint}", p.display())
+                    })
             })
             .collect()
     }

@@ -236,6 +236,13 @@ impl TlsMaterial {
         &self.cert_der
     }
 
+    /// When this node's certificate expires (Unix seconds).
+    pub fn not_after_unix(&self) -> Option<i64> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(&self.cert_der).ok()?;
+        Some(cert.validity().not_after.timestamp())
+    }
+
     /// Whether a peer certificate is valid for `region` of this deployment now (the check
     /// a TLS client does, usable outside a handshake).
     pub fn verify_peer_server(
