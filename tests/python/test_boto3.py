@@ -106,6 +106,7 @@ def test_sdk_exceptions(federation):
         rt.converse(modelId="anthropic.claude-sonnet-4-5-20250929-v1:0", messages=msgs)
     assert "on-demand throughput isn't supported" in str(e.value)
     assert "eu.anthropic.claude-sonnet-4-5-20250929-v1:0" in str(e.value)
+    rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs, inferenceConfig={"maxTokens": 2})
     bad = client(federation, "bedrock-runtime", EU_WEST_2, secret="wrong-secret")
     with pytest.raises(botocore.exceptions.ClientError) as e:
         bad.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)
@@ -117,6 +118,10 @@ def test_sdk_exceptions(federation):
         events = [_json.loads(l) for l in f if l.strip()]
     assert any(ev.get("errorCode") == "InvalidSignatureException"
                and ev["requestParameters"]["modelId"] == "eu.amazon.nova-lite-v1:0" for ev in events), events[-3:]
+    # An accepted call names the principal and the access key it signed in with.
+    signed = [ev for ev in events if ev["eventName"] == "Converse" and "errorCode" not in ev]
+    assert signed and signed[-1]["userIdentity"]["accessKeyId"] == AKID, events[-3:]
+    assert signed[-1]["userIdentity"]["principalId"] == "demo"
     unknown = client(federation, "bedrock-runtime", EU_WEST_2, akid="AKIAUNKNOWN000000000")
     with pytest.raises(botocore.exceptions.ClientError) as e:
         unknown.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)

@@ -31,6 +31,10 @@ pub struct UserIdentity {
     pub kind: String,
     pub principal_id: String,
     pub account_id: String,
+    /// The credential the caller signed in with: an API key's ID (`k-...`) or a SigV4
+    /// access key ID; absent for anonymous callers and in events written before it was.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub access_key_id: String,
 }
 
 /// One runtime call, as kept in the source region. Never contains prompt text.

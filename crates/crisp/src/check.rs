@@ -210,21 +210,19 @@ async fn check_addresses(catalog: &Catalog, f: &mut Findings) {
             ("admin", r.admin_addr.as_ref()),
         ] {
             let Some(addr) = addr else { continue };
-            let resolved = match tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::net::lookup_host(addr),
-            )
-            .await
-            {
-                Ok(Ok(found)) => found.collect::<Vec<_>>(),
-                _ => {
-                    f.note(&format!(
+            let resolved =
+                match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(addr))
+                    .await
+                {
+                    Ok(Ok(found)) => found.collect::<Vec<_>>(),
+                    _ => {
+                        f.note(&format!(
                         "{} address of {} ({addr}) does not resolve here; compared as written only",
                         role, r.code
                     ));
-                    continue;
-                }
-            };
+                        continue;
+                    }
+                };
             for socket in resolved {
                 if let Some((other, other_role, other_addr)) = seen.get(&socket) {
                     if other != &r.code || *other_role != role {

@@ -225,7 +225,10 @@ impl Access {
 }
 
 impl AccessSnapshot {
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<String, KeyError> {
+    pub fn authenticate(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<crisp_policy::keys::Caller, KeyError> {
         self.keys.authenticate(authorization)
     }
 

@@ -80,6 +80,8 @@ pub struct Call {
     pub event_name: &'static str,
     pub requested: String,
     pub principal: Option<String>,
+    /// The credential the principal signed in with.
+    pub access_key_id: Option<String>,
     pub source_ip: String,
     pub user_agent: String,
     /// The request body, kept only when this region logs invocations.
@@ -87,6 +89,12 @@ pub struct Call {
 }
 
 impl Call {
+    /// Records who signed in.
+    pub fn signed_in(&mut self, caller: Option<&crisp_policy::keys::Caller>) {
+        self.principal = caller.map(|c| c.principal.clone());
+        self.access_key_id = caller.map(|c| c.key_id.clone());
+    }
+
     /// Who called what, without the body: what an event needs.
     fn identity(&self) -> Call {
         Call {
@@ -94,6 +102,7 @@ impl Call {
             event_name: self.event_name,
             requested: self.requested.clone(),
             principal: self.principal.clone(),
+            access_key_id: self.access_key_id.clone(),
             source_ip: self.source_ip.clone(),
             user_agent: self.user_agent.clone(),
             input: None,
@@ -111,6 +120,7 @@ impl Call {
             event_name,
             requested: String::new(),
             principal: None,
+            access_key_id: None,
             source_ip: extensions
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|c| c.0.ip().to_string())
@@ -176,6 +186,7 @@ fn base(node: &Node, call: &Call) -> AuditEvent {
             .into(),
             principal_id: call.principal.clone().unwrap_or_default(),
             account_id: node.catalog.deployment.account.clone(),
+            access_key_id: call.access_key_id.clone().unwrap_or_default(),
         },
         source_ip_address: call.source_ip.clone(),
         user_agent: call.user_agent.clone(),

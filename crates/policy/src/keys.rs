@@ -193,7 +193,13 @@ impl KeyStore {
                 .map(|k| {
                     (
                         k.sha256.clone(),
-                        (k.principal.clone(), k.revoked.then(|| k.id.clone())),
+                        (
+                            Caller {
+                                principal: k.principal.clone(),
+                                key_id: k.id.clone(),
+                            },
+                            k.revoked,
+                        ),
                     )
                 })
                 .collect(),
@@ -212,10 +218,19 @@ impl KeyStore {
     }
 }
 
+/// Who a credential belongs to, and which credential it was (an API key's ID or a SigV4
+/// access key ID): what an audit event's `userIdentity` records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub principal: String,
+    pub key_id: String,
+}
+
 /// Request-time lookups of credentials.
 #[derive(Clone, Default)]
 pub struct KeyIndex {
-    by_hash: HashMap<String, (String, Option<String>)>,
+    /// Key hash → its caller, and whether the key is revoked.
+    by_hash: HashMap<String, (Caller, bool)>,
     sigv4: HashMap<String, (String, String)>,
 }
 
@@ -229,8 +244,8 @@ impl std::fmt::Debug for KeyIndex {
 }
 
 impl KeyIndex {
-    /// The principal of an `Authorization` header value.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<String, KeyError> {
+    /// The caller of an `Authorization` header value.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, KeyError> {
         let value = authorization.ok_or(KeyError::Missing)?;
         let key = value
             .strip_prefix("Bearer ")
@@ -239,8 +254,8 @@ impl KeyIndex {
             .ok_or(KeyError::Malformed)?;
         match self.by_hash.get(&hash_key(key)) {
             None => Err(KeyError::Unknown),
-            Some((_, Some(id))) => Err(KeyError::Revoked(id.clone())),
-            Some((principal, None)) => Ok(principal.clone()),
+            Some((caller, true)) => Err(KeyError::Revoked(caller.key_id.clone())),
+            Some((caller, false)) => Ok(caller.clone()),
         }
     }
 
@@ -265,7 +280,10 @@ mod tests {
         let idx = store.index();
         assert_eq!(
             idx.authenticate(Some(&format!("Bearer {key}"))).unwrap(),
-            "alice"
+            Caller {
+                principal: "alice".into(),
+                key_id: entry.id.clone(),
+            }
         );
         assert_eq!(idx.authenticate(None), Err(KeyError::Missing));
         assert_eq!(idx.authenticate(Some("Basic x")), Err(KeyError::Malformed));

@@ -25,6 +25,7 @@ use crate::audit::{self, Call, Ran};
 use crate::error::{Culprit, PipelineError};
 use crate::pipeline::{self, Admitted, InferRequest};
 use crate::{Node, observe};
+use crisp_policy::keys::Caller;
 
 // ---- request ----
 
@@ -493,8 +494,9 @@ pub(super) async fn begin(
     req: Request,
     call: &mut Call,
 ) -> Result<(Option<String>, Bytes), Failure> {
-    let principal = caller(node, req.headers()).map_err(|e| (e, None))?;
-    call.principal.clone_from(&principal);
+    let signed = signed_in(node, req.headers()).map_err(|e| (e, None))?;
+    call.signed_in(signed.as_ref());
+    let principal = signed.map(|c| c.principal);
     let body = read_body(node, req).await.map_err(|e| (e, None))?;
     if node.invocation_log.is_some() {
         call.input = serde_json::from_slice(&body).ok();
@@ -814,6 +816,11 @@ fn model_entries(node: &Node) -> impl Iterator<Item = (&str, serde_json::Value)>
 /// access control (and an error saying what to send when the key is missing or
 /// unknown), nobody when it has none.
 pub fn caller(node: &Node, headers: &HeaderMap) -> Result<Option<String>, PipelineError> {
+    Ok(signed_in(node, headers)?.map(|c| c.principal))
+}
+
+/// Who signed in with the request's API key, and with which key.
+pub fn signed_in(node: &Node, headers: &HeaderMap) -> Result<Option<Caller>, PipelineError> {
     let Some(access) = &node.access else {
         return Ok(None);
     };
@@ -821,7 +828,7 @@ pub fn caller(node: &Node, headers: &HeaderMap) -> Result<Option<String>, Pipeli
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     match access.snapshot().authenticate(header) {
-        Ok(p) => Ok(Some(p)),
+        Ok(c) => Ok(Some(c)),
         Err(e) => {
             metrics::counter!("crisp_auth_failures_total", "api" => "openai", "reason" => "api_key")
                 .increment(1);

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use crisp_catalog::profiles::{Profile, ProfileKind, ResolveError, profile_arn};
 use crisp_engine::{BackendError, Chunk, FinishReason, Message, Sampling, Usage};
+use crisp_policy::keys::Caller;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -131,12 +132,12 @@ fn stream_exception(e: &BackendError) -> (&'static str, String) {
 
 /// Checks the SigV4 signature when the node has credentials configured, or a bearer API
 /// key (what the SDKs send for Bedrock API keys, `AWS_BEARER_TOKEN_BEDROCK`) against the
-/// same keys as the OpenAI API; returns the principal, if any.
+/// same keys as the OpenAI API; returns who signed in with which credential, if any.
 fn authenticate(
     node: &Node,
     parts: &http::request::Parts,
     body: &[u8],
-) -> Result<Option<String>, sigv4::SigV4Error> {
+) -> Result<Option<Caller>, sigv4::SigV4Error> {
     let snapshot = node.access.as_ref().map(|a| a.snapshot());
     if snapshot.is_none() && node.sigv4_keys().is_none() {
         return Ok(None);
@@ -202,7 +203,10 @@ fn authenticate(
     Ok(snapshot.and_then(|s| {
         s.sigv4()
             .find(|(k, _)| **k == akid)
-            .map(|(_, (_, principal))| principal.clone())
+            .map(|(_, (_, principal))| Caller {
+                principal: principal.clone(),
+                key_id: akid.clone(),
+            })
     }))
 }
 
@@ -213,6 +217,7 @@ async fn read(
 ) -> Result<(http::request::Parts, Bytes, Option<String>), Response> {
     read_or_refuse(node, req)
         .await
+        .map(|(parts, body, caller)| (parts, body, caller.map(|c| c.principal)))
         .map_err(|(status, exception, message)| error(status, exception, &message, request_id))
 }
 
@@ -221,7 +226,7 @@ async fn read(
 async fn read_or_refuse(
     node: &Node,
     req: Request,
-) -> Result<(http::request::Parts, Bytes, Option<String>), (StatusCode, &'static str, String)> {
+) -> Result<(http::request::Parts, Bytes, Option<Caller>), (StatusCode, &'static str, String)> {
     let (parts, body) = req.into_parts();
     let limit = node.catalog.limits.max_body_bytes;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
@@ -486,7 +491,7 @@ async fn admit(
     let guarded = req
         .headers()
         .contains_key("x-amzn-bedrock-guardrailidentifier");
-    let (_, body, principal) = match read_or_refuse(node, req).await {
+    let (_, body, caller) = match read_or_refuse(node, req).await {
         Ok(read) => read,
         Err((status, exception, message)) => {
             // A refused caller is audited too: who tried, with which error.
@@ -500,7 +505,8 @@ async fn admit(
             return Err(error(status, exception, &message, request_id));
         }
     };
-    call.principal.clone_from(&principal);
+    call.signed_in(caller.as_ref());
+    let principal = caller.map(|c| c.principal);
     if node.invocation_log.is_some() {
         call.input = serde_json::from_slice(&body).ok();
     }
