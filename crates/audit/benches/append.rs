@@ -34,6 +34,7 @@ fn event() -> AuditEvent {
             kind: "Principal".into(),
             principal_id: "team-search".into(),
             account_id: "123456789012".into(),
+            access_key_id: "k-3f2a9c1b7d4e".into(),
         },
         source_ip_address: "10.0.3.17".into(),
         user_agent: "OpenAI/Python 1.99.0".into(),
