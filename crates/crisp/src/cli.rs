@@ -757,10 +757,11 @@ async fn reload_configuration(
     {
         return Ok("unchanged");
     }
-    let listeners = match Listeners::bind_catalog(
+    let listeners = match Listeners::bind_replacing(
         &node.catalog,
         &setup.region,
         setup.listen.as_deref(),
+        Some(running),
     )
     .await
     {

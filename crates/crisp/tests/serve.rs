@@ -773,3 +773,63 @@ fn a_stopping_node_says_so_and_ends_what_outlives_its_grace_period() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Reloads that replace the node hand its sockets over: clients connecting all the while
+/// are all answered, none refused or reset.
+#[test]
+fn a_reload_loses_no_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (client, peer, admin) = (port(), port(), port());
+    std::fs::write(d.join("crisp.toml"), config(client, peer, admin, false)).unwrap();
+    issue_certs(d);
+    let _node = serve(d, client, &[]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut answered, mut failed) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let once = || -> std::io::Result<String> {
+                        let mut s = TcpStream::connect(("127.0.0.1", client))?;
+                        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                        let body = r#"{"model": "eu.m1", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}"#;
+                        write!(s, "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())?;
+                        let mut out = String::new();
+                        s.read_to_string(&mut out)?;
+                        Ok(out)
+                    };
+                    match once() {
+                        Ok(out) if out.starts_with("HTTP/1.1 200") => answered += 1,
+                        Ok(out) => failed.push(out.lines().next().unwrap_or("").to_owned()),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (answered, failed)
+            })
+        })
+        .collect();
+    for i in 0..6 {
+        std::fs::write(
+            d.join("crisp.toml"),
+            config(client, peer, admin, i % 2 == 0),
+        )
+        .unwrap();
+        let (status, body) = http(admin, "POST", "/admin/reload", "");
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains(r#""configuration":{"status":"reloaded"}"#),
+            "{body}"
+        );
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = 0;
+    for c in clients {
+        let (a, failed) = c.join().unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+        answered += a;
+    }
+    assert!(answered > 20, "{answered}");
+}

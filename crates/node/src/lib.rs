@@ -555,23 +555,87 @@ impl Listeners {
         region: &str,
         listen: Option<&str>,
     ) -> Result<Listeners, StartError> {
+        Self::bind_replacing(catalog, region, listen, None).await
+    }
+
+    /// Like [`Listeners::bind_catalog`], for a node that replaces `running` on a reload:
+    /// where the region's address is unchanged it listens on the running node's own
+    /// socket rather than a new one beside it. Connections the kernel queues while the
+    /// old node stops accepting then wait for the new one instead of being reset when the
+    /// old socket closes.
+    pub async fn bind_replacing(
+        catalog: &Catalog,
+        region: &str,
+        listen: Option<&str>,
+        running: Option<&RunningNode>,
+    ) -> Result<Listeners, StartError> {
         let r = catalog
             .region_ix(region)
             .and_then(|ix| catalog.region(ix))
             .ok_or_else(|| StartError::UnknownRegion(region.to_owned()))?;
-        let at = |what: &'static str, configured: &str| match listen {
-            Some(host) => listen_addr(what, configured, host),
-            None => Ok(configured.to_owned()),
+        let one = |what: &'static str, configured: &str| {
+            let kept = running.and_then(|n| n.socket(what, configured));
+            let addr = match listen {
+                Some(host) => listen_addr(what, configured, host),
+                None => Ok(configured.to_owned()),
+            };
+            async move {
+                match kept {
+                    Some(socket) => Ok(socket),
+                    None => bind(what, &addr?).await,
+                }
+            }
         };
         let admin = match &r.admin_addr {
-            Some(addr) => Some(bind("admin", &at("admin", addr)?).await?),
+            Some(addr) => Some(one("admin", addr).await?),
             None => None,
         };
         Ok(Listeners {
-            client: bind("client", &at("client", &r.client_addr)?).await?,
-            peer: bind("peer", &at("peer", &r.peer_addr)?).await?,
+            client: one("client", &r.client_addr).await?,
+            peer: one("peer", &r.peer_addr).await?,
             admin,
         })
+    }
+}
+
+/// A listening socket a node serves on, kept so a node that replaces it can serve on the
+/// same socket: `what` and the configured address it was bound for.
+struct KeptSocket {
+    what: &'static str,
+    configured: String,
+    #[cfg(unix)]
+    socket: std::os::fd::OwnedFd,
+}
+
+impl KeptSocket {
+    fn of(what: &'static str, configured: &str, listener: &TcpListener) -> Option<KeptSocket> {
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsFd;
+            let socket = listener.as_fd().try_clone_to_owned().ok()?;
+            Some(KeptSocket {
+                what,
+                configured: configured.to_owned(),
+                socket,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (what, configured, listener);
+            None
+        }
+    }
+
+    /// Another handle on the same listening socket.
+    fn listener(&self) -> Option<TcpListener> {
+        #[cfg(unix)]
+        {
+            let std = std::net::TcpListener::from(self.socket.try_clone().ok()?);
+            std.set_nonblocking(true).ok()?;
+            TcpListener::from_std(std).ok()
+        }
+        #[cfg(not(unix))]
+        None
     }
 }
 
@@ -642,6 +706,8 @@ pub struct RunningNode {
     admin: Option<tokio::task::JoinHandle<()>>,
     admin_stop: tokio::sync::watch::Sender<bool>,
     grace: Duration,
+    /// Its listening sockets, for a node that replaces it; let go when it stops.
+    kept: Vec<KeptSocket>,
 }
 
 impl RunningNode {
@@ -654,6 +720,21 @@ impl RunningNode {
     ) -> std::io::Result<RunningNode> {
         let grace = options.grace;
         let node = Arc::new(node);
+        let kept = match node.catalog.region(node.region) {
+            Some(r) => [
+                Some(("client", r.client_addr.as_str(), &listeners.client)),
+                Some(("peer", r.peer_addr.as_str(), &listeners.peer)),
+                r.admin_addr
+                    .as_deref()
+                    .zip(listeners.admin.as_ref())
+                    .map(|(a, l)| ("admin", a, l)),
+            ]
+            .into_iter()
+            .flatten()
+            .filter_map(|(what, configured, l)| KeptSocket::of(what, configured, l))
+            .collect(),
+            None => Vec::new(),
+        };
         let client_addr = listeners.client.local_addr()?;
         let peer_addr = listeners.peer.local_addr()?;
         let shutdown = node.stopping.clone();
@@ -809,7 +890,17 @@ impl RunningNode {
             admin,
             admin_stop,
             grace,
+            kept,
         })
+    }
+
+    /// Another handle on the socket this node listens on for `what`, when it was bound
+    /// for `configured`.
+    fn socket(&self, what: &str, configured: &str) -> Option<TcpListener> {
+        self.kept
+            .iter()
+            .find(|k| k.what == what && k.configured == configured)
+            .and_then(KeptSocket::listener)
     }
 
     /// Stops accepting clients and peers, lets open requests finish within the grace
@@ -831,6 +922,9 @@ impl RunningNode {
     }
 
     async fn drain(mut self) {
+        // A node that stops for good must not keep its sockets open: clients would queue
+        // on them unanswered instead of being refused.
+        self.kept.clear();
         let node = self.node.clone();
         let grace = self.grace;
         let cut = tokio::spawn(async move {

@@ -13,7 +13,7 @@ use crisp_transport::{RegionIdentity, TlsStore};
 use futures::FutureExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
@@ -113,7 +113,6 @@ pub async fn serve(
     grace: Duration,
     workers: Option<Arc<Workers>>,
 ) {
-    let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -131,7 +130,7 @@ pub async fn serve(
                     remote,
                     app: app.clone(),
                     security: security.clone(),
-                    watcher: graceful.watcher(),
+                    stop: stop.clone(),
                 }
                 .start(stream, workers.as_deref(), &mut connections);
             }
@@ -146,18 +145,122 @@ pub async fn serve(
             remote,
             app: app.clone(),
             security: security.clone(),
-            watcher: graceful.watcher(),
+            stop: stop.clone(),
         }
         .start(stream, workers.as_deref(), &mut connections);
     }
     drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace + CUT_MARGIN) => {
-            tracing::debug!(left = connections.len(), "grace period over; closing connections");
-        }
+    let drained = tokio::time::timeout(grace + CUT_MARGIN, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::debug!(
+            left = connections.len(),
+            "grace period over; closing connections"
+        );
     }
     connections.abort_all();
+}
+
+/// How long a connection accepted just before the node began to stop may take to send
+/// its first request before it is closed.
+const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
+
+/// Whether a connection has sent anything yet.
+#[derive(Default)]
+struct Heard {
+    yes: std::sync::atomic::AtomicBool,
+    first: tokio::sync::Notify,
+}
+
+/// A connection's byte stream, noting when its first bytes arrive.
+struct Heeding<S> {
+    inner: S,
+    heard: Arc<Heard>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Heeding<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before && !self.heard.yes.load(Ordering::Relaxed) {
+            self.heard.yes.store(true, Ordering::Relaxed);
+            self.heard.first.notify_waiters();
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Heeding<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves `stream` with `app` until the connection ends. Once `stop` turns true, the
+/// connection finishes its current request and closes (HTTP/2: GOAWAY); one that has
+/// sent nothing yet (accepted just before) first gets [`FIRST_REQUEST_WAIT`] to send its
+/// request, which is then answered: closing it unread would reset it.
+async fn drive<S: Io>(stream: S, app: Router, mut stop: watch::Receiver<bool>) {
+    let heard = Arc::new(Heard::default());
+    let io = TokioIo::new(Heeding {
+        inner: stream,
+        heard: heard.clone(),
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder
+        .serve_connection_with_upgrades(io, TowerToHyperService::new(app))
+        .into_owned();
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = stopped(&mut stop) => {}
+    }
+    if !heard.yes.load(Ordering::Relaxed) {
+        let first = heard.first.notified();
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = first => {}
+            () = tokio::time::sleep(FIRST_REQUEST_WAIT) => {}
+        }
+    }
+    GracefulConnection::graceful_shutdown(conn.as_mut());
+    let _ = conn.await;
 }
 
 /// What serving one accepted connection needs.
@@ -165,7 +268,7 @@ struct Accepted {
     remote: SocketAddr,
     app: Router,
     security: Security,
-    watcher: Watcher,
+    stop: watch::Receiver<bool>,
 }
 
 impl Accepted {
@@ -181,7 +284,7 @@ impl Accepted {
     }
 
     async fn serve<S: Io>(self, stream: S) {
-        connection(stream, self.remote, self.app, self.security, self.watcher).await;
+        connection(stream, self.remote, self.app, self.security, self.stop).await;
     }
 
     /// Serves the connection on `runtime`, whose I/O driver the socket moves to.
@@ -280,26 +383,17 @@ async fn connection<S: Io>(
     remote: SocketAddr,
     app: Router,
     security: Security,
-    watcher: Watcher,
+    stop: watch::Receiver<bool>,
 ) {
     let app = app.layer(axum::Extension(ConnectInfo::<SocketAddr>(remote)));
-    let builder = auto::Builder::new(TokioExecutor::new());
     match security {
-        Security::Plain => {
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(app))
-                .into_owned();
-            let _ = watcher.watch(conn).await;
-        }
+        Security::Plain => drive(stream, app, stop).await,
         Security::Tls(config) => {
             let Some(tls) = handshake(TlsAcceptor::from(config), stream, remote, "client").await
             else {
                 return;
             };
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(app))
-                .into_owned();
-            let _ = watcher.watch(conn).await;
+            drive(tls, app, stop).await;
         }
         Security::Mutual(store) => {
             let acceptor = TlsAcceptor::from(store.current().server.clone());
@@ -319,11 +413,12 @@ async fn connection<S: Io>(
                     .increment(1);
                 return;
             };
-            let app = app.layer(axum::Extension(PeerIdentity(identity)));
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(app))
-                .into_owned();
-            let _ = watcher.watch(conn).await;
+            drive(
+                tls,
+                app.layer(axum::Extension(PeerIdentity(identity))),
+                stop,
+            )
+            .await;
         }
     }
 }
