@@ -562,6 +562,12 @@ pub enum Finding {
         line: usize,
         why: String,
     },
+    /// The file holds another number of events than its signed digest counted.
+    EventCount {
+        file: String,
+        signed: u64,
+        found: u64,
+    },
     BadReceipt {
         file: String,
         request_id: String,
@@ -595,6 +601,14 @@ impl std::fmt::Display for Finding {
             Finding::BadEvent { file, line, why } => {
                 write!(f, "{file}:{line}: unreadable event ({why})")
             }
+            Finding::EventCount {
+                file,
+                signed,
+                found,
+            } => write!(
+                f,
+                "{file}: holds {found} events, its signed digest counted {signed}"
+            ),
             Finding::BadReceipt {
                 file,
                 request_id,
@@ -705,7 +719,14 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
         }
         if file.exists() {
             report.files += 1;
-            check_events(&file, &body.file, ca, &mut report)?;
+            let found = check_events(&file, &body.file, ca, &mut report)?;
+            if found != body.events {
+                report.findings.push(Finding::EventCount {
+                    file: body.file.clone(),
+                    signed: body.events,
+                    found,
+                });
+            }
         }
     }
     if let Some(e) = expected_seq {
@@ -755,10 +776,12 @@ fn check_events(
     name: &str,
     ca: &CaVerifier,
     report: &mut Report,
-) -> std::io::Result<()> {
+) -> std::io::Result<u64> {
+    let mut found = 0;
     for (i, line) in BufReader::new(File::open(path)?).lines().enumerate() {
         let line = line?;
         report.events += 1;
+        found += 1;
         let event: AuditEvent = match serde_json::from_str(&line) {
             Ok(e) => e,
             Err(e) => {
@@ -806,6 +829,22 @@ fn check_events(
                                 receipt.request_id, receipt.inference_region
                             ),
                         });
+                    } else if (receipt.input_tokens, receipt.output_tokens)
+                        != (data.input_tokens, data.output_tokens)
+                    {
+                        // What the source bills must be what the region that ran it
+                        // attested.
+                        report.findings.push(Finding::BadReceipt {
+                            file: name.into(),
+                            request_id: event.request_id.clone(),
+                            why: format!(
+                                "the receipt attests {} input and {} output tokens, the event records {} and {}",
+                                receipt.input_tokens,
+                                receipt.output_tokens,
+                                data.input_tokens,
+                                data.output_tokens
+                            ),
+                        });
                     }
                 }
                 Err(e) => report.findings.push(Finding::BadReceipt {
@@ -816,7 +855,7 @@ fn check_events(
             }
         }
     }
-    Ok(())
+    Ok(found)
 }
 
 /// Every event in `dir` (sealed files in order, then the open one).

@@ -54,6 +54,9 @@ fn event(i: usize, receipt: Option<SignedReceipt>, region: &str) -> AuditEvent {
         additional_event_data: AdditionalEventData {
             inference_region: Some(region.into()),
             receipt,
+            // What `receipt` attests.
+            input_tokens: 1,
+            output_tokens: 2,
             ..AdditionalEventData::default()
         },
         ..AuditEvent::default()
@@ -456,4 +459,34 @@ async fn a_second_writer_on_a_trail_is_refused() {
     };
     assert!(err.contains("already written by another node"), "{err}");
     first.record(&event(1, None, "us-east-1")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_billed_beyond_what_the_receipt_attests_are_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let dublin = material(&ca, "eu-west-1");
+    let log = us_log(dir.path(), &ca, 1, Durability::Fsync);
+    let mut inflated = event(0, Some(receipt(&dublin, 0, "eu-west-1")), "eu-west-1");
+    inflated.additional_event_data.output_tokens = 2000;
+    log.record(&inflated).await.unwrap();
+    log.record(&event(
+        1,
+        Some(receipt(&dublin, 1, "eu-west-1")),
+        "eu-west-1",
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let v =
+        crisp_transport::tls::CaVerifier::from_ca_pem("demo", ca.cert_pem().as_bytes()).unwrap();
+    let r = verify(dir.path(), &v, "us-east-1").unwrap();
+    let found: Vec<String> = r.findings.iter().map(ToString::to_string).collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].contains("r0")
+            && found[0]
+                .contains("attests 1 input and 2 output tokens, the event records 1 and 2000"),
+        "{found:?}"
+    );
 }
