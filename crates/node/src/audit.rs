@@ -343,11 +343,13 @@ pub fn audited(
     stream: crisp_engine::ChunkStream,
 ) -> crisp_engine::ChunkStream {
     use futures::StreamExt;
-    let text = Arc::new(std::sync::Mutex::new(String::new()));
     let stream = guarded(stream, &node, &call, &ran);
+    // Shared by every chunk's step: one reference count each, not a copy of the call.
+    let state = Arc::new((node, call, ran, std::sync::Mutex::new(String::new())));
     Box::pin(stream.then(move |item| {
-        let (node, call, ran, text) = (node.clone(), call.clone(), ran.clone(), text.clone());
+        let state = state.clone();
         async move {
+            let (node, call, ran, text) = &*state;
             match item {
                 Ok(crisp_engine::Chunk::Delta(t)) => {
                     if node.invocation_log.is_some()
@@ -360,24 +362,19 @@ pub fn audited(
                 Ok(crisp_engine::Chunk::Done {
                     finish_reason,
                     usage,
-                }) => match completed(
-                    &node,
-                    &call,
-                    &ran,
-                    usage,
-                    &text.lock().map(|t| t.clone()).unwrap_or_default(),
-                )
-                .await
-                {
-                    Ok(()) => Ok(crisp_engine::Chunk::Done {
-                        finish_reason,
-                        usage,
-                    }),
-                    Err(e) => Err(crisp_engine::BackendError::Internal(e.to_string())),
-                },
+                }) => {
+                    let output = text.lock().map(|t| t.clone()).unwrap_or_default();
+                    match completed(node, call, ran, usage, &output).await {
+                        Ok(()) => Ok(crisp_engine::Chunk::Done {
+                            finish_reason,
+                            usage,
+                        }),
+                        Err(e) => Err(crisp_engine::BackendError::Internal(e.to_string())),
+                    }
+                }
                 Err(e) => {
                     let err = PipelineError::ModelFailed(e.to_string());
-                    failed(&node, &call, Some(&ran), "ModelStreamErrorException", &err).await;
+                    failed(node, call, Some(ran), "ModelStreamErrorException", &err).await;
                     Err(e)
                 }
             }

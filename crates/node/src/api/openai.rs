@@ -648,28 +648,22 @@ fn sse_body(
 ) -> Body {
     let id = format!("chatcmpl-{}", call.request_id);
     let created = unix_now();
-    let chunk = Arc::new(
-        move |delta: serde_json::Value, finish: Option<FinishReason>| {
-            json!({
-                "id": id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": requested,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish.map(FinishReason::as_str)}],
-            })
-        },
-    );
+    let chunk = move |delta: serde_json::Value, finish: Option<FinishReason>| {
+        json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": requested,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish.map(FinishReason::as_str)}],
+        })
+    };
     let first = sse(&chunk(json!({"role": "assistant", "content": ""}), None));
-    let text = Arc::new(std::sync::Mutex::new(String::new()));
+    // Shared by every chunk's step: one reference count each, not a copy of the call.
+    let state = Arc::new((node, call, ran, chunk, std::sync::Mutex::new(String::new())));
     let events = admitted.stream.then(move |item| {
-        let (node, call, ran, chunk, text) = (
-            node.clone(),
-            call.clone(),
-            ran.clone(),
-            chunk.clone(),
-            text.clone(),
-        );
+        let state = state.clone();
         async move {
+            let (node, call, ran, chunk, text) = &*state;
             let out: Vec<Bytes> = match item {
                 Ok(Chunk::Delta(delta)) => {
                     if node.invocation_log.is_some()
@@ -692,7 +686,7 @@ fn sse_body(
                     }
                     // The final event goes out only once the audit event is recorded.
                     let output = text.lock().map(|t| t.clone()).unwrap_or_default();
-                    match audit::completed(&node, &call, &ran, usage, &output).await {
+                    match audit::completed(node, call, ran, usage, &output).await {
                         Ok(()) => v.push(Bytes::from_static(b"data: [DONE]\n\n")),
                         Err(e) => v.push(sse_error("audit_unavailable", e.to_string())),
                     }
@@ -700,7 +694,7 @@ fn sse_body(
                 }
                 Err(e) => {
                     let err = from_backend(e);
-                    audit::failed(&node, &call, Some(&ran), "stream_interrupted", &err).await;
+                    audit::failed(node, call, Some(ran), "stream_interrupted", &err).await;
                     vec![sse_error(
                         "stream_interrupted",
                         format!("the answer broke off: {err}"),

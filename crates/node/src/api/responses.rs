@@ -453,9 +453,8 @@ fn sse_body(
     answer: crisp_engine::ChunkStream,
     settings: Settings,
 ) -> Body {
-    let settings = Arc::new(settings);
-    let events = Arc::new(Mutex::new(Events { next: 0 }));
-    let text = Arc::new(Mutex::new(String::new()));
+    let events = Mutex::new(Events { next: 0 });
+    let text = Mutex::new(String::new());
     let opening = {
         let mut ev = events
             .lock()
@@ -478,16 +477,12 @@ fn sse_body(
         ));
         out
     };
+    // Shared by every chunk's step: one reference count each, not a copy of the call.
+    let state = Arc::new((node, call, ran, settings, events, text));
     let body = answer.then(move |item| {
-        let (node, call, ran, settings, events, text) = (
-            node.clone(),
-            call.clone(),
-            ran.clone(),
-            settings.clone(),
-            events.clone(),
-            text.clone(),
-        );
+        let state = state.clone();
         async move {
+            let (node, call, ran, settings, events, text) = &*state;
             let out: Vec<Bytes> = match item {
                 Ok(Chunk::Delta(delta)) => {
                     if let Ok(mut all) = text.lock() {
@@ -505,7 +500,7 @@ fn sse_body(
                 }) => {
                     let all = text.lock().map(|t| t.clone()).unwrap_or_default();
                     // The final event goes out only once the audit event is recorded.
-                    let audited = audit::completed(&node, &call, &ran, usage, &all).await;
+                    let audited = audit::completed(node, call, ran, usage, &all).await;
                     let mut ev = events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     let s = &settings;
                     let status = item_status(finish_reason);
@@ -543,7 +538,7 @@ fn sse_body(
                 }
                 Err(e) => {
                     let err = openai::from_backend(e);
-                    audit::failed(&node, &call, Some(&ran), "stream_interrupted", &err).await;
+                    audit::failed(node, call, Some(ran), "stream_interrupted", &err).await;
                     let mut ev = events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     vec![ev.event(
                         "error",
