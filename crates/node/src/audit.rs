@@ -73,17 +73,18 @@ impl Audit {
     }
 }
 
-/// What the API edge knows of a call.
+/// What the API edge knows of a call. Its identity is shared text, so a copy that an
+/// answer's guard keeps (see [`guarded`]) allocates nothing.
 #[derive(Clone, Debug)]
 pub struct Call {
-    pub request_id: String,
+    pub request_id: Arc<str>,
     pub event_name: &'static str,
-    pub requested: String,
-    pub principal: Option<String>,
+    pub requested: Arc<str>,
+    pub principal: Option<Arc<str>>,
     /// The credential the principal signed in with.
-    pub access_key_id: Option<String>,
-    pub source_ip: String,
-    pub user_agent: String,
+    pub access_key_id: Option<Arc<str>>,
+    pub source_ip: Arc<str>,
+    pub user_agent: Arc<str>,
     /// The request body, kept only when this region logs invocations.
     pub input: Option<serde_json::Value>,
 }
@@ -91,8 +92,8 @@ pub struct Call {
 impl Call {
     /// Records who signed in.
     pub fn signed_in(&mut self, caller: Option<&crisp_policy::keys::Caller>) {
-        self.principal = caller.map(|c| c.principal.clone());
-        self.access_key_id = caller.map(|c| c.key_id.clone());
+        self.principal = caller.map(|c| c.principal.as_str().into());
+        self.access_key_id = caller.map(|c| c.key_id.as_str().into());
     }
 
     /// Who called what, without the body: what an event needs.
@@ -115,31 +116,37 @@ impl Call {
         headers: &HeaderMap,
         extensions: &http::Extensions,
     ) -> Call {
+        let user_agent = headers
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        // At most 256 characters of it.
+        let user_agent = match user_agent.char_indices().nth(256) {
+            Some((end, _)) => &user_agent[..end],
+            None => user_agent,
+        };
         Call {
-            request_id: request_id.to_owned(),
+            request_id: request_id.into(),
             event_name,
-            requested: String::new(),
+            requested: "".into(),
             principal: None,
             access_key_id: None,
             source_ip: extensions
                 .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip().to_string())
-                .unwrap_or_default(),
-            user_agent: headers
-                .get(http::header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .chars()
-                .take(256)
-                .collect(),
+                .map_or_else(|| "".into(), |c| Arc::from(c.0.ip().to_string())),
+            user_agent: user_agent.into(),
             input: None,
         }
     }
 }
 
-/// What of an admitted request the audit needs once its stream is consumed.
+/// What of an admitted request the audit needs once its stream is consumed; shared, so
+/// the copies an answer's steps and guard keep allocate nothing.
 #[derive(Clone, Debug)]
-pub struct Ran {
+pub struct Ran(Arc<RanFacts>);
+
+#[derive(Debug)]
+pub struct RanFacts {
     pub inference_region: String,
     pub profile_id: String,
     pub model_id: String,
@@ -149,9 +156,17 @@ pub struct Ran {
     pub receipt: crate::pipeline::ReceiptSlot,
 }
 
+impl std::ops::Deref for Ran {
+    type Target = RanFacts;
+
+    fn deref(&self) -> &RanFacts {
+        &self.0
+    }
+}
+
 impl Ran {
     pub fn of(a: &Admitted) -> Ran {
-        Ran {
+        Ran(Arc::new(RanFacts {
             inference_region: a.inference_region.clone(),
             profile_id: a.profile_id.clone(),
             model_id: a.model_id.clone(),
@@ -159,7 +174,7 @@ impl Ran {
             tried: a.attempts.iter().map(|t| t.region.clone()).collect(),
             application: a.application.clone(),
             receipt: a.receipt.clone(),
-        }
+        }))
     }
 }
 
@@ -184,15 +199,15 @@ fn base(node: &Node, call: &Call) -> AuditEvent {
                 "Anonymous"
             }
             .into(),
-            principal_id: call.principal.clone().unwrap_or_default(),
+            principal_id: call.principal.as_deref().unwrap_or_default().to_owned(),
             account_id: node.catalog.deployment.account.clone(),
-            access_key_id: call.access_key_id.clone().unwrap_or_default(),
+            access_key_id: call.access_key_id.as_deref().unwrap_or_default().to_owned(),
         },
-        source_ip_address: call.source_ip.clone(),
-        user_agent: call.user_agent.clone(),
-        request_id: call.request_id.clone(),
+        source_ip_address: String::from(&*call.source_ip),
+        user_agent: String::from(&*call.user_agent),
+        request_id: String::from(&*call.request_id),
         request_parameters: RequestParameters {
-            model_id: call.requested.clone(),
+            model_id: String::from(&*call.requested),
         },
         ..AuditEvent::default()
     }

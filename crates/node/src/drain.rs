@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crisp_engine::{BackendError, Chunk, ChunkStream};
@@ -12,23 +13,48 @@ use tokio::sync::watch;
 
 /// `stream`, ended by an [`BackendError::Unavailable`] naming `region` once `cut` turns
 /// true; an answer that has already ended is left alone.
-pub fn until_cut(stream: ChunkStream, mut cut: watch::Receiver<bool>, region: &str) -> ChunkStream {
-    let region = region.to_owned();
+pub fn until_cut(stream: ChunkStream, cut: watch::Receiver<bool>, region: Arc<str>) -> ChunkStream {
     Box::pin(Cut {
         inner: Some(stream),
-        cut: Some(Box::pin(async move {
-            let _ = cut.wait_for(|c| *c).await;
-            region
-        })),
+        cut: Some(Signal::Idle(cut, region)),
     })
+}
+
+/// The cut signal of one answer: its receiver until the answer first waits, then the
+/// future that resolves when the cut comes (set up only for answers that wait, and once).
+enum Signal {
+    Idle(watch::Receiver<bool>, Arc<str>),
+    Waiting(Pin<Box<dyn Future<Output = Arc<str>> + Send>>),
 }
 
 struct Cut {
     /// `None` once cut.
     inner: Option<ChunkStream>,
-    /// Resolves with the region's code when the grace period is over; `None` once the
-    /// answer has ended either way.
-    cut: Option<Pin<Box<dyn Future<Output = String> + Send>>>,
+    /// `None` once the answer has ended either way.
+    cut: Option<Signal>,
+}
+
+impl Cut {
+    /// Whether the cut has come; registers for it otherwise.
+    fn poll_cut(&mut self, cx: &mut Context<'_>) -> Poll<Arc<str>> {
+        let Some(signal) = self.cut.take() else {
+            return Poll::Pending;
+        };
+        let mut waiting = match signal {
+            Signal::Waiting(f) => f,
+            Signal::Idle(mut rx, region) => Box::pin(async move {
+                let _ = rx.wait_for(|c| *c).await;
+                region
+            }),
+        };
+        match waiting.as_mut().poll(cx) {
+            Poll::Ready(region) => Poll::Ready(region),
+            Poll::Pending => {
+                self.cut = Some(Signal::Waiting(waiting));
+                Poll::Pending
+            }
+        }
+    }
 }
 
 impl Stream for Cut {
@@ -36,25 +62,28 @@ impl Stream for Cut {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if let Some(cut) = &mut this.cut
-            && let Poll::Ready(region) = cut.as_mut().poll(cx)
-        {
-            this.cut = None;
-            // Dropping the answer stops its generation.
-            this.inner = None;
-            return Poll::Ready(Some(Err(BackendError::Unavailable(format!(
-                "the node in {region} stopped while the answer was streaming (its drain grace period ended); send the request again"
-            )))));
-        }
         let Some(inner) = &mut this.inner else {
             return Poll::Ready(None);
         };
-        let item = std::task::ready!(inner.as_mut().poll_next(cx));
-        if !matches!(item, Some(Ok(Chunk::Delta(_)))) {
-            // Ended or broke on its own: nothing left to cut.
-            this.cut = None;
+        // The answer first: the cut is only looked for while it waits (an answer that
+        // flows is polled again soon enough, and waits between tokens).
+        if let Poll::Ready(item) = inner.as_mut().poll_next(cx) {
+            if !matches!(item, Some(Ok(Chunk::Delta(_)))) {
+                // Ended or broke on its own: nothing left to cut.
+                this.cut = None;
+            }
+            return Poll::Ready(item);
         }
-        Poll::Ready(item)
+        match this.poll_cut(cx) {
+            Poll::Ready(region) => {
+                // Dropping the answer stops its generation.
+                this.inner = None;
+                Poll::Ready(Some(Err(BackendError::Unavailable(format!(
+                    "the node in {region} stopped while the answer was streaming (its drain grace period ended); send the request again"
+                )))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -74,7 +103,7 @@ mod tests {
     #[tokio::test]
     async fn a_streaming_answer_ends_with_an_error_when_cut() {
         let (tx, rx) = watch::channel(false);
-        let mut s = until_cut(endless(), rx, "eu-west-1");
+        let mut s = until_cut(endless(), rx, "eu-west-1".into());
         assert!(matches!(s.next().await, Some(Ok(Chunk::Delta(_)))));
         tx.send(true).unwrap();
         match s.next().await {
@@ -102,7 +131,7 @@ mod tests {
                 Ok(done),
             ])),
             rx,
-            "eu-west-1",
+            "eu-west-1".into(),
         );
         assert!(matches!(s.next().await, Some(Ok(Chunk::Delta(_)))));
         assert!(matches!(s.next().await, Some(Ok(Chunk::Done { .. }))));

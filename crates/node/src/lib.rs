@@ -77,6 +77,8 @@ pub struct Node {
     /// Turns true when the drain grace period is over: answers still streaming end with
     /// an error instead of a cut connection.
     cut: tokio::sync::watch::Sender<bool>,
+    /// This region's code, for messages that outlive a borrow of the node.
+    code: Arc<str>,
     /// Metric handles of admitted requests.
     served: observe::ServedCache,
 }
@@ -163,6 +165,7 @@ impl Node {
             invocation_log: None,
             stopping: tokio::sync::watch::Sender::new(false),
             cut: tokio::sync::watch::Sender::new(false),
+            code: region.into(),
             served: observe::ServedCache::default(),
         })
     }
@@ -319,7 +322,7 @@ impl Node {
 
     /// An admitted answer that [`Node::cut_streams`] can end.
     pub(crate) fn until_cut(&self, stream: crisp_engine::ChunkStream) -> crisp_engine::ChunkStream {
-        drain::until_cut(stream, self.cut.subscribe(), self.region_code())
+        drain::until_cut(stream, self.cut.subscribe(), self.code.clone())
     }
 
     /// Resolves when the node begins to shut down.

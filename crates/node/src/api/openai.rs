@@ -543,7 +543,7 @@ pub(super) async fn admit(
 }
 
 async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Response, Failure> {
-    let request_id = call.request_id.clone();
+    let request_id = String::from(&*call.request_id);
     let (principal, body) = begin(node, req, call).await?;
     let chat: ChatRequest = json_object(&body)
         .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
@@ -556,7 +556,7 @@ async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Respo
             )
         })?;
     let requested = chat.model.clone();
-    call.requested.clone_from(&requested);
+    call.requested = requested.as_str().into();
     let (infer, stream, include_usage) = chat
         .into_pipeline(request_id.clone())
         .map_err(|e| (PipelineError::InvalidRequest(e), None))?;

@@ -268,7 +268,7 @@ pub(super) async fn handle(
     req: Request,
     call: &mut Call,
 ) -> Result<Response, Failure> {
-    let request_id = call.request_id.clone();
+    let request_id = String::from(&*call.request_id);
     let (principal, body) = openai::begin(node, req, call).await?;
     let request: ResponsesRequest = openai::json_object(&body)
         .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
@@ -281,7 +281,7 @@ pub(super) async fn handle(
             )
         })?;
     let requested = request.model.clone();
-    call.requested.clone_from(&requested);
+    call.requested = requested.as_str().into();
     let settings = Settings {
         id: format!("resp_{request_id}"),
         item_id: format!("msg_{request_id}"),

@@ -486,7 +486,7 @@ async fn admit(
     event_name: &'static str,
 ) -> Result<(Admitted, Call), Response> {
     let mut call = Call::new(request_id, event_name, req.headers(), req.extensions());
-    call.requested.clone_from(&model_id);
+    call.requested = model_id.as_str().into();
     // InvokeModel names a guardrail in a header; crisp applies none, so it refuses.
     let guarded = req
         .headers()
