@@ -133,6 +133,9 @@ pub struct Served {
     input_tokens: Counter,
     output_tokens: Counter,
     cost: Counter,
+    /// What this handle's requests cost beyond the whole micro-dollars counted, in
+    /// pico-dollars: a request costing less than a micro-dollar still adds up.
+    cost_carry: std::sync::atomic::AtomicU64,
     /// For answers from another region.
     cross_region: Option<Counter>,
 }
@@ -171,8 +174,21 @@ impl Served {
     pub fn usage(&self, input: u32, output: u32, cost_usd: f64) {
         self.input_tokens.increment(u64::from(input));
         self.output_tokens.increment(u64::from(output));
-        if let Some(micros) = cost_micros(cost_usd) {
-            self.cost.increment(micros);
+        let Some(pico) = cost_picos(cost_usd) else {
+            return;
+        };
+        let mut whole = 0;
+        let _ = self.cost_carry.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |carry| {
+                let total = carry.saturating_add(pico);
+                whole = total / PICOS_PER_MICRO;
+                Some(total % PICOS_PER_MICRO)
+            },
+        );
+        if whole > 0 {
+            self.cost.increment(whole);
         }
     }
 
@@ -212,6 +228,7 @@ impl Served {
                 "source" => source.to_owned(),
                 "model" => model.to_owned()
             ),
+            cost_carry: std::sync::atomic::AtomicU64::new(0),
             cross_region: (region != source).then(|| cross_region(source, region)),
             source: source.to_owned(),
             profile: profile.to_owned(),
@@ -259,10 +276,12 @@ fn cross_region(source: &str, region: &str) -> Counter {
     )
 }
 
-fn cost_micros(cost_usd: f64) -> Option<u64> {
-    let micros = (cost_usd * 1e6).round();
-    // Whole micro-dollars; the price table keeps costs far below u64::MAX.
-    (micros.is_finite() && micros > 0.0).then_some(micros as u64)
+const PICOS_PER_MICRO: u64 = 1_000_000;
+
+fn cost_picos(cost_usd: f64) -> Option<u64> {
+    let picos = (cost_usd * 1e12).round();
+    // The price table keeps a request's cost far below u64::MAX pico-dollars ($18M).
+    (picos.is_finite() && picos > 0.0).then_some(picos as u64)
 }
 
 /// Logs where an admitted request runs: at `info` when it had to fail over, otherwise at
@@ -383,6 +402,25 @@ pub fn fleet_gauges(node: &Node) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_cheaper_than_a_micro_dollar_still_add_up() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let served = metrics::with_local_recorder(&recorder, || {
+            Served::new("eu-west-1", "eu.m", Scope::Geographic, "eu-west-1", "m")
+        });
+        // 0.3 micro-dollars each: rounded per request, a thousand of them counted 0.
+        for _ in 0..1000 {
+            served.usage(10, 5, 0.000_000_3);
+        }
+        let text = handle.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("crisp_cost_usd_micros_total{"))
+            .unwrap_or_default();
+        assert!(line.ends_with(" 300"), "{text}");
+    }
 
     #[test]
     fn a_throttled_log_lets_one_line_a_period_through_per_key_and_counts_the_rest() {
