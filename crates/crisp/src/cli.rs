@@ -696,6 +696,7 @@ async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<(
     let node = build_node(&setup, None).await?;
     let listeners = Listeners::bind_catalog(&node.catalog, region, setup.listen.as_deref()).await?;
     let mut running = start_node(&setup, node, listeners, reload_tx.clone())?;
+    let mut retiring = tokio::task::JoinSet::new();
 
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -720,13 +721,18 @@ async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<(
                 Some(reply)
             }
         };
-        let outcome = reload_configuration(&setup, &mut running, reload_tx.clone()).await;
+        while retiring.try_join_next().is_some() {}
+        let outcome =
+            reload_configuration(&setup, &mut running, reload_tx.clone(), &mut retiring).await;
         if let Some(reply) = reply {
             let _ = reply.send(outcome);
         }
     }
     tracing::info!("shutting down");
-    running.shutdown().await;
+    // Nodes replaced by reloads and still draining finish too.
+    tokio::join!(running.shutdown(), async {
+        while retiring.join_next().await.is_some() {}
+    });
     Ok(())
 }
 
@@ -737,6 +743,7 @@ async fn reload_configuration(
     setup: &ServeSetup,
     running: &mut RunningNode,
     reload_tx: tokio::sync::mpsc::Sender<ReloadReply>,
+    retiring: &mut tokio::task::JoinSet<()>,
 ) -> Result<&'static str, String> {
     let refused = |e: String| {
         metrics::counter!("crisp_reload_failures_total", "what" => "configuration").increment(1);
@@ -772,7 +779,7 @@ async fn reload_configuration(
         Ok(next) => {
             let old = std::mem::replace(running, next);
             tracing::info!("configuration reloaded; draining the previous node");
-            tokio::spawn(old.retire());
+            retiring.spawn(old.retire());
             Ok("reloaded")
         }
         Err(e) => refused(format!("{e:#}")),
