@@ -833,3 +833,54 @@ fn a_reload_loses_no_connection() {
     }
     assert!(answered > 20, "{answered}");
 }
+
+/// An answer still running on a node that a reload replaced ends like one on the current
+/// node when the process stops: with the error event, not a reset connection.
+#[test]
+fn a_stop_during_a_reloads_drain_ends_the_old_nodes_answers_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (client, peer, admin) = (port(), port(), port());
+    let slow = |extra| {
+        config(client, peer, admin, extra).replace(
+            "time_scale = 0.01\n",
+            "decode_tokens_per_s = 20.0\nmax_tokens = 4000\n",
+        )
+    };
+    std::fs::write(d.join("crisp.toml"), slow(false)).unwrap();
+    issue_certs(d);
+    let mut node = serve(d, client, &[("CRISP_DRAIN_GRACE_S", "3".into())]);
+    let body = r#"{"model": "eu.m1", "stream": true, "max_tokens": 4000, "messages": [{"role": "user", "content": "a long story"}]}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", client)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 512];
+    let n = s.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    // The stream's node is replaced: it drains, with 3 s of grace, and the process is
+    // told to stop at once (before, it exited and reset the old node's answers).
+    std::fs::write(d.join("crisp.toml"), slow(true)).unwrap();
+    let (status, reply) = http(admin, "POST", "/admin/reload", "");
+    assert_eq!(status, 200, "{reply}");
+    let pid = node.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut rest = String::new();
+    let _ = s.read_to_string(&mut rest);
+    let tail = &rest[rest.len().saturating_sub(600)..];
+    assert!(
+        tail.contains("stream_interrupted") && tail.contains("send the request again"),
+        "{tail}"
+    );
+    assert!(node.0.wait().unwrap().success());
+}
