@@ -2,7 +2,6 @@
 //! starts: the configuration, the lock file, the access files, each region's certificates
 //! and addresses that two regions would share.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -33,17 +32,23 @@ struct Findings {
 
 impl Findings {
     fn ok(&self, what: &str) {
-        println!("ok       {what}");
+        say("ok      ", what);
     }
 
     fn note(&self, what: &str) {
-        println!("note     {what}");
+        say("note    ", what);
     }
 
     fn problem(&mut self, what: &str) {
         self.problems += 1;
-        println!("PROBLEM  {what}");
+        say("PROBLEM ", what);
     }
+}
+
+/// One line of the report; a reader that stopped reading (`| head`) is no error.
+fn say(kind: &str, what: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{kind} {what}");
 }
 
 /// Runs every check; an error when any found a problem.
@@ -124,6 +129,23 @@ fn check_access(args: &CheckArgs, catalog: &Catalog, lock: &Lock, f: &mut Findin
         }
         Err(e) => return f.problem(&format!("{e:#}")),
     };
+    // The access files are often secrets, provided only where a node runs: without
+    // --region, missing ones are noted; on a node's host (--region) they must be there.
+    let missing: Vec<String> = std::iter::once(&files.principals)
+        .chain([&files.keys])
+        .chain(&files.policies)
+        .chain(&files.guardrails)
+        .filter(|p| !p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    if !missing.is_empty() && args.regions.is_empty() {
+        f.note(&format!(
+            "[access]: {} not here ({}); nodes read them where they run: check there with --region",
+            count(missing.len(), "file", "files"),
+            missing.join(", ")
+        ));
+        return;
+    }
     let profiles = Profiles::build(catalog, lock);
     let region = args
         .regions
@@ -197,12 +219,13 @@ fn certificate(dir: &Path, deployment: &str, region: &str, now: u64, f: &mut Fin
     }
 }
 
-/// Two regions whose addresses resolve to the same socket would both bind it (nodes
-/// listen with SO_REUSEPORT, so a reloaded node can start beside the old one) and share
-/// its connections: one region's clients would land on the other.
+/// Two regions whose addresses resolve to the same socket cannot both run on one host:
+/// the second node would be refused when it binds. Found here, before either starts. A
+/// wildcard address (`0.0.0.0:P`) takes port P on every interface, so it clashes with any
+/// other address on that port; names that do not resolve here are compared as written.
 async fn check_addresses(catalog: &Catalog, f: &mut Findings) {
-    let mut seen: BTreeMap<SocketAddr, (String, &'static str, String)> = BTreeMap::new();
-    let mut clashes = 0;
+    // Every configured address: (region, role, as written, what it resolved to).
+    let mut all: Vec<(&str, &'static str, &str, Vec<SocketAddr>)> = Vec::new();
     for r in &catalog.regions {
         for (role, addr) in [
             ("client", Some(&r.client_addr)),
@@ -214,34 +237,75 @@ async fn check_addresses(catalog: &Catalog, f: &mut Findings) {
                 match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(addr))
                     .await
                 {
-                    Ok(Ok(found)) => found.collect::<Vec<_>>(),
-                    _ => {
-                        f.note(&format!(
-                        "{} address of {} ({addr}) does not resolve here; compared as written only",
-                        role, r.code
-                    ));
-                        continue;
-                    }
+                    Ok(Ok(found)) => found.collect(),
+                    _ => Vec::new(),
                 };
-            for socket in resolved {
-                if let Some((other, other_role, other_addr)) = seen.get(&socket) {
-                    if other != &r.code || *other_role != role {
-                        clashes += 1;
-                        f.problem(&format!(
-                            "the {role} address of {} ({addr}) and the {other_role} address of {other} ({other_addr}) are the same socket {socket}: nodes on one host would share it",
-                            r.code
-                        ));
-                    }
-                } else {
-                    seen.insert(socket, (r.code.clone(), role, addr.clone()));
-                }
+            all.push((&r.code, role, addr, resolved));
+        }
+    }
+    let unresolved: Vec<&str> = all.iter().filter(|a| a.3.is_empty()).map(|a| a.2).collect();
+    if !unresolved.is_empty() {
+        f.note(&format!(
+            "{} do not resolve here ({}); they are compared as written",
+            count(unresolved.len(), "address", "addresses"),
+            unresolved.join(", ")
+        ));
+    }
+    let mut clashes = 0;
+    for (i, a) in all.iter().enumerate() {
+        for b in &all[..i] {
+            let same = if a.3.is_empty() || b.3.is_empty() {
+                a.2.eq_ignore_ascii_case(b.2).then(|| a.2.to_owned())
+            } else {
+                a.3.iter()
+                    .find_map(|x| b.3.iter().find(|y| overlap(x, y)).map(|y| (x, y)))
+                    .map(|(x, y)| {
+                        if x == y {
+                            x.to_string()
+                        } else {
+                            format!("{x} and {y}")
+                        }
+                    })
+            };
+            if let Some(socket) = same {
+                clashes += 1;
+                f.problem(&format!(
+                    "the {} address of {} ({}) and the {} address of {} ({}) are the same socket {socket}: nodes on one host cannot both listen there",
+                    a.1, a.0, a.2, b.1, b.0, b.2
+                ));
             }
         }
     }
     if clashes == 0 {
         f.ok(&format!(
             "addresses: {} distinct",
-            count(seen.len(), "socket", "sockets")
+            count(all.len(), "address", "addresses")
         ));
+    }
+}
+
+/// Whether binding both would clash: the same socket, or the same port where one is a
+/// wildcard of the other's family.
+fn overlap(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a == b
+        || (a.port() == b.port()
+            && a.is_ipv4() == b.is_ipv4()
+            && (a.ip().is_unspecified() || b.ip().is_unspecified()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_clashes_with_every_address_on_its_port() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(overlap(&at("127.0.0.1:8080"), &at("127.0.0.1:8080")));
+        assert!(overlap(&at("0.0.0.0:8080"), &at("127.0.0.1:8080")));
+        assert!(overlap(&at("10.0.0.7:8080"), &at("0.0.0.0:8080")));
+        assert!(!overlap(&at("0.0.0.0:8080"), &at("127.0.0.1:8081")));
+        assert!(!overlap(&at("127.0.0.1:8080"), &at("127.0.0.2:8080")));
+        assert!(!overlap(&at("[::]:8080"), &at("127.0.0.1:8080")));
     }
 }

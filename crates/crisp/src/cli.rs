@@ -737,8 +737,9 @@ async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<(
 }
 
 /// A changed configuration or lock file means a new node: built and validated in full
-/// first, started on the same ports alongside the old one (SO_REUSEPORT), and only then is
-/// the old one drained. A broken configuration changes nothing and says why.
+/// first, started on the old one's listening sockets where an address is unchanged
+/// (handed over, so no connection queued meanwhile is lost), and only then is the old one
+/// drained. A broken configuration changes nothing and says why.
 async fn reload_configuration(
     setup: &ServeSetup,
     running: &mut RunningNode,

@@ -884,3 +884,37 @@ fn a_stop_during_a_reloads_drain_ends_the_old_nodes_answers_too() {
     );
     assert!(node.0.wait().unwrap().success());
 }
+
+/// Nodes do not share sockets: a second node on a socket the first listens on (here the
+/// same region from another data directory; in the field, another region's node whose
+/// address is written differently) is refused, instead of splitting the clients.
+#[test]
+fn a_second_node_on_a_listening_socket_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (client, peer, admin) = (port(), port(), port());
+    std::fs::write(d.join("crisp.toml"), config(client, peer, admin, false)).unwrap();
+    issue_certs(d);
+    let _first = serve(d, client, &[]);
+    let other = d.join("elsewhere");
+    let out = Command::new(env!("CARGO_BIN_EXE_crisp"))
+        .args([
+            "serve",
+            "--config",
+            "crisp.toml",
+            "--region",
+            "eu-west-1",
+            "--data-dir",
+        ])
+        .arg(&other)
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("cannot listen on 127.0.0.1:") && err.contains("another process"),
+        "{err}"
+    );
+    assert_eq!(chat(client, "eu.m1"), 200, "the first node serves on");
+}

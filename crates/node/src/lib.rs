@@ -96,7 +96,9 @@ pub enum StartError {
     Backend(String),
     #[error("{0}")]
     Address(String),
-    #[error("cannot listen on {addr} ({what}): {source}; is another process using it?")]
+    #[error(
+        "cannot listen on {addr} ({what}): {source}; is another process using it (a node of another region configured on the same socket, e.g. localhost:P and 127.0.0.1:P)? `crisp check` compares the configuration's addresses"
+    )]
     Bind {
         what: &'static str,
         addr: String,
@@ -577,15 +579,16 @@ impl Listeners {
             .and_then(|ix| catalog.region(ix))
             .ok_or_else(|| StartError::UnknownRegion(region.to_owned()))?;
         let one = |what: &'static str, configured: &str| {
-            let kept = running.and_then(|n| n.socket(what, configured));
             let addr = match listen {
                 Some(host) => listen_addr(what, configured, host),
                 None => Ok(configured.to_owned()),
             };
             async move {
-                match kept {
+                let addr = addr?;
+                let at = resolve(what, &addr).await?;
+                match running.and_then(|n| n.socket(at)) {
                     Some(socket) => Ok(socket),
-                    None => bind(what, &addr?).await,
+                    None => bind_at(what, &addr, at),
                 }
             }
         };
@@ -602,29 +605,25 @@ impl Listeners {
 }
 
 /// A listening socket a node serves on, kept so a node that replaces it can serve on the
-/// same socket: `what` and the configured address it was bound for.
+/// same socket.
 struct KeptSocket {
-    what: &'static str,
-    configured: String,
+    at: SocketAddr,
     #[cfg(unix)]
     socket: std::os::fd::OwnedFd,
 }
 
 impl KeptSocket {
-    fn of(what: &'static str, configured: &str, listener: &TcpListener) -> Option<KeptSocket> {
+    fn of(listener: &TcpListener) -> Option<KeptSocket> {
+        let at = listener.local_addr().ok()?;
         #[cfg(unix)]
         {
             use std::os::fd::AsFd;
             let socket = listener.as_fd().try_clone_to_owned().ok()?;
-            Some(KeptSocket {
-                what,
-                configured: configured.to_owned(),
-                socket,
-            })
+            Some(KeptSocket { at, socket })
         }
         #[cfg(not(unix))]
         {
-            let _ = (what, configured, listener);
+            let _ = at;
             None
         }
     }
@@ -670,29 +669,43 @@ fn listen_addr(what: &'static str, configured: &str, host: &str) -> Result<Strin
     })
 }
 
-/// Binds with `SO_REUSEPORT`, so a reloaded node can listen beside the one it replaces
-/// while that one drains.
+/// Binds a listener. Without `SO_REUSEPORT`: a socket another process (another region's
+/// node, or a second node of this one) listens on is refused rather than shared, which
+/// would split its clients between them. A reload hands its own sockets over instead
+/// ([`Listeners::bind_replacing`]).
 pub async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, StartError> {
+    let resolved = resolve(what, addr).await?;
+    bind_at(what, addr, resolved)
+}
+
+async fn resolve(what: &'static str, addr: &str) -> Result<SocketAddr, StartError> {
     let err = |source| StartError::Bind {
         what,
         addr: addr.to_owned(),
         source,
     };
-    let resolved = tokio::net::lookup_host(addr)
+    tokio::net::lookup_host(addr)
         .await
         .map_err(err)?
         .next()
-        .ok_or_else(|| err(std::io::Error::other("the address resolves to nothing")))?;
-    let socket = if resolved.is_ipv4() {
+        .ok_or_else(|| err(std::io::Error::other("the address resolves to nothing")))
+}
+
+fn bind_at(what: &'static str, addr: &str, at: SocketAddr) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind {
+        what,
+        addr: addr.to_owned(),
+        source,
+    };
+    let socket = if at.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {
         tokio::net::TcpSocket::new_v6()
     }
     .map_err(err)?;
+    // Only for connections of a previous process still in TIME_WAIT.
     socket.set_reuseaddr(true).map_err(err)?;
-    #[cfg(unix)]
-    socket.set_reuseport(true).map_err(err)?;
-    socket.bind(resolved).map_err(err)?;
+    socket.bind(at).map_err(err)?;
     socket.listen(1024).map_err(err)
 }
 
@@ -723,21 +736,12 @@ impl RunningNode {
     ) -> std::io::Result<RunningNode> {
         let grace = options.grace;
         let node = Arc::new(node);
-        let kept = match node.catalog.region(node.region) {
-            Some(r) => [
-                Some(("client", r.client_addr.as_str(), &listeners.client)),
-                Some(("peer", r.peer_addr.as_str(), &listeners.peer)),
-                r.admin_addr
-                    .as_deref()
-                    .zip(listeners.admin.as_ref())
-                    .map(|(a, l)| ("admin", a, l)),
-            ]
+        let kept = [Some(&listeners.client), Some(&listeners.peer)]
             .into_iter()
+            .chain([listeners.admin.as_ref()])
             .flatten()
-            .filter_map(|(what, configured, l)| KeptSocket::of(what, configured, l))
-            .collect(),
-            None => Vec::new(),
-        };
+            .filter_map(KeptSocket::of)
+            .collect();
         let client_addr = listeners.client.local_addr()?;
         let peer_addr = listeners.peer.local_addr()?;
         let shutdown = node.stopping.clone();
@@ -897,12 +901,11 @@ impl RunningNode {
         })
     }
 
-    /// Another handle on the socket this node listens on for `what`, when it was bound
-    /// for `configured`.
-    fn socket(&self, what: &str, configured: &str) -> Option<TcpListener> {
+    /// Another handle on the socket this node listens on at `at`.
+    fn socket(&self, at: SocketAddr) -> Option<TcpListener> {
         self.kept
             .iter()
-            .find(|k| k.what == what && k.configured == configured)
+            .find(|k| k.at == at)
             .and_then(KeptSocket::listener)
     }
 
