@@ -285,12 +285,11 @@ async fn check_addresses(catalog: &Catalog, f: &mut Findings) {
 }
 
 /// Whether binding both would clash: the same socket, or the same port where one is a
-/// wildcard of the other's family.
+/// wildcard of the other's family (`[::]` is dual-stack on Linux: IPv4 too).
 fn overlap(a: &SocketAddr, b: &SocketAddr) -> bool {
-    a == b
-        || (a.port() == b.port()
-            && a.is_ipv4() == b.is_ipv4()
-            && (a.ip().is_unspecified() || b.ip().is_unspecified()))
+    let covers =
+        |w: &SocketAddr, x: &SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || x.is_ipv4());
+    a == b || (a.port() == b.port() && (covers(a, b) || covers(b, a)))
 }
 
 #[cfg(test)]
@@ -306,6 +305,10 @@ mod tests {
         assert!(overlap(&at("10.0.0.7:8080"), &at("0.0.0.0:8080")));
         assert!(!overlap(&at("0.0.0.0:8080"), &at("127.0.0.1:8081")));
         assert!(!overlap(&at("127.0.0.1:8080"), &at("127.0.0.2:8080")));
-        assert!(!overlap(&at("[::]:8080"), &at("127.0.0.1:8080")));
+        assert!(
+            overlap(&at("[::]:8080"), &at("127.0.0.1:8080")),
+            "dual stack"
+        );
+        assert!(!overlap(&at("0.0.0.0:8080"), &at("[::1]:8080")));
     }
 }
