@@ -728,11 +728,22 @@ async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<(
             let _ = reply.send(outcome);
         }
     }
+    // A reload asked for from now on is answered at once: the node is stopping.
+    drop(reload_rx);
     tracing::info!("shutting down");
-    // Nodes replaced by reloads and still draining finish too.
-    tokio::join!(running.shutdown(), async {
-        while retiring.join_next().await.is_some() {}
-    });
+    // Nodes replaced by reloads and still draining finish too; a second signal stops
+    // without waiting.
+    let drained = async {
+        tokio::join!(running.shutdown(), async {
+            while retiring.join_next().await.is_some() {}
+        })
+    };
+    tokio::select! {
+        _ = drained => {}
+        () = shutdown_signal() => {
+            tracing::warn!("second stop signal: exiting without waiting for open answers");
+        }
+    }
     Ok(())
 }
 

@@ -744,6 +744,13 @@ fn a_stopping_node_says_so_and_ends_what_outlives_its_grace_period() {
     eventually("readyz says the node is draining", || {
         http(admin, "GET", "/readyz", "").0 == 503
     });
+    let asked = Instant::now();
+    let (status, body) = http(admin, "POST", "/admin/reload", "");
+    assert_eq!(status, 503, "a draining node reloads nothing: {body}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "and says so at once"
+    );
     eventually("a draining node accepts no new client", || {
         TcpStream::connect(("127.0.0.1", client)).is_err()
     });

@@ -73,7 +73,14 @@ async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
 /// Reloads certificates and access files, then (through the process, which owns the
 /// listeners) the configuration, and answers what became of each: 422 when anything new
 /// was refused, so a deploy script that reloads learns that its change did not apply.
-async fn reload(State(admin): State<Admin>) -> impl IntoResponse {
+async fn reload(State(admin): State<Admin>) -> axum::response::Response {
+    if admin.node.is_stopping() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"error": "this node is stopping (draining): nothing was reloaded; reload the node that replaces it"})),
+        )
+            .into_response();
+    }
     let mut report = admin.node.reload();
     if let Some(f) = &admin.on_reload {
         report.configuration = Some(f().await);
@@ -83,5 +90,5 @@ async fn reload(State(admin): State<Admin>) -> impl IntoResponse {
     } else {
         StatusCode::UNPROCESSABLE_ENTITY
     };
-    (status, axum::Json(report.to_json()))
+    (status, axum::Json(report.to_json())).into_response()
 }
