@@ -79,6 +79,8 @@ pub struct Node {
     cut: tokio::sync::watch::Sender<bool>,
     /// This region's code, for messages that outlive a borrow of the node.
     code: Arc<str>,
+    /// Why files re-read in place were last refused, so each refusal is logged once.
+    refused: Refusals,
     /// Metric handles of admitted requests.
     served: observe::ServedCache,
 }
@@ -168,6 +170,7 @@ impl Node {
             stopping: tokio::sync::watch::Sender::new(false),
             cut: tokio::sync::watch::Sender::new(false),
             code: region.into(),
+            refused: Refusals::default(),
             served: observe::ServedCache::default(),
         })
     }
@@ -282,29 +285,38 @@ impl Node {
     pub fn reload(&self) -> ReloadReport {
         let certificates = match self.tls.reload(unix_ms() / 1000) {
             Ok(true) => {
+                self.refused.accepted("certificates");
                 tracing::info!("certificates reloaded");
                 Ok("reloaded")
             }
-            Ok(false) => Ok("unchanged"),
+            Ok(false) => {
+                self.refused.accepted("certificates");
+                Ok("unchanged")
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "new certificate files refused; keeping the current ones");
+                let e = e.to_string();
                 metrics::counter!("crisp_reload_failures_total", "what" => "certificates")
                     .increment(1);
-                Err(e.to_string())
+                self.refused.refused("certificates", &e);
+                Err(e)
             }
         };
         let access = match &self.access {
             None => Ok("not configured"),
             Some(a) => match a.reload(&self.catalog, &self.profiles, self.region) {
                 Ok(true) => {
+                    self.refused.accepted("access");
                     tracing::info!("principals, keys and policies reloaded");
                     Ok("reloaded")
                 }
-                Ok(false) => Ok("unchanged"),
+                Ok(false) => {
+                    self.refused.accepted("access");
+                    Ok("unchanged")
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "new access files refused; keeping the current ones");
                     metrics::counter!("crisp_reload_failures_total", "what" => "access")
                         .increment(1);
+                    self.refused.refused("access", &e);
                     Err(e)
                 }
             },
@@ -401,6 +413,43 @@ impl ReloadReport {
             json["configuration"] = one(c);
         }
         json
+    }
+}
+
+/// The last refusal of each kind of file re-read in place (certificates every 10 s,
+/// access files every 2 s): logged when it first happens or changes, and its end too,
+/// instead of at every look.
+#[derive(Default)]
+struct Refusals(std::sync::Mutex<Vec<(&'static str, String)>>);
+
+impl Refusals {
+    fn refused(&self, what: &'static str, why: &str) {
+        let mut last = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match last.iter_mut().find(|(w, _)| *w == what) {
+            Some((_, before)) if before == why => {}
+            Some((_, before)) => {
+                why.clone_into(before);
+                tracing::warn!(what, error = %why, "new files refused; keeping the current ones");
+            }
+            None => {
+                last.push((what, why.to_owned()));
+                tracing::warn!(what, error = %why, "new files refused; keeping the current ones");
+            }
+        }
+    }
+
+    fn accepted(&self, what: &'static str) {
+        let mut last = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(i) = last.iter().position(|(w, _)| *w == what) {
+            last.swap_remove(i);
+            tracing::info!(what, "the files are accepted again");
+        }
     }
 }
 
