@@ -433,7 +433,11 @@ async fn handshake<S: Io>(
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(e)) => {
             let reason = classify(&e);
-            tracing::warn!(%remote, side, reason, error = %e, "TLS handshake refused");
+            // A peer with a wrong certificate retries every second: one line per reason
+            // and second, with the count of those held back.
+            if let Some(held) = HANDSHAKE_LOG.admit(reason, std::time::Instant::now()) {
+                tracing::warn!(%remote, side, reason, error = %e, similar_refusals_not_logged = held, "TLS handshake refused");
+            }
             metrics::counter!("crisp_backbone_handshake_failures_total", "reason" => reason)
                 .increment(1);
             None
@@ -447,6 +451,10 @@ async fn handshake<S: Io>(
     }
 }
 
+/// Refused handshakes logged, at most one line a second per reason.
+static HANDSHAKE_LOG: crate::observe::LogThrottle =
+    crate::observe::LogThrottle::new(Duration::from_secs(1));
+
 /// A bounded label for why a handshake failed.
 fn classify(e: &std::io::Error) -> &'static str {
     let text = e.to_string().to_lowercase();
@@ -454,7 +462,13 @@ fn classify(e: &std::io::Error) -> &'static str {
         "certificate_time"
     } else if text.contains("unknownissuer")
         || text.contains("unknown issuer")
+        || text.contains("unknownca")
+        || text.contains("badcertificate")
         || text.contains("certificate")
+        // A peer that cannot verify this node's certificate (another CA) aborts the
+        // handshake with this alert.
+        || text.contains("decrypterror")
+        || text.contains("decrypt error")
     {
         "certificate"
     } else if text.contains("corrupt message") || text.contains("invalid") {

@@ -147,11 +147,9 @@ impl PeerClient {
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| BackendError::Internal(format!("building a forwarded request: {e}")))?;
         crate::trace::inject(request.headers_mut());
-        let response = self
-            .client()
-            .request(request)
-            .await
-            .map_err(|e| BackendError::Unavailable(format!("peer {addr} unreachable: {e}")))?;
+        let response = self.client().request(request).await.map_err(|e| {
+            BackendError::Unavailable(format!("peer {addr} unreachable: {}", causes(&e)))
+        })?;
         let status = response.status();
         if status != StatusCode::OK {
             let bytes = Limited::new(response.into_body(), 64 * 1024)
@@ -230,7 +228,7 @@ impl PeerClient {
             .client()
             .request(request)
             .await
-            .map_err(|e| format!("peer {addr} unreachable: {e}"))?;
+            .map_err(|e| format!("peer {addr} unreachable: {}", causes(&e)))?;
         if response.status() != StatusCode::OK {
             return Err(format!(
                 "peer {addr} refused telemetry: {}",
@@ -296,4 +294,20 @@ fn to_backend_error(e: PeerError) -> BackendError {
         }
         PeerErrorKind::Internal => BackendError::Internal(e.message),
     }
+}
+
+/// An error with the errors that caused it: a refused TLS handshake says why (an unknown
+/// issuer, a name mismatch) instead of only "client error (Connect)".
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
 }
