@@ -89,6 +89,12 @@ pub struct AdditionalEventData {
     /// US dollars, at the source region's price for the profile type.
     #[serde(default)]
     pub cost_usd: f64,
+    /// The answer ended early (its client left, it broke off, the node stopped): the
+    /// engine never reported its usage, so `outputTokens` counts the chunks it delivered
+    /// (one token each from vLLM, llama.cpp and the simulator), `inputTokens` is 0, and
+    /// `costUsd` is the price of those output tokens.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
     /// The application profile it came through, with its tags.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub application_profile: Option<String>,

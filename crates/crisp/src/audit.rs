@@ -366,7 +366,9 @@ pub fn usage(
         let events =
             crisp_audit::events(dir).with_context(|| format!("cannot read {}", dir.display()))?;
         for e in events {
-            if e.error_code.is_some() || !in_window(&e.event_time, since, until) {
+            // Answers that ended early count with what they delivered.
+            let counts = e.error_code.is_none() || e.additional_event_data.partial;
+            if !counts || !in_window(&e.event_time, since, until) {
                 continue;
             }
             let d = &e.additional_event_data;

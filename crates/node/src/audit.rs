@@ -154,6 +154,9 @@ pub struct RanFacts {
     pub tried: Vec<String>,
     pub application: Option<crate::app_profiles::AppProfile>,
     pub receipt: crate::pipeline::ReceiptSlot,
+    /// Chunks of text the answer delivered so far (counted by [`guarded`]): what an
+    /// answer that ends early is known to have produced.
+    pub delivered: std::sync::atomic::AtomicU32,
 }
 
 impl std::ops::Deref for Ran {
@@ -174,6 +177,7 @@ impl Ran {
             tried: a.attempts.iter().map(|t| t.region.clone()).collect(),
             application: a.application.clone(),
             receipt: a.receipt.clone(),
+            delivered: std::sync::atomic::AtomicU32::new(0),
         }))
     }
 }
@@ -238,17 +242,7 @@ pub async fn completed(
     let Some(audit) = &node.audit else {
         return Ok(());
     };
-    let cost = node.catalog.model(&ran.model_id).map_or(0.0, |m| {
-        let price = if ran.scope == Scope::Global {
-            m.global_price
-        } else {
-            m.price
-        };
-        price.cost(
-            u64::from(usage.prompt_tokens),
-            u64::from(usage.completion_tokens),
-        )
-    });
+    let cost = cost(node, ran, usage.prompt_tokens, usage.completion_tokens);
     let mut event = base(node, call);
     event.additional_event_data = AdditionalEventData {
         inference_region: Some(ran.inference_region.clone()),
@@ -264,8 +258,41 @@ pub async fn completed(
             .map(|a| a.tags.clone())
             .unwrap_or_default(),
         receipt: ran.receipt.get().cloned(),
+        partial: false,
     };
     audit.write(&event).await
+}
+
+/// What `input` and `output` tokens cost at the source's price for the route's scope.
+fn cost(node: &Node, ran: &Ran, input: u32, output: u32) -> f64 {
+    node.catalog.model(&ran.model_id).map_or(0.0, |m| {
+        let price = if ran.scope == Scope::Global {
+            m.global_price
+        } else {
+            m.price
+        };
+        price.cost(u64::from(input), u64::from(output))
+    })
+}
+
+/// Where the model ran, for an event of an answer that did not complete: the route, and
+/// what it delivered before it ended.
+fn ran_early(node: &Node, ran: &Ran, data: &mut crisp_audit::AdditionalEventData) {
+    data.inference_region = Some(ran.inference_region.clone());
+    data.profile_id = Some(ran.profile_id.clone());
+    data.regions_tried.clone_from(&ran.tried);
+    data.application_profile = ran.application.as_ref().map(|a| a.id.clone());
+    data.tags = ran
+        .application
+        .as_ref()
+        .map(|a| a.tags.clone())
+        .unwrap_or_default();
+    let delivered = ran.delivered.load(std::sync::atomic::Ordering::Relaxed);
+    if delivered > 0 {
+        data.partial = true;
+        data.output_tokens = delivered;
+        data.cost_usd = cost(node, ran, 0, delivered);
+    }
 }
 
 /// Records a call that failed or was refused.
@@ -277,9 +304,7 @@ pub async fn failed(node: &Node, call: &Call, ran: Option<&Ran>, code: &str, err
     event.error_code = Some(code.to_owned());
     event.error_message = Some(err.to_string());
     if let Some(ran) = ran {
-        event.additional_event_data.inference_region = Some(ran.inference_region.clone());
-        event.additional_event_data.profile_id = Some(ran.profile_id.clone());
-        event.additional_event_data.regions_tried = ran.tried.clone();
+        ran_early(node, ran, &mut event.additional_event_data);
     } else if let PipelineError::Exhausted { attempts, .. } = err {
         event.additional_event_data.regions_tried =
             attempts.iter().map(|a| a.region.clone()).collect();
@@ -321,9 +346,7 @@ async fn abandoned(node: &Node, call: &Call, ran: &Ran) {
         "the client closed the connection before the answer was complete; the model ran in {}",
         ran.inference_region
     ));
-    event.additional_event_data.inference_region = Some(ran.inference_region.clone());
-    event.additional_event_data.profile_id = Some(ran.profile_id.clone());
-    event.additional_event_data.regions_tried = ran.tried.clone();
+    ran_early(node, ran, &mut event.additional_event_data);
     let _ = audit.write(&event).await;
 }
 
@@ -340,9 +363,13 @@ pub fn guarded(
         return stream;
     }
     let mut guard = Unfinished(Some((node.clone(), call.identity(), ran.clone())));
+    let ran = ran.clone();
     // The closure owns the guard: it is dropped with the stream.
     Box::pin(stream.inspect(move |item| {
-        if !matches!(item, Ok(crisp_engine::Chunk::Delta(_))) {
+        if matches!(item, Ok(crisp_engine::Chunk::Delta(_))) {
+            ran.delivered
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
             guard.settle();
         }
     }))

@@ -79,6 +79,8 @@ struct Watch {
     price: crisp_catalog::Price,
     started: std::time::Instant,
     first_token: bool,
+    /// Chunks of text delivered: the output tokens of an answer that ends early.
+    delivered: u32,
     finished: bool,
 }
 
@@ -87,23 +89,35 @@ impl Watch {
         self.finished = true;
         self.served.finished(outcome, self.started.elapsed());
     }
+
+    /// An answer that ended before the engine reported its usage: the tokens it
+    /// delivered still count (the audit event says the same).
+    fn finish_early(&mut self, outcome: &str) {
+        if self.delivered > 0 {
+            let cost = self.price.cost(0, u64::from(self.delivered));
+            self.served.usage(0, self.delivered, cost);
+        }
+        self.finish(outcome);
+    }
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
         if !self.finished {
-            self.finish("client_disconnected");
+            self.finish_early("client_disconnected");
         }
     }
 }
 
 fn watched(stream: ChunkStream, mut watch: Watch) -> ChunkStream {
     Box::pin(stream.inspect(move |item| match item {
-        Ok(Chunk::Delta(_)) if !watch.first_token => {
-            watch.first_token = true;
-            watch.served.first_token(watch.started.elapsed());
+        Ok(Chunk::Delta(_)) => {
+            watch.delivered = watch.delivered.saturating_add(1);
+            if !watch.first_token {
+                watch.first_token = true;
+                watch.served.first_token(watch.started.elapsed());
+            }
         }
-        Ok(Chunk::Delta(_)) => {}
         Ok(Chunk::Done { usage, .. }) => {
             let cost = watch.price.cost(
                 u64::from(usage.prompt_tokens),
@@ -119,7 +133,7 @@ fn watched(stream: ChunkStream, mut watch: Watch) -> ChunkStream {
             if let Some(held) = FAILURE_LOG.admit(region, Instant::now()) {
                 tracing::warn!(region, error = %e, similar_failures_not_logged = held, "an admitted answer broke off");
             }
-            watch.finish("stream_error");
+            watch.finish_early("stream_error");
         }
     }))
 }
@@ -310,6 +324,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                     price,
                     started,
                     first_token: false,
+                    delivered: 0,
                     finished: false,
                 };
                 return Ok(Admitted {
