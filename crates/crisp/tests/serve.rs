@@ -938,3 +938,58 @@ fn a_second_node_on_a_listening_socket_is_refused() {
     );
     assert_eq!(chat(client, "eu.m1"), 200, "the first node serves on");
 }
+
+/// One request and its answer on a kept-alive connection, read by its Content-Length.
+fn keep_alive_chat(s: &mut TcpStream) -> String {
+    let body =
+        r#"{"model": "eu.m1", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}"#;
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut byte).unwrap(),
+            1,
+            "closed: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap();
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).unwrap();
+    head
+}
+
+/// A client that keeps its connection alive and sends its next request just as the node
+/// is replaced gets its answer (with `connection: close`), not a reset.
+#[test]
+fn a_kept_alive_connection_gets_its_next_answer_across_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (client, peer, admin) = (port(), port(), port());
+    std::fs::write(d.join("crisp.toml"), config(client, peer, admin, false)).unwrap();
+    issue_certs(d);
+    let _node = serve(d, client, &[]);
+    let mut s = TcpStream::connect(("127.0.0.1", client)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(keep_alive_chat(&mut s).starts_with("HTTP/1.1 200"));
+    std::fs::write(d.join("crisp.toml"), config(client, peer, admin, true)).unwrap();
+    let (status, body) = http(admin, "POST", "/admin/reload", "");
+    assert_eq!(status, 200, "{body}");
+    let head = keep_alive_chat(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}

@@ -163,101 +163,65 @@ pub async fn serve(
     connections.abort_all();
 }
 
-/// How long a connection accepted just before the node began to stop may take to send
-/// its first request before it is closed.
-const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
+/// How long a connection may take, once the node stops, to send its next request (or its
+/// first, if it was accepted just before), which is then answered before the connection
+/// is closed: closing it while the client may be sending would reset that request.
+const NEXT_REQUEST_WAIT: Duration = Duration::from_secs(1);
 
-/// Whether a connection has sent anything yet.
+/// Tells a stopping connection's driver when a request arrives.
 #[derive(Default)]
 struct Heard {
-    yes: std::sync::atomic::AtomicBool,
-    first: tokio::sync::Notify,
+    /// Set once the node stops; until then requests notify nobody.
+    watching: std::sync::atomic::AtomicBool,
+    request: tokio::sync::Notify,
 }
 
-/// A connection's byte stream, noting when its first bytes arrive.
-struct Heeding<S> {
-    inner: S,
-    heard: Arc<Heard>,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Heeding<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before && !self.heard.yes.load(Ordering::Relaxed) {
-            self.heard.yes.store(true, Ordering::Relaxed);
-            self.heard.first.notify_waiters();
-        }
-        r
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Heeding<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+/// What every request of a connection carries: the client's address and, on the peer
+/// listener, the peer's verified identity.
+#[derive(Clone)]
+struct Stamp {
+    remote: SocketAddr,
+    peer: Option<PeerIdentity>,
 }
 
 /// Serves `stream` with `app` until the connection ends. Once `stop` turns true, the
-/// connection finishes its current request and closes (HTTP/2: GOAWAY); one that has
-/// sent nothing yet (accepted just before) first gets [`FIRST_REQUEST_WAIT`] to send its
-/// request, which is then answered: closing it unread would reset it.
-async fn drive<S: Io>(stream: S, app: Router, mut stop: watch::Receiver<bool>) {
+/// connection is given [`NEXT_REQUEST_WAIT`] to send a request (an idle keep-alive
+/// client, or one accepted just before, may be sending one right then), answers the one
+/// it is on or receives (with `connection: close`), and closes (HTTP/2: GOAWAY).
+async fn drive<S: Io>(stream: S, app: Router, stamp: Stamp, mut stop: watch::Receiver<bool>) {
     let heard = Arc::new(Heard::default());
-    let io = TokioIo::new(Heeding {
-        inner: stream,
-        heard: heard.clone(),
-    });
+    let seen = heard.clone();
+    // Wrapping the router's service, not its routes: nothing is rebuilt per connection.
+    let service =
+        tower::util::MapRequest::new(app, move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(stamp.remote));
+            if let Some(peer) = &stamp.peer {
+                req.extensions_mut().insert(peer.clone());
+            }
+            // Its head is parsed: a graceful close now answers it first.
+            if seen.watching.load(Ordering::Relaxed) {
+                seen.request.notify_waiters();
+            }
+            req
+        });
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder
-        .serve_connection_with_upgrades(io, TowerToHyperService::new(app))
+        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
         .into_owned();
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => return,
         () = stopped(&mut stop) => {}
     }
-    if !heard.yes.load(Ordering::Relaxed) {
-        let first = heard.first.notified();
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            () = first => {}
-            () = tokio::time::sleep(FIRST_REQUEST_WAIT) => {}
-        }
+    // Requests arrive only while the connection is polled here: none is missed.
+    let next = heard.request.notified();
+    let mut next = std::pin::pin!(next);
+    next.as_mut().enable();
+    heard.watching.store(true, Ordering::Relaxed);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = next.as_mut() => {}
+        () = tokio::time::sleep(NEXT_REQUEST_WAIT) => {}
     }
     GracefulConnection::graceful_shutdown(conn.as_mut());
     let _ = conn.await;
@@ -385,15 +349,15 @@ async fn connection<S: Io>(
     security: Security,
     stop: watch::Receiver<bool>,
 ) {
-    let app = app.layer(axum::Extension(ConnectInfo::<SocketAddr>(remote)));
+    let stamp = Stamp { remote, peer: None };
     match security {
-        Security::Plain => drive(stream, app, stop).await,
+        Security::Plain => drive(stream, app, stamp, stop).await,
         Security::Tls(config) => {
             let Some(tls) = handshake(TlsAcceptor::from(config), stream, remote, "client").await
             else {
                 return;
             };
-            drive(tls, app, stop).await;
+            drive(tls, app, stamp, stop).await;
         }
         Security::Mutual(store) => {
             let acceptor = TlsAcceptor::from(store.current().server.clone());
@@ -413,12 +377,11 @@ async fn connection<S: Io>(
                     .increment(1);
                 return;
             };
-            drive(
-                tls,
-                app.layer(axum::Extension(PeerIdentity(identity))),
-                stop,
-            )
-            .await;
+            let stamp = Stamp {
+                peer: Some(PeerIdentity(identity)),
+                ..stamp
+            };
+            drive(tls, app, stamp, stop).await;
         }
     }
 }
