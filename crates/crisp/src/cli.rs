@@ -630,7 +630,7 @@ fn start_node(
         region = %setup.region,
         client = %running.client_addr,
         peer = %running.peer_addr,
-        admin = ?running.admin_addr,
+        admin = %running.admin_addr.map_or_else(|| "none".to_owned(), |a| a.to_string()),
         "node serving"
     );
     Ok(running)
@@ -762,20 +762,36 @@ async fn reload_configuration(
         tracing::error!(error = %e, "new configuration refused; the node keeps the current one");
         Err(e)
     };
+    // The configuration and lock first: unchanged, nothing else is rebuilt (certificates
+    // and access files have been re-read in place, and answer for themselves).
+    let catalog = match load_config(&setup.config) {
+        Ok(c) => c,
+        Err(e) => return refused(format!("{e:#}")),
+    };
+    let lock = match read_lock(&lock_path(&setup.config, setup.lock.clone())) {
+        Ok(lock) => lock,
+        Err(e) => return refused(format!("{e:#}")),
+    };
+    let same_profiles = |profiles: &crisp_catalog::profiles::Profiles| {
+        profiles.len() == running.node.profiles.len()
+            && profiles
+                .iter()
+                .zip(running.node.profiles.iter())
+                .all(|(a, b)| a == b)
+    };
+    if catalog == running.node.catalog
+        && lock
+            .is_some_and(|l| same_profiles(&crisp_catalog::profiles::Profiles::build(&catalog, &l)))
+    {
+        return Ok("unchanged");
+    }
     let node = match build_node(setup, Some(&running.node)).await {
         Ok(node) => node,
         Err(e) => return refused(format!("{e:#}")),
     };
-    if node.catalog == running.node.catalog
-        && node.profiles.len() == running.node.profiles.len()
-        && node
-            .profiles
-            .iter()
-            .zip(running.node.profiles.iter())
-            .all(|(a, b)| a == b)
-    {
-        return Ok("unchanged");
-    }
+    // What a running node cannot change: said in the answer, not only in the log.
+    let at_restart = node.catalog.audit != running.node.catalog.audit
+        || node.catalog.invocation_logs != running.node.catalog.invocation_logs;
     let listeners = match Listeners::bind_replacing(
         &node.catalog,
         &setup.region,
@@ -792,7 +808,11 @@ async fn reload_configuration(
             let old = std::mem::replace(running, next);
             tracing::info!("configuration reloaded; draining the previous node");
             retiring.spawn(old.retire());
-            Ok("reloaded")
+            Ok(if at_restart {
+                "reloaded; the [audit] and [[invocation_log]] changes apply when the node restarts"
+            } else {
+                "reloaded"
+            })
         }
         Err(e) => refused(format!("{e:#}")),
     }

@@ -224,6 +224,19 @@ fn the_configuration_reloads_on_sighup_and_on_the_admin_endpoint_and_a_broken_on
         "{body}"
     );
     assert_eq!(chat(client, "eu.m1"), 200);
+    // What a running node cannot change is said in the answer.
+    std::fs::write(
+        d.join("crisp.toml"),
+        config(client, peer, admin, false)
+            + "[audit]
+seal_after_s = 60
+",
+    )
+    .unwrap();
+    let (status, body) = http(admin, "POST", "/admin/reload", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("apply when the node restarts"), "{body}");
+    assert_eq!(chat(client, "eu.m1"), 200);
     drop(node);
     let out = verify_trail(d);
     let report = String::from_utf8_lossy(&out.stdout);

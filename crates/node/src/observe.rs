@@ -55,10 +55,22 @@ static REFUSAL_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 /// A request refused before an engine admitted it, in either dialect: counted in
 /// `crisp_requests_total` with its code as the outcome, and logged.
 pub fn refused(node: &Node, request_id: &str, api: &'static str, err: &PipelineError) {
+    // The profile, when the request resolved to one before it was refused (an ID from
+    // the catalog or the lock, never the client's text).
+    let (profile, scope) = match err {
+        PipelineError::Exhausted { profile, .. } | PipelineError::Denied { profile, .. } => {
+            let scope = node
+                .profiles
+                .get(profile)
+                .map_or(Scope::InRegion, crisp_catalog::profiles::Profile::scope);
+            (profile.as_str(), scope_label(scope))
+        }
+        _ => ("-", "-"),
+    };
     request(&RequestOutcome {
         source: node.region_code(),
-        profile: "-",
-        scope: "-",
+        profile,
+        scope,
         inference_region: "-",
         outcome: err.code(),
         duration: Duration::ZERO,
