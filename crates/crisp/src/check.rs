@@ -153,12 +153,18 @@ fn check_access(args: &CheckArgs, catalog: &Catalog, lock: &Lock, f: &mut Findin
         .find_map(|r| catalog.region_ix(r))
         .unwrap_or(0);
     let policies = files.policies.len() + files.guardrails.len();
-    match crisp_node::access::Access::load(files, catalog, &profiles, region) {
-        Ok(_) => f.ok(&format!(
+    let (problems, notes) = crisp_node::access::lint(&files, catalog, &profiles, region);
+    for p in &problems {
+        f.problem(&format!("[access]: {p}"));
+    }
+    for n in &notes {
+        f.note(&format!("[access]: {n}"));
+    }
+    if problems.is_empty() {
+        f.ok(&format!(
             "[access]: principals, keys and {} load",
             count(policies, "policy file", "policy files")
-        )),
-        Err(e) => f.problem(&format!("[access]: {e}")),
+        ));
     }
 }
 

@@ -225,6 +225,24 @@ fn check_finds_what_a_node_would_trip_over() {
         t.contains("[access]: principals, keys and 1 policy file load"),
         "{t}"
     );
+    // A key left to a principal the principals file no longer defines is worth a note.
+    let keys = std::fs::read_to_string(dir.join("keys.toml")).unwrap();
+    std::fs::write(
+        dir.join("keys.toml"),
+        keys.replace("principal = \"demo\"", "principal = \"ghost\""),
+    )
+    .unwrap();
+    let t = text(&crisp(&[
+        "check",
+        "--config",
+        s(&cfg),
+        "--region",
+        "eu-west-1",
+    ]));
+    assert!(
+        t.contains("belongs to \"ghost\", which") && t.contains("denied everything"),
+        "{t}"
+    );
 
     // A broken policy, a region without its certificate, and two regions on one socket
     // written two ways.

@@ -169,6 +169,90 @@ fn build(
     })
 }
 
+/// Everything wrong with a set of access files (problems a node would refuse them for),
+/// and what is only worth a note, all at once: what `crisp check` reports.
+pub fn lint(
+    files: &AccessFiles,
+    catalog: &Catalog,
+    profiles: &Profiles,
+    source: u16,
+) -> (Vec<String>, Vec<String>) {
+    let (mut problems, mut notes) = (Vec::new(), Vec::new());
+    let read = |p: &PathBuf, problems: &mut Vec<String>| match std::fs::read_to_string(p) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            problems.push(format!("cannot read {}: {e}", p.display()));
+            None
+        }
+    };
+    let principals = read(&files.principals, &mut problems).and_then(|t| {
+        parse_principals(&t)
+            .map_err(|e| {
+                for e in e {
+                    problems.push(format!("{}: {e}", files.principals.display()));
+                }
+            })
+            .ok()
+    });
+    let keys = read(&files.keys, &mut problems).and_then(|t| {
+        KeyStore::parse(&t)
+            .map_err(|e| problems.push(format!("{}: {e}", files.keys.display())))
+            .ok()
+    });
+    if let (Some(principals), Some(keys)) = (&principals, &keys) {
+        let unknown = keys
+            .keys
+            .iter()
+            .filter(|k| !k.revoked)
+            .map(|k| (k.id.as_str(), k.principal.as_str()))
+            .chain(
+                keys.sigv4
+                    .iter()
+                    .filter(|c| !c.revoked)
+                    .map(|c| (c.access_key_id.as_str(), c.principal.as_str())),
+            )
+            .filter(|(_, p)| !principals.iter().any(|q| q.id == *p));
+        for (key, principal) in unknown {
+            notes.push(format!(
+                "{}: key {key} belongs to {principal:?}, which {} does not define: its callers are denied everything",
+                files.keys.display(),
+                files.principals.display()
+            ));
+        }
+    }
+    let policies: Vec<(String, String)> = files
+        .policies
+        .iter()
+        .filter_map(|p| read(p, &mut problems).map(|t| (p.display().to_string(), t)))
+        .collect();
+    let guardrails: Vec<(String, String)> = files
+        .guardrails
+        .iter()
+        .filter_map(|p| read(p, &mut problems).map(|t| (p.display().to_string(), t)))
+        .collect();
+    let facts = profile_facts(catalog, profiles, source);
+    for (path, text) in policies.iter().chain(&guardrails) {
+        for id in referenced_profiles(text) {
+            if !facts.iter().any(|f| f.id == id) {
+                notes.push(format!(
+                    "{path}: names the inference profile {id}, which this deployment does not have: that policy never matches"
+                ));
+            }
+        }
+    }
+    // Policies are checked even when the principals are broken (against none).
+    if let Err(e) = PolicyEngine::new(
+        &policies,
+        &guardrails,
+        principals.as_deref().unwrap_or(&[]),
+        &region_facts(catalog),
+        &facts,
+    ) {
+        problems.push(e.to_string());
+    }
+    (problems, notes)
+}
+
 /// The profile IDs a policy text names literally (`InferenceProfile::"..."`).
 pub fn referenced_profiles(text: &str) -> Vec<String> {
     const MARK: &str = "InferenceProfile::\"";
