@@ -17,8 +17,8 @@ pub enum CertsCommand {
         deployment: String,
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
-        /// Validity in days.
-        #[arg(long, default_value_t = 3650)]
+        /// Validity in days (at least 1).
+        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(i64).range(1..))]
         days: i64,
     },
     /// Issue a region's node certificate (<region>.pem, <region>.key) from the CA in DIR.
@@ -29,8 +29,8 @@ pub enum CertsCommand {
         region: String,
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
+        /// Validity in days (at least 1).
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(i64).range(1..))]
         days: i64,
     },
 }

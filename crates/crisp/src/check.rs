@@ -106,6 +106,13 @@ fn check_lock(args: &CheckArgs, catalog: &Catalog, f: &mut Findings) -> Lock {
             }
             lock
         }
+        Ok(None) if args.lock.is_some() => {
+            f.problem(&format!(
+                "--lock {}: no such file (`crisp profiles lock --lock {0}` writes it)",
+                path.display()
+            ));
+            Lock::default()
+        }
         Ok(None) => {
             f.note(&format!(
                 "{} does not exist: the first node writes it; write it yourself with `crisp profiles lock` to ship one lock to every node",

@@ -460,7 +460,15 @@ async fn build_node(setup: &ServeSetup, running: Option<&Node>) -> anyhow::Resul
     let region = setup.region.as_str();
     let catalog = load_config(config)?;
     let path = lock_path(config, setup.lock.clone());
-    let lock = match read_lock(&path)? {
+    let found = read_lock(&path)?;
+    if found.is_none() && setup.lock.is_some() {
+        anyhow::bail!(
+            "--lock {}: no such file; write it with `crisp profiles lock --config {} --lock {0}`, or leave --lock out to use (and on first start write) crisp.lock next to the configuration",
+            path.display(),
+            config.display()
+        );
+    }
+    let lock = match found {
         Some(lock) => {
             let plan = Plan::new(&catalog, &lock);
             if plan.has_issues() {

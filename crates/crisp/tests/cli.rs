@@ -282,3 +282,32 @@ fn check_finds_what_a_node_would_trip_over() {
         "{t}"
     );
 }
+
+/// A lock file named on the command line must exist: a node does not write one there
+/// (in a cluster it is mounted read-only), and `crisp check` says so too.
+#[test]
+fn a_named_lock_file_that_does_not_exist_is_refused() {
+    let dir = tmpdir("named-lock");
+    let cfg = dir.join("crisp.toml");
+    std::fs::write(&cfg, DEMO).unwrap();
+    let lock = dir.join("typo.lock");
+    let out = crisp(&[
+        "serve",
+        "--config",
+        s(&cfg),
+        "--region",
+        "eu-west-1",
+        "--lock",
+        s(&lock),
+    ]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains("no such file") && t.contains("crisp profiles lock"),
+        "{t}"
+    );
+    assert!(!lock.exists(), "no lock was written");
+    let out = crisp(&["check", "--config", s(&cfg), "--lock", s(&lock)]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("PROBLEM  --lock"), "{}", text(&out));
+}

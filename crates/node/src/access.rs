@@ -230,6 +230,15 @@ pub fn lint(
         .iter()
         .filter_map(|p| read(p, &mut problems).map(|t| (p.display().to_string(), t)))
         .collect();
+    if !policies
+        .iter()
+        .any(|(_, t)| t.lines().any(|l| l.trim_start().starts_with("permit")))
+    {
+        notes.push(
+            "the team policies permit nothing: every caller is denied every profile (no permit means deny)"
+                .to_owned(),
+        );
+    }
     let facts = profile_facts(catalog, profiles, source);
     for (path, text) in policies.iter().chain(&guardrails) {
         for id in referenced_profiles(text) {
