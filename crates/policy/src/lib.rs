@@ -200,7 +200,14 @@ fn diagnostic_errors(
 }
 
 /// Parses the policies of one file, naming each `<file>#<n>` (or its `@id("...")`).
-fn parse_file(file: &str, src: &str, into: &mut PolicySet, errors: &mut Vec<PolicyError>) {
+/// Each policy's ID is recorded in `origins` with its file, for errors found later.
+fn parse_file(
+    file: &str,
+    src: &str,
+    into: &mut PolicySet,
+    origins: &mut BTreeMap<String, String>,
+    errors: &mut Vec<PolicyError>,
+) {
     let parsed = match PolicySet::from_str(src) {
         Ok(p) => p,
         Err(e) => {
@@ -214,6 +221,7 @@ fn parse_file(file: &str, src: &str, into: &mut PolicySet, errors: &mut Vec<Poli
         let id = policy
             .annotation("id")
             .map_or_else(|| format!("{file}#{n}"), str::to_owned);
+        origins.insert(id.clone(), file.to_owned());
         if let Err(e) = into.add(policy.new_id(PolicyId::new(id.clone()))) {
             errors.push(PolicyError {
                 file: file.to_owned(),
@@ -344,13 +352,14 @@ impl PolicyEngine {
                 }])
             })?;
         let mut errors = Vec::new();
+        let mut origins = BTreeMap::new();
         let mut team = PolicySet::new();
         for (file, src) in team_files {
-            parse_file(file, src, &mut team, &mut errors);
+            parse_file(file, src, &mut team, &mut origins, &mut errors);
         }
         let mut guardrails = PolicySet::new();
         for (file, src) in guardrail_files {
-            parse_file(file, src, &mut guardrails, &mut errors);
+            parse_file(file, src, &mut guardrails, &mut origins, &mut errors);
         }
         for p in guardrails.policies() {
             if p.effect() == cedar_policy::Effect::Permit {
@@ -375,7 +384,11 @@ impl PolicyEngine {
             let result = validator.validate(set, ValidationMode::Strict);
             for e in result.validation_errors() {
                 let id = e.policy_id().to_string();
-                let file = id.split('#').next().unwrap_or(&id).to_owned();
+                // The file the policy came from (an `@id` names no file).
+                let file = origins
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| id.split('#').next().unwrap_or(&id).to_owned());
                 let src = sources.get(file.as_str()).copied().unwrap_or("");
                 errors.push(diagnostic_errors(
                     &file,

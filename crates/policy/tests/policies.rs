@@ -166,11 +166,14 @@ fn syntax_and_schema_errors_are_all_reported_with_their_place() {
     let bad_syntax = "permit (principal, action, resource)\nwhen { principal.team == };";
     let bad_schema =
         "permit (principal, action, resource is Crisp::Model)\nwhen { principal.shoeSize > 3 };";
+    // Named with @id: still located in its file.
+    let named = "\n@id(\"ops\")\npermit (principal in Crisp::Tem::\"ops\", action, resource);";
     let guard_permit = "permit (principal, action, resource);";
     let errs = PolicyEngine::new(
         &[
             ("a.cedar".into(), bad_syntax.into()),
             ("b.cedar".into(), bad_schema.into()),
+            ("c.cedar".into(), named.into()),
         ],
         &[("g.cedar".into(), guard_permit.into())],
         &principals(),
@@ -185,6 +188,10 @@ fn syntax_and_schema_errors_are_all_reported_with_their_place() {
         "{text}"
     );
     assert!(text.contains("guardrails may only forbid"), "{text}");
+    assert!(
+        text.contains("c.cedar:3:") && text.contains("Crisp::Tem"),
+        "{text}"
+    );
 }
 
 proptest! {
