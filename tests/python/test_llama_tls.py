@@ -3,6 +3,7 @@ private CA, as self-hosted fleets often do: trusted through the backend's `ca_fi
 refused, with a message saying what to set, without it."""
 
 import subprocess
+import time
 
 import openai
 import pytest
@@ -80,5 +81,10 @@ def test_without_ca_file_the_certificate_is_refused_and_the_log_says_what_to_set
         )
     # Like any region that cannot be reached: no region could take it.
     assert e.value.status_code == 429 and "unreachable" in e.value.message, e.value
+    # The log is written by a thread of its own: give it a moment.
+    deadline = time.monotonic() + 10
     log = deployment["log"].read_text()
+    while not ("UnknownIssuer" in log and "ca_file" in log) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        log = deployment["log"].read_text()
     assert "UnknownIssuer" in log and "ca_file" in log, log[-3000:]
