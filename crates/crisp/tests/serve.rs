@@ -144,6 +144,35 @@ fn serve(d: &Path, client: u16, env: &[(&str, String)]) -> Node {
     Node(child)
 }
 
+/// A streamed answer that runs for minutes (on the slow model), once its head arrived.
+fn long_stream(client: u16) -> TcpStream {
+    let body = r#"{"model": "eu.m1", "stream": true, "max_tokens": 4000, "messages": [{"role": "user", "content": "a long story"}]}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", client)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 512];
+    let n = s.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    s
+}
+
+/// Sends the node's process a signal (`-TERM`, `-HUP`).
+fn signal(node: &Node, which: &str) {
+    let pid = node.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args([which, &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -179,14 +208,7 @@ fn the_configuration_reloads_on_sighup_and_on_the_admin_endpoint_and_a_broken_on
             .status
             .success()
     );
-    let pid = node.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(&node, "-HUP");
     eventually("m2 is served", || chat(client, "m2") == 200);
     assert_eq!(chat(client, "eu.m2"), 200, "the newly locked profile too");
 
@@ -741,27 +763,9 @@ fn a_stopping_node_says_so_and_ends_what_outlives_its_grace_period() {
     issue_certs(d);
     let node = serve(d, client, &[("CRISP_DRAIN_GRACE_S", "2".into())]);
     assert_eq!(http(admin, "GET", "/readyz", "").0, 200);
-    let body = r#"{"model": "eu.m1", "stream": true, "max_tokens": 4000, "messages": [{"role": "user", "content": "a long story"}]}"#;
-    let mut s = TcpStream::connect(("127.0.0.1", client)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut first = [0u8; 512];
-    let n = s.read(&mut first).unwrap();
-    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    let mut s = long_stream(client);
 
-    let pid = node.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(&node, "-TERM");
     eventually("readyz says the node is draining", || {
         http(admin, "GET", "/readyz", "").0 == 503
     });
@@ -883,31 +887,13 @@ fn a_stop_during_a_reloads_drain_ends_the_old_nodes_answers_too() {
     std::fs::write(d.join("crisp.toml"), slow(false)).unwrap();
     issue_certs(d);
     let mut node = serve(d, client, &[("CRISP_DRAIN_GRACE_S", "3".into())]);
-    let body = r#"{"model": "eu.m1", "stream": true, "max_tokens": 4000, "messages": [{"role": "user", "content": "a long story"}]}"#;
-    let mut s = TcpStream::connect(("127.0.0.1", client)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut first = [0u8; 512];
-    let n = s.read(&mut first).unwrap();
-    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    let mut s = long_stream(client);
     // The stream's node is replaced: it drains, with 3 s of grace, and the process is
     // told to stop at once (before, it exited and reset the old node's answers).
     std::fs::write(d.join("crisp.toml"), slow(true)).unwrap();
     let (status, reply) = http(admin, "POST", "/admin/reload", "");
     assert_eq!(status, 200, "{reply}");
-    let pid = node.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(&node, "-TERM");
     let mut rest = String::new();
     let _ = s.read_to_string(&mut rest);
     let tail = &rest[rest.len().saturating_sub(600)..];

@@ -126,13 +126,8 @@ pub async fn serve(
                         continue;
                     }
                 };
-                Accepted {
-                    remote,
-                    app: app.clone(),
-                    security: security.clone(),
-                    stop: stop.clone(),
-                }
-                .start(stream, workers.as_deref(), &mut connections);
+                Accepted::new(remote, &app, &security, &stop)
+                    .start(stream, workers.as_deref(), &mut connections);
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             () = stopped(&mut stop) => break,
@@ -141,13 +136,11 @@ pub async fn serve(
     // Connections the kernel has already queued would be reset with the listener: serve
     // them too (a reloaded node's replacement takes the new ones on the same port).
     while let Some(Ok((stream, remote))) = listener.accept().now_or_never() {
-        Accepted {
-            remote,
-            app: app.clone(),
-            security: security.clone(),
-            stop: stop.clone(),
-        }
-        .start(stream, workers.as_deref(), &mut connections);
+        Accepted::new(remote, &app, &security, &stop).start(
+            stream,
+            workers.as_deref(),
+            &mut connections,
+        );
     }
     drop(listener);
     let drained = tokio::time::timeout(grace + CUT_MARGIN, async {
@@ -236,6 +229,20 @@ struct Accepted {
 }
 
 impl Accepted {
+    fn new(
+        remote: SocketAddr,
+        app: &Router,
+        security: &Security,
+        stop: &watch::Receiver<bool>,
+    ) -> Accepted {
+        Accepted {
+            remote,
+            app: app.clone(),
+            security: security.clone(),
+            stop: stop.clone(),
+        }
+    }
+
     /// Serves the connection on the next of `workers`, or on the caller's runtime.
     fn start(self, stream: TcpStream, workers: Option<&Workers>, tasks: &mut JoinSet<()>) {
         let _ = stream.set_nodelay(true);
