@@ -311,7 +311,7 @@ print(r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"], r["outpu
 
   curl -s http://{first}/crisp/v1/fleet -H 'authorization: Bearer {demo_key}'   # this node's view of every region
   curl -s http://{first}/v1/models -H 'authorization: Bearer {demo_key}'        # what this key may call
-  curl -s http://{admin}/metrics          # Prometheus metrics (every node of this process)
+{metrics}
 
 audit trails: {audit}/<region>
   crisp audit lookup --dir {audit}/{region}
@@ -325,10 +325,16 @@ Ctrl-C stops every node."#,
         demo_key = DEMO_API_KEY,
         eu_key = EU_API_KEY,
         secret = DEMO_SECRET_KEY,
-        admin = catalog
+        metrics = match catalog
             .regions
             .first()
             .and_then(|r| r.admin_addr.as_deref())
-            .unwrap_or("(no admin listener configured)"),
+        {
+            Some(admin) => format!(
+                "  curl -s http://{admin}/metrics          # Prometheus metrics (every node of this process)"
+            ),
+            None => "  (no metrics: give the first region an `admin` address to serve /metrics)"
+                .to_owned(),
+        },
     );
 }
