@@ -282,6 +282,34 @@ def test_application_profiles_route_like_their_source_and_are_shared(federation)
         us.delete_inference_profile(inferenceProfileIdentifier="eu.amazon.nova-lite-v1:0")
 
 
+def test_an_application_profile_of_a_model_runs_in_its_region_only(federation):
+    import time
+    us = client(federation, "bedrock", US_EAST_1)
+    source = "arn:aws:bedrock:us-east-1::foundation-model/amazon.nova-lite-v1:0"
+    arn = us.create_inference_profile(
+        inferenceProfileName="nova-us-east-1", modelSource={"copyFrom": source},
+    )["inferenceProfileArn"]
+    got = us.get_inference_profile(inferenceProfileIdentifier=arn)
+    assert [m["modelArn"] for m in got["models"]] == [source]
+    msgs = [{"role": "user", "content": [{"text": "Hi"}]}]
+    here = client(federation, "bedrock-runtime", US_EAST_1).converse(modelId=arn, messages=msgs)
+    assert here["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"] == "us-east-1"
+    # Called in another region it is refused, never run there.
+    rt = client(federation, "bedrock-runtime", EU_WEST_2)
+    deadline = time.time() + 10
+    while True:
+        try:
+            rt.converse(modelId=arn, messages=msgs)
+            raise AssertionError("ran outside us-east-1")
+        except rt.exceptions.ResourceNotFoundException:
+            assert time.time() < deadline, "the profile never became visible on eu-west-2"
+            time.sleep(0.3)
+        except rt.exceptions.ValidationException as e:
+            assert "runs only there" in str(e) and "us-east-1" in str(e)
+            break
+    us.delete_inference_profile(inferenceProfileIdentifier=arn)
+
+
 def test_bedrock_calls_are_authorized_per_principal(federation):
     eu_akid, eu_secret = "AKIACRISPEUSEARCH001", "crisp-eu-search-secret-loopback-only"
     rt = client(federation, "bedrock-runtime", US_EAST_1, akid=eu_akid, secret=eu_secret)

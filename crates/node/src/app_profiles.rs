@@ -28,6 +28,10 @@ pub struct AppProfile {
     pub description: String,
     /// The model or system profile ID it copies.
     pub copy_from: String,
+    /// For a copy of a model (not of a system profile): the region it was created in,
+    /// the only one it runs in, as a foundation model's ARN names one region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     #[serde(default)]
     pub tags: Vec<(String, String)>,
     /// RFC 3339.
@@ -56,6 +60,8 @@ pub struct NewAppProfile {
     pub name: String,
     pub description: String,
     pub copy_from: String,
+    /// See [`AppProfile::region`].
+    pub region: Option<String>,
     pub tags: Vec<(String, String)>,
     pub client_request_token: Option<String>,
 }
@@ -213,6 +219,7 @@ impl AppProfiles {
             name: new.name.clone(),
             description: new.description,
             copy_from: new.copy_from,
+            region: new.region,
             tags: new.tags,
             created_at: now_rfc3339.to_owned(),
             client_request_token: new.client_request_token,
@@ -297,6 +304,7 @@ mod tests {
             name: name.into(),
             description: String::new(),
             copy_from: "eu.amazon.nova-lite-v1:0".into(),
+            region: None,
             tags: vec![("team".into(), "search".into())],
             client_request_token: token.map(str::to_owned),
         }

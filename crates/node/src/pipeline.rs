@@ -185,6 +185,15 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
             },
         ));
     }
+    if let Some(app) = &application
+        && let Some(home) = app.region.as_deref()
+        && home != node.region_code()
+    {
+        return Err(PipelineError::InvalidRequest(format!(
+            "application inference profile {} copies the model {} in {home} and runs only there: call it through {home}'s endpoint, or create one from an inference profile to route across regions (nothing was run)",
+            app.name, app.copy_from
+        )));
+    }
     let requested = application
         .as_ref()
         .map_or(req.requested.as_str(), |a| a.copy_from.as_str());

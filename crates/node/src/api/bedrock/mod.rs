@@ -1035,7 +1035,7 @@ fn app_profile_json(node: &Node, a: &AppProfile) -> Value {
         Some(p) => model_arns(node, p),
         None => vec![json!({"modelArn": format!(
             "arn:aws:bedrock:{}::foundation-model/{}",
-            node.region_code(),
+            a.region.as_deref().unwrap_or(node.region_code()),
             a.copy_from
         )})],
     };
@@ -1117,13 +1117,17 @@ async fn create_profile(State(node): State<Arc<Node>>, req: Request) -> Response
     };
     // copyFrom must name something this deployment can route: resolve it now, and keep
     // the ID it resolves to (a model or a system profile).
-    let copy_from =
+    // A copy of a model runs where the model is, in this region only; a copy of a system
+    // profile routes like it.
+    let (copy_from, region) =
         match node
             .profiles
             .resolve(&node.catalog, &create.model_source.copy_from, node.region)
         {
-            Ok(t) => t.id().to_owned(),
-            Err(ResolveError::NotServedHere { model, .. }) => model,
+            Ok(t) if t.profile.is_none() => {
+                (t.id().to_owned(), Some(node.region_code().to_owned()))
+            }
+            Ok(t) => (t.id().to_owned(), None),
             Err(e) => {
                 return pipeline_error(&PipelineError::Resolve(e), &request_id);
             }
@@ -1144,6 +1148,7 @@ async fn create_profile(State(node): State<Arc<Node>>, req: Request) -> Response
         name: create.inference_profile_name,
         description: create.description,
         copy_from,
+        region,
         tags: create.tags.into_iter().map(|t| (t.key, t.value)).collect(),
         client_request_token: create.client_request_token,
     };
