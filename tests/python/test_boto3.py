@@ -117,6 +117,7 @@ def test_sdk_exceptions(federation):
     with open(f"{trail}/eu-west-2/open.jsonl") as f:
         events = [_json.loads(l) for l in f if l.strip()]
     assert any(ev.get("errorCode") == "InvalidSignatureException"
+               and ev["additionalEventData"].get("errorKind") == "invalid_api_key"
                and ev["requestParameters"]["modelId"] == "eu.amazon.nova-lite-v1:0" for ev in events), events[-3:]
     # An accepted call names the principal and the access key it signed in with.
     signed = [ev for ev in events if ev["eventName"] == "Converse" and "errorCode" not in ev]

@@ -95,6 +95,11 @@ pub struct AdditionalEventData {
     /// `costUsd` is the price of those output tokens.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,
+    /// What went wrong in words that are the same whichever API the caller spoke
+    /// (`capacity_exhausted` where `errorCode` says `ThrottlingException` or
+    /// `capacity_exhausted`); absent for calls that completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
     /// The application profile it came through, with its tags.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub application_profile: Option<String>,

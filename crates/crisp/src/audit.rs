@@ -41,6 +41,8 @@ pub enum AuditCommand {
         profile: Option<String>,
         #[arg(long)]
         inference_region: Option<String>,
+        /// Events with this error: either API's code (`ThrottlingException`,
+        /// `capacity_exhausted`) or the kind that is the same in both (`errorKind`).
         #[arg(long)]
         error_code: Option<String>,
         /// Events at or after this time (RFC 3339, e.g. 2026-11-28T10:00:00Z or
@@ -200,9 +202,10 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                     && inference_region
                         .as_ref()
                         .is_none_or(|r| d.inference_region.as_ref() == Some(r))
-                    && error_code
-                        .as_ref()
-                        .is_none_or(|c| e.error_code.as_ref() == Some(c))
+                    // Either dialect's code, or the kind that is the same in both.
+                    && error_code.as_ref().is_none_or(|c| {
+                        e.error_code.as_ref() == Some(c) || d.error_kind.as_ref() == Some(c)
+                    })
                     && in_window(&e.event_time, since, until)
             };
             for e in events.iter().filter(|e| keep(e)) {

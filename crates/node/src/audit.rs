@@ -259,6 +259,7 @@ pub async fn completed(
             .unwrap_or_default(),
         receipt: ran.receipt.get().cloned(),
         partial: false,
+        error_kind: None,
     };
     audit.write(&event).await
 }
@@ -303,6 +304,7 @@ pub async fn failed(node: &Node, call: &Call, ran: Option<&Ran>, code: &str, err
     let mut event = base(node, call);
     event.error_code = Some(code.to_owned());
     event.error_message = Some(err.to_string());
+    event.additional_event_data.error_kind = Some(err.code().to_owned());
     if let Some(ran) = ran {
         ran_early(node, ran, &mut event.additional_event_data);
     } else if let PipelineError::Exhausted { attempts, .. } = err {
@@ -342,6 +344,7 @@ async fn abandoned(node: &Node, call: &Call, ran: &Ran) {
     };
     let mut event = base(node, call);
     event.error_code = Some("ClientDisconnected".into());
+    event.additional_event_data.error_kind = Some("client_disconnected".into());
     event.error_message = Some(format!(
         "the client closed the connection before the answer was complete; the model ran in {}",
         ran.inference_region
