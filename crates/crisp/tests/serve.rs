@@ -144,17 +144,23 @@ fn serve(d: &Path, client: u16, env: &[(&str, String)]) -> Node {
     Node(child)
 }
 
-/// A streamed answer that runs for minutes (on the slow model), once its head arrived.
-fn long_stream(client: u16) -> TcpStream {
-    let body = r#"{"model": "eu.m1", "stream": true, "max_tokens": 4000, "messages": [{"role": "user", "content": "a long story"}]}"#;
-    let mut s = TcpStream::connect(("127.0.0.1", client)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+const LONG_STORY: &str = r#"{"model": "eu.m1", "stream": true, "max_tokens": 4000, "messages": [{"role": "user", "content": "a long story"}]}"#;
+
+/// Sends a chat completion request on a kept-alive connection.
+fn post_chat(s: &mut TcpStream, body: &str) {
     write!(
         s,
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
+}
+
+/// A streamed answer that runs for minutes (on the slow model), once its head arrived.
+fn long_stream(client: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", client)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    post_chat(&mut s, LONG_STORY);
     let mut first = [0u8; 512];
     let n = s.read(&mut first).unwrap();
     assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
@@ -714,15 +720,9 @@ fn a_client_that_leaves_mid_answer_is_audited() {
     std::fs::write(d.join("crisp.toml"), config(client, peer, admin, false)).unwrap();
     issue_certs(d);
     let _node = serve(d, client, &[]);
-    let body = r#"{"model": "eu.m1", "stream": true, "max_tokens": 4000, "messages": [{"role": "user", "content": "a long story"}]}"#;
     let mut s = TcpStream::connect(("127.0.0.1", client)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    post_chat(&mut s, LONG_STORY);
     // Some of the answer arrives, then the client leaves.
     let mut seen = Vec::new();
     while seen.windows(5).filter(|w| w == b"data:").count() < 4 {
@@ -940,14 +940,10 @@ fn a_second_node_on_a_listening_socket_is_refused() {
 
 /// One request and its answer on a kept-alive connection, read by its Content-Length.
 fn keep_alive_chat(s: &mut TcpStream) -> String {
-    let body =
-        r#"{"model": "eu.m1", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}"#;
-    write!(
+    post_chat(
         s,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+        r#"{"model": "eu.m1", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}"#,
+    );
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

@@ -245,21 +245,11 @@ pub async fn completed(
     let cost = cost(node, ran, usage.prompt_tokens, usage.completion_tokens);
     let mut event = base(node, call);
     event.additional_event_data = AdditionalEventData {
-        inference_region: Some(ran.inference_region.clone()),
-        profile_id: Some(ran.profile_id.clone()),
-        regions_tried: ran.tried.clone(),
         input_tokens: usage.prompt_tokens,
         output_tokens: usage.completion_tokens,
         cost_usd: cost,
-        application_profile: ran.application.as_ref().map(|a| a.id.clone()),
-        tags: ran
-            .application
-            .as_ref()
-            .map(|a| a.tags.clone())
-            .unwrap_or_default(),
         receipt: ran.receipt.get().cloned(),
-        partial: false,
-        error_kind: None,
+        ..route(ran)
     };
     audit.write(&event).await
 }
@@ -276,18 +266,26 @@ fn cost(node: &Node, ran: &Ran, input: u32, output: u32) -> f64 {
     })
 }
 
+/// Where the model ran: the route and the application profile it came through.
+fn route(ran: &Ran) -> AdditionalEventData {
+    AdditionalEventData {
+        inference_region: Some(ran.inference_region.clone()),
+        profile_id: Some(ran.profile_id.clone()),
+        regions_tried: ran.tried.clone(),
+        application_profile: ran.application.as_ref().map(|a| a.id.clone()),
+        tags: ran
+            .application
+            .as_ref()
+            .map(|a| a.tags.clone())
+            .unwrap_or_default(),
+        ..AdditionalEventData::default()
+    }
+}
+
 /// Where the model ran, for an event of an answer that did not complete: the route, and
 /// what it delivered before it ended.
 fn ran_early(node: &Node, ran: &Ran, data: &mut crisp_audit::AdditionalEventData) {
-    data.inference_region = Some(ran.inference_region.clone());
-    data.profile_id = Some(ran.profile_id.clone());
-    data.regions_tried.clone_from(&ran.tried);
-    data.application_profile = ran.application.as_ref().map(|a| a.id.clone());
-    data.tags = ran
-        .application
-        .as_ref()
-        .map(|a| a.tags.clone())
-        .unwrap_or_default();
+    *data = route(ran);
     let delivered = ran.delivered.load(std::sync::atomic::Ordering::Relaxed);
     if delivered > 0 {
         data.partial = true;

@@ -428,17 +428,12 @@ impl Refusals {
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match last.iter_mut().find(|(w, _)| *w == what) {
-            Some((_, before)) if before == why => {}
-            Some((_, before)) => {
-                why.clone_into(before);
-                tracing::warn!(what, error = %why, "new files refused; keeping the current ones");
-            }
-            None => {
-                last.push((what, why.to_owned()));
-                tracing::warn!(what, error = %why, "new files refused; keeping the current ones");
-            }
+        if last.iter().any(|(w, before)| *w == what && before == why) {
+            return;
         }
+        last.retain(|(w, _)| *w != what);
+        last.push((what, why.to_owned()));
+        tracing::warn!(what, error = %why, "new files refused; keeping the current ones");
     }
 
     fn accepted(&self, what: &'static str) {
