@@ -168,6 +168,12 @@ pub struct DigestBody {
     /// When the file was sealed (RFC 3339, UTC); absent in digests of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_at: Option<String>,
+    /// Set when `fileSha256` is the hash of the file as it was found at sealing, not of
+    /// the bytes the writer appended (which is what every other digest signs), with why:
+    /// the file was left by a node that stopped without sealing it, or a write to it
+    /// failed half-way. Whatever happened to such a file before its seal is not attested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hashed_as_found: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -197,12 +203,22 @@ impl std::fmt::Debug for AuditLog {
 
 const OPEN: &str = "open.jsonl";
 
+/// Why a file's digest hashes it as found: see [`DigestBody::hashed_as_found`].
+const LEFT_UNSEALED: &str = "left unsealed by a node that stopped without sealing it";
+const WRITE_FAILED: &str = "a write to it failed part-way";
+
 fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
 }
 
 struct Writer {
     dir: PathBuf,
+    /// SHA-256 of the bytes this writer appended to the open file: what its seal signs, so
+    /// an edit of the open file before the seal is not signed with it.
+    written: Sha256,
+    /// Why the open file's hash can only be taken from the disk (see
+    /// [`DigestBody::hashed_as_found`]).
+    hash_as_found: Option<&'static str>,
     region: String,
     signer: Arc<dyn Signer>,
     sealing: Sealing,
@@ -269,6 +285,8 @@ impl Writer {
         };
         let mut w = Writer {
             dir: dir.to_owned(),
+            written: Sha256::new(),
+            hash_as_found: (bytes > 0).then_some(LEFT_UNSEALED),
             region: region.to_owned(),
             signer,
             sealing,
@@ -291,7 +309,7 @@ impl Writer {
             let events = BufReader::new(File::open(dir.join(&orphan))?)
                 .lines()
                 .count() as u64;
-            w.write_digest(orphan, events)?;
+            w.write_digest(orphan, events, Some(LEFT_UNSEALED))?;
         }
         // Events left in the open file by a crash are sealed first, so a restart never
         // mixes two runs in one file.
@@ -308,7 +326,12 @@ impl Writer {
         if self.flush_failed {
             self.flush()?;
         }
-        self.file.write_all(lines)?;
+        if let Err(e) = self.file.write_all(lines) {
+            // Part of `lines` may be in the file: what it holds is no longer known here.
+            self.hash_as_found = Some(WRITE_FAILED);
+            return Err(e);
+        }
+        self.written.update(lines);
         self.unflushed = true;
         self.bytes += lines.len() as u64;
         self.events += events;
@@ -336,7 +359,16 @@ impl Writer {
         self.flush()?;
         let name = format!("audit-{:010}.jsonl", self.sequence);
         std::fs::rename(self.dir.join(OPEN), self.dir.join(&name))?;
-        self.write_digest(name, self.events)?;
+        match self.hash_as_found {
+            Some(why) => self.write_digest(name, self.events, Some(why))?,
+            None => {
+                let sha = hex::encode(self.written.clone().finalize());
+                self.check_unchanged(&name, &sha);
+                self.write_digest_of(name, sha, self.events, None)?;
+            }
+        }
+        self.written = Sha256::new();
+        self.hash_as_found = None;
         self.file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -347,20 +379,53 @@ impl Writer {
         Ok(())
     }
 
+    /// Says so, loudly, when the file being sealed is not what this writer wrote: something
+    /// else changed it while it was open. Its digest signs what was written, so
+    /// verification reports the file as modified.
+    fn check_unchanged(&self, name: &str, written: &str) {
+        match sha256_file(&self.dir.join(name)) {
+            Ok(found) if found == written => {}
+            Ok(_) => tracing::error!(
+                file = %self.dir.join(name).display(),
+                "the audit file was changed by something other than this node before it was sealed; its digest signs what the node wrote, so `crisp audit verify` reports it as modified"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, file = name, "cannot read back the sealed audit file")
+            }
+        }
+    }
+
+    /// Writes the digest of the sealed file `name`, hashed as it is on disk, saying why.
+    fn write_digest(
+        &mut self,
+        name: String,
+        events: u64,
+        why: Option<&'static str>,
+    ) -> std::io::Result<()> {
+        let sha = sha256_file(&self.dir.join(&name))?;
+        self.write_digest_of(name, sha, events, why)
+    }
+
     /// Writes the signed digest of the sealed file `name` as the next link of the chain.
-    fn write_digest(&mut self, name: String, events: u64) -> std::io::Result<()> {
-        let sealed = self.dir.join(&name);
+    fn write_digest_of(
+        &mut self,
+        name: String,
+        file_sha256: String,
+        events: u64,
+        hashed_as_found: Option<&'static str>,
+    ) -> std::io::Result<()> {
         let body = DigestBody {
             sequence: self.sequence,
             region: self.region.clone(),
             file: name,
-            file_sha256: sha256_file(&sealed)?,
+            file_sha256,
             events,
             previous_digest_sha256: self.previous_sha.clone(),
             previous_signature: self.previous_sig.clone(),
             sealed_at: time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
                 .ok(),
+            hashed_as_found: hashed_as_found.map(str::to_owned),
         };
         let body = serde_json::to_string(&body).map_err(std::io::Error::other)?;
         let doc = DigestDocument {
@@ -471,6 +536,19 @@ impl AuditLog {
         wait.await
             .map_err(|_| AuditError::Stopped)?
             .map_err(AuditError::Io)
+    }
+}
+
+impl AuditLog {
+    /// Seals the open file now, if it holds events: a node that stops seals what it
+    /// wrote, so its digest signs the bytes the node appended (a file left open is sealed
+    /// at the next start as it is found then).
+    pub fn seal_now(&self) -> Result<(), AuditError> {
+        let mut writer = self.writer.lock().map_err(|_| AuditError::Stopped)?;
+        if writer.events == 0 {
+            return Ok(());
+        }
+        writer.seal().map_err(|e| AuditError::Io(e.to_string()))
     }
 }
 
@@ -636,8 +714,13 @@ pub struct Report {
     pub files: usize,
     pub events: usize,
     pub receipts: usize,
-    /// Events in the open file: recorded, not sealed yet, so not covered by any digest.
+    /// Events in the open file: recorded, not sealed yet, so not covered by any digest
+    /// (their receipts are checked all the same).
     pub unsealed: usize,
+    /// Sealed files whose digest hashed them as found, with why (see
+    /// [`DigestBody::hashed_as_found`]): what happened to them before the seal is not
+    /// attested.
+    pub hashed_as_found: Vec<(String, String)>,
     /// The newest digest's sequence number and when it was sealed: where the chain ends.
     /// Files sealed after it and deleted with their digests leave no gap in the chain;
     /// the region's object store, which keeps every digest shipped, tells.
@@ -651,7 +734,8 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
     let mut report = Report::default();
     let digests = digests(dir)?;
     let mut listed = std::collections::HashSet::new();
-    let mut next_previous: Option<(String, String)> = None;
+    // What the newer digest (named) says the previous one is.
+    let mut next_previous: Option<(String, String, String)> = None;
     let mut expected_seq: Option<u64> = None;
     for (seq, path) in digests.iter().rev() {
         let name = path
@@ -667,6 +751,8 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
                     .findings
                     .push(Finding::MissingDigest { sequence: missing });
             }
+            // The newer digest points at a missing one: that is the finding above.
+            next_previous = None;
         }
         expected_seq = seq.checked_sub(1);
         let text = std::fs::read(path)?;
@@ -678,11 +764,11 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
             });
             continue;
         };
-        if let Some((want_sha, want_sig)) = &next_previous
+        if let Some((newer, want_sha, want_sig)) = &next_previous
             && (want_sha != &sha || want_sig != &doc.signature)
         {
             report.findings.push(Finding::BrokenChain {
-                digest: name.clone(),
+                digest: newer.clone(),
             });
         }
         let body = serde_json::from_str::<DigestBody>(&doc.body).ok();
@@ -714,9 +800,15 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
             report.newest = Some((body.sequence, body.sealed_at.clone()));
         }
         next_previous = Some((
+            name.clone(),
             body.previous_digest_sha256.clone(),
             body.previous_signature.clone(),
         ));
+        if let Some(why) = &body.hashed_as_found {
+            report
+                .hashed_as_found
+                .push((body.file.clone(), why.clone()));
+        }
         listed.insert(body.file.clone());
         let file = dir.join(&body.file);
         match sha256_file(&file) {
@@ -728,14 +820,15 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
             }),
             Ok(_) => {}
         }
-        if file.exists() {
+        if let Ok(text) = std::fs::read(&file) {
             report.files += 1;
-            let found = check_events(&file, &body.file, ca, &mut report)?;
-            if found != body.events {
+            let found = check_events(&text, &body.file, ca, &mut report, false);
+            report.events += found;
+            if found as u64 != body.events {
                 report.findings.push(Finding::EventCount {
                     file: body.file.clone(),
                     signed: body.events,
-                    found,
+                    found: found as u64,
                 });
             }
         }
@@ -748,10 +841,7 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
         }
     }
     if let Ok(open) = std::fs::read(dir.join(OPEN)) {
-        report.unsealed = open
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-            .count();
+        report.unsealed = check_events(&open, OPEN, ca, &mut report, true);
     }
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name().to_string_lossy().into_owned();
@@ -782,18 +872,23 @@ fn check_signature(
     crisp_transport::receipt::verify_signature(&cert, doc.body.as_bytes(), &sig)
 }
 
+/// Checks the events of one file (its bytes) and their receipts; returns how many there
+/// are. In a file still being written (`open`), a last line without its newline is being
+/// appended and is left for later.
 fn check_events(
-    path: &Path,
+    text: &[u8],
     name: &str,
     ca: &CaVerifier,
     report: &mut Report,
-) -> std::io::Result<u64> {
-    let mut found = 0;
-    for (i, line) in BufReader::new(File::open(path)?).lines().enumerate() {
-        let line = line?;
-        report.events += 1;
-        found += 1;
-        let event: AuditEvent = match serde_json::from_str(&line) {
+    open: bool,
+) -> usize {
+    let mut lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+    // What follows the last newline: nothing, or a line still being written.
+    if lines.last().is_some_and(|l| l.is_empty() || open) {
+        lines.pop();
+    }
+    for (i, line) in lines.iter().enumerate() {
+        let event: AuditEvent = match serde_json::from_slice(line) {
             Ok(e) => e,
             Err(e) => {
                 report.findings.push(Finding::BadEvent {
@@ -830,14 +925,28 @@ fn check_events(
                         .inference_region
                         .as_deref()
                         .unwrap_or("");
-                    if receipt.inference_region != claimed || receipt.request_id != event.request_id
-                    {
+                    if receipt.request_id != event.request_id {
+                        // A receipt taken from another event.
                         report.findings.push(Finding::BadReceipt {
                             file: name.into(),
                             request_id: event.request_id.clone(),
                             why: format!(
-                                "the receipt says request {} ran in {}, the event says {claimed}",
-                                receipt.request_id, receipt.inference_region
+                                "the receipt is for request {}, not this one",
+                                receipt.request_id
+                            ),
+                        });
+                    } else if receipt.inference_region != claimed {
+                        report.findings.push(Finding::BadReceipt {
+                            file: name.into(),
+                            request_id: event.request_id.clone(),
+                            why: format!(
+                                "the receipt says it ran in {}, the event says {}",
+                                receipt.inference_region,
+                                if claimed.is_empty() {
+                                    "nowhere"
+                                } else {
+                                    claimed
+                                }
                             ),
                         });
                     } else if (receipt.input_tokens, receipt.output_tokens)
@@ -866,7 +975,7 @@ fn check_events(
             }
         }
     }
-    Ok(found)
+    lines.len()
 }
 
 /// Every event in `dir` (sealed files in order, then the open one).

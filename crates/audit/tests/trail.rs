@@ -490,3 +490,153 @@ async fn tokens_billed_beyond_what_the_receipt_attests_are_found() {
         "{found:?}"
     );
 }
+
+fn verifier(ca: &Ca) -> crisp_transport::tls::CaVerifier {
+    crisp_transport::tls::CaVerifier::from_ca_pem("demo", ca.cert_pem().as_bytes()).unwrap()
+}
+
+/// The seal signs the bytes the node wrote, not what the open file holds when it is
+/// sealed: an edit made while the file was open is found, whichever durability.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_of_the_open_file_before_its_seal_is_not_signed() {
+    for durability in [
+        Durability::Fsync,
+        Durability::Write {
+            flush_within: Duration::from_millis(20),
+        },
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+        let log = us_log(dir.path(), &ca, 1 << 20, durability);
+        log.record(&event(0, None, "us-east-1")).await.unwrap();
+        log.record(&event(1, None, "us-east-1")).await.unwrap();
+        let open = dir.path().join("open.jsonl");
+        let text = std::fs::read_to_string(&open).unwrap();
+        std::fs::write(&open, text.replace("\"r0\"", "\"r7\"")).unwrap();
+        log.seal_now().unwrap();
+        let r = verify(dir.path(), &verifier(&ca), "us-east-1").unwrap();
+        assert!(
+            matches!(r.findings.as_slice(), [Finding::ModifiedFile { file }] if file == "audit-0000000000.jsonl"),
+            "{durability:?}: {:?}",
+            r.findings
+        );
+        assert!(r.hashed_as_found.is_empty());
+        // Untouched, the same steps verify.
+        let dir = tempfile::tempdir().unwrap();
+        let log = us_log(dir.path(), &ca, 1 << 20, durability);
+        log.record(&event(0, None, "us-east-1")).await.unwrap();
+        log.seal_now().unwrap();
+        log.seal_now().unwrap();
+        let r = verify(dir.path(), &verifier(&ca), "us-east-1").unwrap();
+        assert!(r.findings.is_empty(), "{:?}", r.findings);
+        assert_eq!((r.files, r.events), (1, 1));
+    }
+}
+
+/// A file a node left open (it stopped without sealing) can only be hashed as it is found
+/// at the next start: its digest says so, and verification passes that on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_left_open_is_sealed_as_found_and_its_digest_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let log = us_log(dir.path(), &ca, 1 << 20, Durability::Fsync);
+    log.record(&event(0, None, "us-east-1")).await.unwrap();
+    drop(log);
+    let log = us_log(dir.path(), &ca, 1 << 20, Durability::Fsync);
+    log.record(&event(1, None, "us-east-1")).await.unwrap();
+    log.seal_now().unwrap();
+    let r = verify(dir.path(), &verifier(&ca), "us-east-1").unwrap();
+    assert!(r.findings.is_empty(), "{:?}", r.findings);
+    assert_eq!(r.events, 2);
+    assert_eq!(r.hashed_as_found.len(), 1, "{:?}", r.hashed_as_found);
+    let (file, why) = &r.hashed_as_found[0];
+    assert_eq!(file, "audit-0000000000.jsonl");
+    assert!(why.contains("stopped without sealing"), "{why}");
+}
+
+/// Receipts are checked in the open file too, before any seal covers it; a line still
+/// being appended is not mistaken for a broken event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_in_the_open_file_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let us = material(&ca, "us-east-1");
+    let dublin = material(&ca, "eu-west-1");
+    let log = us_log(dir.path(), &ca, 1 << 20, Durability::Fsync);
+    log.record(&event(
+        0,
+        Some(receipt(&dublin, 0, "eu-west-1")),
+        "eu-west-1",
+    ))
+    .await
+    .unwrap();
+    // Signed by a US node for a claim of eu-west-1.
+    log.record(&event(1, Some(receipt(&us, 1, "eu-west-1")), "eu-west-1"))
+        .await
+        .unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("open.jsonl"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"eventVersion\":\"1.").unwrap();
+    let r = verify(dir.path(), &verifier(&ca), "us-east-1").unwrap();
+    assert_eq!((r.unsealed, r.receipts, r.events), (2, 2, 0));
+    let found: Vec<String> = r.findings.iter().map(ToString::to_string).collect();
+    assert!(
+        matches!(found.as_slice(), [f] if f.starts_with("open.jsonl: request r1: receipt not valid")),
+        "{found:?}"
+    );
+}
+
+/// Each finding names the digest at fault: a deleted digest is missing (not a break of
+/// the one before it); a changed one breaks the link of the digest after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_findings_name_the_digest_at_fault() {
+    let (dir, _ca, v) = setup().await;
+    std::fs::remove_file(dir.path().join("digests/digest-0000000005.json")).unwrap();
+    let r = verify(dir.path(), &v, "us-east-1").unwrap();
+    let found: Vec<String> = r.findings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        found,
+        [
+            "digest 5: missing (deleted)",
+            "audit-0000000005.jsonl: not listed in any digest (inserted)"
+        ]
+    );
+
+    let (dir, _ca, v) = setup().await;
+    let digest = dir.path().join("digests/digest-0000000005.json");
+    let mut text = std::fs::read(&digest).unwrap();
+    text.push(b'\n');
+    std::fs::write(&digest, text).unwrap();
+    let r = verify(dir.path(), &v, "us-east-1").unwrap();
+    assert!(
+        matches!(r.findings.as_slice(), [Finding::BrokenChain { digest }] if digest == "digest-0000000006.json"),
+        "{:?}",
+        r.findings
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_taken_from_another_request_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let dublin = material(&ca, "eu-west-1");
+    let log = us_log(dir.path(), &ca, 1, Durability::Fsync);
+    log.record(&event(
+        1,
+        Some(receipt(&dublin, 0, "eu-west-1")),
+        "eu-west-1",
+    ))
+    .await
+    .unwrap();
+    log.seal_now().unwrap();
+    let r = verify(dir.path(), &verifier(&ca), "us-east-1").unwrap();
+    let found: Vec<String> = r.findings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        found,
+        [
+            "audit-0000000000.jsonl: request r1: receipt not valid (the receipt is for request r0, not this one)"
+        ]
+    );
+}

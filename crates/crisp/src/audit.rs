@@ -123,7 +123,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                 problems += print_report(&dir.display().to_string(), &report);
                 if report.unsealed > 0 {
                     println!(
-                        "  {} more {} in {}, not sealed yet: a digest covers them once the node seals the file ([audit] seal_bytes / seal_after_s)",
+                        "  {} more {} in {}, not sealed yet (their receipts are checked): a digest covers them once the node seals the file ([audit] seal_bytes / seal_after_s)",
                         report.unsealed,
                         if report.unsealed == 1 {
                             "event"
@@ -253,6 +253,11 @@ fn print_report(name: &str, report: &crisp_audit::Report) -> usize {
         println!(
             "  the chain ends at digest {sequence}, sealed {}",
             sealed_at.as_deref().unwrap_or("at an unrecorded time")
+        );
+    }
+    for (file, why) in &report.hashed_as_found {
+        println!(
+            "  note: {file} was sealed as it was found ({why}): its digest covers it from then on, not what happened to it before"
         );
     }
     for f in &report.findings {

@@ -741,13 +741,20 @@ async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<(
     tracing::info!("shutting down");
     // Nodes replaced by reloads and still draining finish too; a second signal stops
     // without waiting.
+    let audit = running.node.audit.clone();
     let drained = async {
         tokio::join!(running.shutdown(), async {
             while retiring.join_next().await.is_some() {}
-        })
+        });
+        // What the replaced nodes wrote after the last node sealed.
+        if let Some(audit) = audit
+            && let Err(e) = audit.log.seal_now()
+        {
+            tracing::error!(error = %e, "cannot seal the audit file at stop; it is sealed at the next start");
+        }
     };
     tokio::select! {
-        _ = drained => {}
+        () = drained => {}
         () = shutdown_signal() => {
             tracing::warn!("second stop signal: exiting without waiting for open answers");
         }

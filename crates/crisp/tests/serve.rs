@@ -803,12 +803,14 @@ fn a_stopping_node_says_so_and_ends_what_outlives_its_grace_period() {
         }),
         "the cut answer is in the trail with what it delivered: {events:?}"
     );
+    // A node that stops seals what it wrote: nothing is left open to be sealed later as
+    // it is found then.
+    let open = std::fs::read(d.join("audit/eu-west-1/open.jsonl")).unwrap_or_default();
+    assert!(open.is_empty(), "{}", String::from_utf8_lossy(&open));
     let out = verify_trail(d);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    assert!(!report.contains("note:"), "{report}");
 }
 
 /// Reloads that replace the node hand its sockets over: clients connecting all the while

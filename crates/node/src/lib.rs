@@ -959,7 +959,7 @@ impl RunningNode {
     /// end, its `/readyz` answering 503, so a load balancer sees the node leave.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        self.drain().await;
+        self.drain(true).await;
     }
 
     /// Like [`RunningNode::shutdown`], for a node replaced by a reload: it stops
@@ -968,10 +968,11 @@ impl RunningNode {
     pub fn retire(self) -> impl std::future::Future<Output = ()> + Send {
         let _ = self.shutdown.send(true);
         let _ = self.admin_stop.send(true);
-        self.drain()
+        // Its audit trail goes on with the node that replaces it.
+        self.drain(false)
     }
 
-    async fn drain(mut self) {
+    async fn drain(mut self, last: bool) {
         // A node that stops for good must not keep its sockets open: clients would queue
         // on them unanswered instead of being refused.
         self.kept.clear();
@@ -987,6 +988,12 @@ impl RunningNode {
         // the drained requests behind.
         if let Some(log) = &self.node.invocation_log {
             log.flush().await;
+        }
+        if last
+            && let Some(audit) = &self.node.audit
+            && let Err(e) = audit.log.seal_now()
+        {
+            tracing::error!(error = %e, "cannot seal the audit file at stop; it is sealed at the next start");
         }
         if let Some(shipper) = &self.node.audit_shipper {
             shipper.ship_once().await;
