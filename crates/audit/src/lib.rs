@@ -90,9 +90,12 @@ pub struct AdditionalEventData {
     #[serde(default)]
     pub cost_usd: f64,
     /// The answer ended early (its client left, it broke off, the node stopped): the
-    /// engine never reported its usage, so `outputTokens` counts the chunks it delivered
-    /// (one token each from vLLM, llama.cpp and the simulator), `inputTokens` is 0, and
-    /// `costUsd` is the price of those output tokens.
+    /// engine never reported its usage, so `outputTokens` counts the chunks it produced
+    /// until then (one token each from vLLM, llama.cpp and the simulator; a streamed
+    /// answer sent them on; a whole answer's client that left got none, but the engine
+    /// did the work), `inputTokens` is the
+    /// prompt as crisp estimates it (the whole prompt was processed before the first
+    /// chunk), and `costUsd` is the price of both.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,
     /// What went wrong in words that are the same whichever API the caller spoke

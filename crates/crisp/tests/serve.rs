@@ -741,6 +741,8 @@ fn a_client_that_leaves_mid_answer_is_audited() {
                     && e.additional_event_data.inference_region.as_deref() == Some("eu-west-1")
                     && e.additional_event_data.partial
                     && e.additional_event_data.output_tokens > 0
+                    // The prompt was processed: its 3 tokens and 4 for the message.
+                    && e.additional_event_data.input_tokens == 7
             })
         })
     });
@@ -798,6 +800,7 @@ fn a_stopping_node_says_so_and_ends_what_outlives_its_grace_period() {
                 && d.inference_region.as_deref() == Some("eu-west-1")
                 // What it delivered in 2 s at 20 tokens a second counts.
                 && d.partial
+                && d.input_tokens == 7
                 && (20..=80).contains(&d.output_tokens)
                 && d.cost_usd > 0.0
         }),

@@ -53,6 +53,20 @@ pub fn count_tokens(text: &str) -> u32 {
     u32::try_from(estimate).unwrap_or(u32::MAX)
 }
 
+/// Tokens charged per message on top of its content, for the role and the chat template's
+/// separators, as chat-completion APIs do.
+pub const MESSAGE_OVERHEAD_TOKENS: u32 = 4;
+
+/// The prompt's tokens as crisp estimates them: what the simulated engine charges, what an
+/// OpenAI-compatible engine is billed when it reports no usage, and what an answer that
+/// ended before its engine reported usage is billed.
+pub fn prompt_tokens(messages: &[Message]) -> u32 {
+    messages.iter().fold(0u32, |sum, m| {
+        sum.saturating_add(count_tokens(&m.content))
+            .saturating_add(MESSAGE_OVERHEAD_TOKENS)
+    })
+}
+
 /// A request as a backend sees it: no wire format, no routing.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenerateRequest {

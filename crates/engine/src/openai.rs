@@ -597,11 +597,7 @@ impl Backend for OpenAiBackend {
             }
             let cfg = &shared.cfg;
             let guard = InFlight::new(&shared);
-            let prompt_tokens: u32 = req
-                .messages
-                .iter()
-                .map(|m| count_tokens(&m.content).saturating_add(4))
-                .sum();
+            let prompt_tokens = crate::prompt_tokens(&req.messages);
             let body = UpstreamRequest {
                 model: &cfg.upstream_model,
                 messages: &req.messages,

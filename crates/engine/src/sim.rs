@@ -27,12 +27,10 @@ use tokio::time::Instant;
 
 use crate::{
     Backend, BackendError, Chunk, ChunkStream, EngineLoad, FinishReason, GenerateRequest, Message,
-    Usage, count_tokens,
+    Usage,
 };
 
-/// Tokens charged per message on top of its content, for the role and the chat template's
-/// separators, as chat-completion APIs do.
-pub const MESSAGE_OVERHEAD_TOKENS: u32 = 4;
+pub use crate::{MESSAGE_OVERHEAD_TOKENS, prompt_tokens};
 
 /// Below this spacing, tokens are sent in batches: one timer per token at thousands of
 /// tokens per second would cost more than the simulated work.
@@ -184,14 +182,6 @@ impl Backend for SimEngine {
     fn load(&self) -> EngineLoad {
         self.inner.load()
     }
-}
-
-/// Prompt tokens as the simulated engine charges them.
-pub fn prompt_tokens(messages: &[Message]) -> u32 {
-    messages.iter().fold(0u32, |sum, m| {
-        sum.saturating_add(count_tokens(&m.content))
-            .saturating_add(MESSAGE_OVERHEAD_TOKENS)
-    })
 }
 
 impl Inner {

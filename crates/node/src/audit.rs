@@ -154,6 +154,8 @@ pub struct RanFacts {
     pub tried: Vec<String>,
     pub application: Option<crate::app_profiles::AppProfile>,
     pub receipt: crate::pipeline::ReceiptSlot,
+    /// The prompt's estimated tokens: the input an answer that ends early is billed.
+    pub prompt_tokens: u32,
     /// Chunks of text the answer delivered so far (counted by [`guarded`]): what an
     /// answer that ends early is known to have produced.
     pub delivered: std::sync::atomic::AtomicU32,
@@ -177,6 +179,7 @@ impl Ran {
             tried: a.attempts.iter().map(|t| t.region.clone()).collect(),
             application: a.application.clone(),
             receipt: a.receipt.clone(),
+            prompt_tokens: a.prompt_tokens,
             delivered: std::sync::atomic::AtomicU32::new(0),
         }))
     }
@@ -288,9 +291,11 @@ fn ran_early(node: &Node, ran: &Ran, data: &mut crisp_audit::AdditionalEventData
     *data = route(ran);
     let delivered = ran.delivered.load(std::sync::atomic::Ordering::Relaxed);
     if delivered > 0 {
+        // The prompt was processed in full before the first chunk.
         data.partial = true;
+        data.input_tokens = ran.prompt_tokens;
         data.output_tokens = delivered;
-        data.cost_usd = cost(node, ran, 0, delivered);
+        data.cost_usd = cost(node, ran, ran.prompt_tokens, delivered);
     }
 }
 

@@ -53,6 +53,9 @@ pub struct Admitted {
     pub reason: String,
     /// The application profile the request came through, for cost tracking by tag.
     pub application: Option<crate::app_profiles::AppProfile>,
+    /// The prompt's tokens as crisp estimates them ([`crisp_engine::prompt_tokens`]):
+    /// what an answer that ends before its engine reports usage is billed for its input.
+    pub prompt_tokens: u32,
     pub stream: ChunkStream,
 }
 
@@ -81,6 +84,8 @@ struct Watch {
     first_token: bool,
     /// Chunks of text delivered: the output tokens of an answer that ends early.
     delivered: u32,
+    /// The prompt's estimated tokens: the input tokens of an answer that ends early.
+    prompt_tokens: u32,
     finished: bool,
 }
 
@@ -90,12 +95,14 @@ impl Watch {
         self.served.finished(outcome, self.started.elapsed());
     }
 
-    /// An answer that ended before the engine reported its usage: the tokens it
-    /// delivered still count (the audit event says the same).
+    /// An answer that ended before the engine reported its usage: its prompt and the
+    /// tokens it delivered still count (the audit event says the same).
     fn finish_early(&mut self, outcome: &str) {
         if self.delivered > 0 {
-            let cost = self.price.cost(0, u64::from(self.delivered));
-            self.served.usage(0, self.delivered, cost);
+            let cost = self
+                .price
+                .cost(u64::from(self.prompt_tokens), u64::from(self.delivered));
+            self.served.usage(self.prompt_tokens, self.delivered, cost);
         }
         self.finish(outcome);
     }
@@ -322,6 +329,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                     Scope::Global => target.model.global_price,
                     _ => target.model.price,
                 };
+                let prompt_tokens = crisp_engine::prompt_tokens(&req.messages);
                 let watch = Watch {
                     served: node.served.get(
                         node.region_code(),
@@ -334,6 +342,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                     started,
                     first_token: false,
                     delivered: 0,
+                    prompt_tokens,
                     finished: false,
                 };
                 return Ok(Admitted {
@@ -345,6 +354,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                     attempts,
                     reason: candidate.reason.to_string(),
                     application: application.clone(),
+                    prompt_tokens,
                     stream: watched(node.until_cut(stream), watch),
                 });
             }
