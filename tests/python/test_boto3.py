@@ -116,8 +116,11 @@ def test_sdk_exceptions(federation):
     trail = re.search(r"audit trails: (\S+)/<region>", federation["banner"]).group(1)
     with open(f"{trail}/eu-west-2/open.jsonl") as f:
         events = [_json.loads(l) for l in f if l.strip()]
+    # It names the access key the signature claims: the secret was wrong, not the key.
     assert any(ev.get("errorCode") == "InvalidSignatureException"
                and ev["additionalEventData"].get("errorKind") == "invalid_api_key"
+               and ev["userIdentity"].get("accessKeyId") == AKID
+               and ev["userIdentity"]["type"] == "Anonymous"
                and ev["requestParameters"]["modelId"] == "eu.amazon.nova-lite-v1:0" for ev in events), events[-3:]
     # An accepted call names the principal and the access key it signed in with.
     signed = [ev for ev in events if ev["eventName"] == "Converse" and "errorCode" not in ev]
@@ -127,6 +130,10 @@ def test_sdk_exceptions(federation):
     with pytest.raises(botocore.exceptions.ClientError) as e:
         unknown.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)
     assert e.value.response["Error"]["Code"] == "UnrecognizedClientException"
+    with open(f"{trail}/eu-west-2/open.jsonl") as f:
+        events = [_json.loads(l) for l in f if l.strip()]
+    assert events[-1].get("errorCode") == "UnrecognizedClientException", events[-1]
+    assert events[-1]["userIdentity"].get("accessKeyId") == "AKIAUNKNOWN000000000", events[-1]
     # Tools are refused, never dropped: the model would answer as if it had none.
     tools = {"tools": [{"toolSpec": {"name": "lookup", "inputSchema": {"json": {"type": "object"}}}}]}
     with pytest.raises(rt.exceptions.ValidationException) as e:

@@ -32,7 +32,9 @@ pub struct UserIdentity {
     pub principal_id: String,
     pub account_id: String,
     /// The credential the caller signed in with: an API key's ID (`k-...`) or a SigV4
-    /// access key ID; absent for anonymous callers and in events written before it was.
+    /// access key ID. A caller refused at sign-in is `Anonymous`, with the key it presented
+    /// when that is known: a revoked API key's ID, or the access key ID a signature that
+    /// does not hold names. Absent otherwise, and in events written before it was.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub access_key_id: String,
 }
@@ -66,7 +68,9 @@ pub struct AuditEvent {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestParameters {
-    /// The model or profile ID as the client sent it.
+    /// The model or profile ID as the client sent it; empty for an OpenAI-API call
+    /// refused at sign-in, whose body (where it names the model) is not read from a
+    /// caller that did not sign in.
     pub model_id: String,
 }
 

@@ -64,8 +64,10 @@ async fn keys_guardrails_revocation_and_reload() {
     let dir = tempfile::tempdir().unwrap();
     let (files, keys) = write_files(dir.path());
     let files2 = files.clone();
+    let trail = dir.path().join("audit");
     let f = Setup::new(REGIONS)
         .access("eu-central-1", files2)
+        .audit("eu-central-1", &trail)
         .start()
         .await;
     let (s, e) = call(&f, "eu-central-1", None, "eu.amazon.nova-lite-v1:0").await;
@@ -137,6 +139,19 @@ async fn keys_guardrails_revocation_and_reload() {
     .await;
     assert_eq!(s, 401);
     assert!(e["error"]["message"].as_str().unwrap().contains("revoked"));
+    // The trail names the key each refused caller presented, when it is known: a revoked
+    // key's ID, nothing for a key the deployment never issued.
+    let refused: Vec<(String, String)> = crisp_audit::events(&trail)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.error_code.as_deref() == Some("invalid_api_key"))
+        .map(|e| (e.user_identity.kind, e.user_identity.access_key_id))
+        .collect();
+    let anonymous = |id: &str| ("Anonymous".to_owned(), id.to_owned());
+    assert_eq!(
+        refused,
+        [anonymous(""), anonymous(""), anonymous(&keys.demo_id)]
+    );
 
     // A broken policy file is refused; the last good set keeps serving.
     std::fs::write(

@@ -136,6 +136,16 @@ pub enum KeyError {
     Revoked(String),
 }
 
+impl KeyError {
+    /// The ID of the key that was presented, when it is known: a revoked key's.
+    pub fn key_id(&self) -> Option<&str> {
+        match self {
+            KeyError::Revoked(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
 /// SHA-256 of a key, hex.
 pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))

@@ -25,7 +25,7 @@ use crate::audit::{self, Call, Ran};
 use crate::error::{Culprit, PipelineError};
 use crate::pipeline::{self, Admitted, InferRequest};
 use crate::{Node, observe};
-use crisp_policy::keys::Caller;
+use crisp_policy::keys::{Caller, KeyError};
 
 // ---- request ----
 
@@ -494,7 +494,14 @@ pub(super) async fn begin(
     req: Request,
     call: &mut Call,
 ) -> Result<(Option<String>, Bytes), Failure> {
-    let signed = signed_in(node, req.headers()).map_err(|e| (e, None))?;
+    let signed = match authenticate(node, req.headers()) {
+        Ok(signed) => signed,
+        Err(e) => {
+            // Its audit event names the key it presented, when that is known.
+            call.access_key_id = e.key_id().map(Into::into);
+            return Err((refused_key(e), None));
+        }
+    };
     call.signed_in(signed.as_ref());
     let principal = signed.map(|c| c.principal);
     let body = read_body(node, req).await.map_err(|e| (e, None))?;
@@ -815,18 +822,23 @@ pub fn caller(node: &Node, headers: &HeaderMap) -> Result<Option<String>, Pipeli
 
 /// Who signed in with the request's API key, and with which key.
 pub fn signed_in(node: &Node, headers: &HeaderMap) -> Result<Option<Caller>, PipelineError> {
+    authenticate(node, headers).map_err(refused_key)
+}
+
+/// Who signed in, or why the key was refused.
+fn authenticate(node: &Node, headers: &HeaderMap) -> Result<Option<Caller>, KeyError> {
     let Some(access) = &node.access else {
         return Ok(None);
     };
     let header = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match access.snapshot().authenticate(header) {
-        Ok(c) => Ok(Some(c)),
-        Err(e) => {
-            metrics::counter!("crisp_auth_failures_total", "api" => "openai", "reason" => "api_key")
-                .increment(1);
-            Err(PipelineError::Unauthenticated(e.to_string()))
-        }
-    }
+    access.snapshot().authenticate(header).map(Some)
+}
+
+/// A refused API key, counted.
+fn refused_key(e: KeyError) -> PipelineError {
+    metrics::counter!("crisp_auth_failures_total", "api" => "openai", "reason" => "api_key")
+        .increment(1);
+    PipelineError::Unauthenticated(e.to_string())
 }

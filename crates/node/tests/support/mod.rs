@@ -132,6 +132,7 @@ pub struct Setup {
     metrics: Option<crisp_node::admin::MetricsRender>,
     access: Vec<(String, crisp_node::access::AccessFiles)>,
     invocation_logs: Vec<(String, std::path::PathBuf, String)>,
+    audits: Vec<(String, std::path::PathBuf)>,
 }
 
 impl Setup {
@@ -147,7 +148,14 @@ impl Setup {
             metrics: None,
             access: Vec::new(),
             invocation_logs: Vec::new(),
+            audits: Vec::new(),
         }
+    }
+
+    /// An audit trail in `dir` on one region's node.
+    pub fn audit(mut self, region: &str, dir: &std::path::Path) -> Setup {
+        self.audits.push((region.to_owned(), dir.to_owned()));
+        self
     }
 
     /// Model invocation logging on one region's node: local files in `dir`, shipped to
@@ -242,7 +250,18 @@ impl Setup {
                 external.push(((*code).to_owned(), l));
                 continue;
             }
-            let mut node = Node::new(catalog.clone(), &lock, code, (self.tls)(&ca, code)).unwrap();
+            let tls = (self.tls)(&ca, code);
+            let mut node = Node::new(catalog.clone(), &lock, code, tls.clone()).unwrap();
+            if let Some((_, dir)) = self.audits.iter().find(|(r, _)| r == code) {
+                let log = crisp_audit::AuditLog::open(
+                    dir,
+                    code,
+                    Arc::new(crisp_node::audit::NodeSigner(tls)),
+                    crisp_audit::Sealing::default(),
+                )
+                .unwrap();
+                node = node.with_audit(Arc::new(crisp_node::audit::Audit::new(log, true)));
+            }
             if let Some((_, files)) = self.access.iter().find(|(r, _)| r == code) {
                 let access = crisp_node::access::Access::load(
                     files.clone(),

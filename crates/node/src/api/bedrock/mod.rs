@@ -130,6 +130,10 @@ fn stream_exception(e: &BackendError) -> (&'static str, String) {
 
 // ---- authentication ----
 
+/// A refused sign-in: why, and the key ID it presented when that is known (a revoked API
+/// key, or the access key ID of a signature that does not hold), for its audit event.
+type SignInRefused = (sigv4::SigV4Error, Option<String>);
+
 /// Checks the SigV4 signature when the node has credentials configured, or a bearer API
 /// key (what the SDKs send for Bedrock API keys, `AWS_BEARER_TOKEN_BEDROCK`) against the
 /// same keys as the OpenAI API; returns who signed in with which credential, if any.
@@ -137,7 +141,7 @@ fn authenticate(
     node: &Node,
     parts: &http::request::Parts,
     body: &[u8],
-) -> Result<Option<Caller>, sigv4::SigV4Error> {
+) -> Result<Option<Caller>, SignInRefused> {
     let snapshot = node.access.as_ref().map(|a| a.snapshot());
     if snapshot.is_none() && node.sigv4_keys().is_none() {
         return Ok(None);
@@ -152,14 +156,14 @@ fn authenticate(
         });
     if let Some(value) = bearer {
         let Some(snapshot) = &snapshot else {
-            return Err(sigv4::SigV4Error::Unrecognized(
+            return Err((sigv4::SigV4Error::Unrecognized(
                 "this node has no API keys ([access] keys): sign the request with SigV4 credentials instead".into(),
-            ));
+            ), None));
         };
-        return snapshot
-            .authenticate(Some(value))
-            .map(Some)
-            .map_err(|e| sigv4::SigV4Error::Unrecognized(e.to_string()));
+        return snapshot.authenticate(Some(value)).map(Some).map_err(|e| {
+            let key_id = e.key_id().map(str::to_owned);
+            (sigv4::SigV4Error::Unrecognized(e.to_string()), key_id)
+        });
     }
     // Credentials of principals first, then the node's own (demo) keys.
     let lookup = |akid: &str| -> Option<String> {
@@ -198,7 +202,8 @@ fn authenticate(
         body,
         node.region_code(),
         SystemTime::now(),
-    )?;
+    )
+    .map_err(|e| (e, sigv4::presented_access_key(&parts.headers)))?;
     // The principal the access key belongs to (none for keys outside access control).
     Ok(snapshot.and_then(|s| {
         s.sigv4()
@@ -218,28 +223,42 @@ async fn read(
     read_or_refuse(node, req)
         .await
         .map(|(parts, body, caller)| (parts, body, caller.map(|c| c.principal)))
-        .map_err(|(status, exception, message)| error(status, exception, &message, request_id))
+        .map_err(|r| error(r.status, r.exception, &r.message, request_id))
 }
 
-/// Reads the (size-limited) body and authenticates the caller; a refusal says its status,
-/// exception and message.
+/// A request refused before it was read in full or before its caller signed in.
+struct Refusal {
+    status: StatusCode,
+    exception: &'static str,
+    message: String,
+    /// The key ID the caller presented, when known (see [`SignInRefused`]).
+    key_id: Option<String>,
+}
+
+/// Reads the (size-limited) body and authenticates the caller.
 async fn read_or_refuse(
     node: &Node,
     req: Request,
-) -> Result<(http::request::Parts, Bytes, Option<Caller>), (StatusCode, &'static str, String)> {
+) -> Result<(http::request::Parts, Bytes, Option<Caller>), Refusal> {
     let (parts, body) = req.into_parts();
     let limit = node.catalog.limits.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        (
-            StatusCode::BAD_REQUEST,
-            "ValidationException",
-            format!("the request body is larger than this node's limit of {limit} bytes"),
-        )
-    })?;
-    let principal = authenticate(node, &parts, &bytes).map_err(|e| {
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| Refusal {
+            status: StatusCode::BAD_REQUEST,
+            exception: "ValidationException",
+            message: format!("the request body is larger than this node's limit of {limit} bytes"),
+            key_id: None,
+        })?;
+    let principal = authenticate(node, &parts, &bytes).map_err(|(e, key_id)| {
         metrics::counter!("crisp_auth_failures_total", "api" => "bedrock", "reason" => e.exception())
             .increment(1);
-        (StatusCode::FORBIDDEN, e.exception(), e.to_string())
+        Refusal {
+            status: StatusCode::FORBIDDEN,
+            exception: e.exception(),
+            message: e.to_string(),
+            key_id,
+        }
     })?;
     Ok((parts, bytes, principal))
 }
@@ -493,16 +512,17 @@ async fn admit(
         .contains_key("x-amzn-bedrock-guardrailidentifier");
     let (_, body, caller) = match read_or_refuse(node, req).await {
         Ok(read) => read,
-        Err((status, exception, message)) => {
-            // A refused caller is audited too: who tried, with which error.
-            let refused = if status == StatusCode::FORBIDDEN {
-                PipelineError::Unauthenticated(message.clone())
+        Err(r) => {
+            // A refused caller is audited too: who tried, with which credential and error.
+            let refused = if r.status == StatusCode::FORBIDDEN {
+                PipelineError::Unauthenticated(r.message.clone())
             } else {
-                PipelineError::InvalidRequest(message.clone())
+                PipelineError::InvalidRequest(r.message.clone())
             };
+            call.access_key_id = r.key_id.map(Into::into);
             crate::observe::refused(node, request_id, "bedrock", &refused);
-            audit::failed(node, &call, None, exception, &refused).await;
-            return Err(error(status, exception, &message, request_id));
+            audit::failed(node, &call, None, r.exception, &refused).await;
+            return Err(error(r.status, r.exception, &r.message, request_id));
         }
     };
     call.signed_in(caller.as_ref());

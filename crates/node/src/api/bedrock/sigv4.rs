@@ -61,6 +61,16 @@ impl SigV4Error {
     }
 }
 
+/// The access key ID a request says it is signed with, whether or not the signature
+/// holds: what the audit trail records of a refused caller. Only an ID's characters, at
+/// most 128 of them, so a caller cannot write anything else into the trail.
+pub fn presented_access_key(headers: &HeaderMap) -> Option<String> {
+    let auth = headers.get("authorization")?.to_str().ok()?;
+    let key = parse_authorization(auth)?.access_key;
+    (!key.is_empty() && key.len() <= 128 && key.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .then(|| key.to_owned())
+}
+
 struct Authorization<'a> {
     access_key: &'a str,
     date: &'a str,
