@@ -370,10 +370,18 @@ pub fn usage(
         cost_usd: f64,
     }
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    // Every event has its own ID: one seen again (a directory given twice, a trail and its
+    // copy) is counted once.
+    let mut seen = std::collections::HashSet::new();
+    let mut repeated = 0usize;
     for dir in dirs {
         let events =
             crisp_audit::events(dir).with_context(|| format!("cannot read {}", dir.display()))?;
         for e in events {
+            if !seen.insert(e.event_id.clone()) {
+                repeated += 1;
+                continue;
+            }
             // Answers that ended early count with what they delivered.
             let counts = e.error_code.is_none() || e.additional_event_data.partial;
             if !counts || !in_window(&e.event_time, since, until) {
@@ -432,6 +440,12 @@ pub fn usage(
                 k, r.requests, r.input_tokens, r.output_tokens, r.cost_usd
             );
         }
+    }
+    if repeated > 0 {
+        eprintln!(
+            "note: {} found more than once (the same trail given twice, or a trail and its copy) counted once",
+            crate::cli::count(repeated, "event", "events")
+        );
     }
     Ok(())
 }

@@ -427,6 +427,26 @@ fn usage_reports_tokens_and_cost_from_the_audit_trail() {
         rows.iter().all(|r| r["key"] != "nope"),
         "failed calls cost nothing"
     );
+    // A trail given twice is counted once, and the report says so.
+    let twice = crisp(
+        &[
+            "usage",
+            "--dir",
+            "audit/eu-west-1",
+            "--dir",
+            "audit/eu-west-1",
+            "--by",
+            "profile",
+            "--json",
+        ],
+        d,
+    );
+    assert_eq!(twice.stdout, out.stdout);
+    assert!(
+        String::from_utf8_lossy(&twice.stderr).contains("4 events found more than once"),
+        "{}",
+        String::from_utf8_lossy(&twice.stderr)
+    );
     // Time windows compare instants, whatever the offset they are written in.
     let requests_since = |since: &str| -> u64 {
         let out = crisp(
