@@ -145,9 +145,10 @@ pub struct Served {
     input_tokens: Counter,
     output_tokens: Counter,
     cost: Counter,
-    /// What this handle's requests cost beyond the whole micro-dollars counted, in
-    /// pico-dollars: a request costing less than a micro-dollar still adds up.
-    cost_carry: std::sync::atomic::AtomicU64,
+    /// What requests cost beyond the whole micro-dollars `cost` counted, in pico-dollars:
+    /// a request costing less than a micro-dollar still adds up. One per cost counter, for
+    /// the life of the process (see [`cost_carry`]).
+    cost_carry: Arc<std::sync::atomic::AtomicU64>,
     /// For answers from another region.
     cross_region: Option<Counter>,
 }
@@ -240,7 +241,7 @@ impl Served {
                 "source" => source.to_owned(),
                 "model" => model.to_owned()
             ),
-            cost_carry: std::sync::atomic::AtomicU64::new(0),
+            cost_carry: cost_carry(source, model),
             cross_region: (region != source).then(|| cross_region(source, region)),
             source: source.to_owned(),
             profile: profile.to_owned(),
@@ -289,6 +290,21 @@ fn cross_region(source: &str, region: &str) -> Counter {
 }
 
 const PICOS_PER_MICRO: u64 = 1_000_000;
+
+/// The sub-micro-dollar remainder of the cost counter of `source` and `model`: shared by
+/// every profile of the model and kept across configuration reloads (each reload builds a
+/// node with new handles), like the counter itself, so no fraction is dropped.
+fn cost_carry(source: &str, model: &str) -> Arc<std::sync::atomic::AtomicU64> {
+    type Carries = Mutex<HashMap<(String, String), Arc<std::sync::atomic::AtomicU64>>>;
+    static CARRIES: std::sync::LazyLock<Carries> = std::sync::LazyLock::new(Carries::default);
+    let Ok(mut carries) = CARRIES.lock() else {
+        return Arc::default();
+    };
+    carries
+        .entry((source.to_owned(), model.to_owned()))
+        .or_default()
+        .clone()
+}
 
 fn cost_picos(cost_usd: f64) -> Option<u64> {
     let picos = (cost_usd * 1e12).round();
@@ -432,6 +448,25 @@ mod tests {
             .find(|l| l.starts_with("crisp_cost_usd_micros_total{"))
             .unwrap_or_default();
         assert!(line.ends_with(" 300"), "{text}");
+    }
+
+    #[test]
+    fn the_cost_remainder_survives_a_reload() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Each reload builds the node's handles anew; 0.7 micro-dollars between reloads.
+        for _ in 0..10 {
+            let served = metrics::with_local_recorder(&recorder, || {
+                Served::new("eu-west-1", "eu.r", Scope::Geographic, "eu-west-1", "r")
+            });
+            served.usage(10, 5, 0.000_000_7);
+        }
+        let text = handle.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("crisp_cost_usd_micros_total{"))
+            .unwrap_or_default();
+        assert!(line.ends_with(" 7"), "{text}");
     }
 
     #[test]
