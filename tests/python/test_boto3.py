@@ -14,6 +14,14 @@ REGIONS = ["us-east-1", "us-east-2", "us-west-2", "eu-central-1", "eu-west-1", "
 NO_RETRY = Config(retries={"max_attempts": 1, "mode": "standard"})
 
 
+def trail_events(fed, region):
+    """The events of `region`'s audit trail that are not sealed yet."""
+    import json, re
+    trail = re.search(r"audit trails: (\S+)/<region>", fed["banner"]).group(1)
+    with open(f"{trail}/{region}/open.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def client(fed, service, index=US_EAST_1, secret=SECRET, akid=AKID, region=None):
     return boto3.client(
         service,
@@ -112,10 +120,7 @@ def test_sdk_exceptions(federation):
         bad.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)
     assert e.value.response["Error"]["Code"] == "InvalidSignatureException"
     # The refused sign-in is in the region's audit trail, like an accepted call.
-    import re, json as _json
-    trail = re.search(r"audit trails: (\S+)/<region>", federation["banner"]).group(1)
-    with open(f"{trail}/eu-west-2/open.jsonl") as f:
-        events = [_json.loads(l) for l in f if l.strip()]
+    events = trail_events(federation, "eu-west-2")
     # It names the access key the signature claims: the secret was wrong, not the key.
     assert any(ev.get("errorCode") == "InvalidSignatureException"
                and ev["additionalEventData"].get("errorKind") == "invalid_api_key"
@@ -130,8 +135,7 @@ def test_sdk_exceptions(federation):
     with pytest.raises(botocore.exceptions.ClientError) as e:
         unknown.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)
     assert e.value.response["Error"]["Code"] == "UnrecognizedClientException"
-    with open(f"{trail}/eu-west-2/open.jsonl") as f:
-        events = [_json.loads(l) for l in f if l.strip()]
+    events = trail_events(federation, "eu-west-2")
     assert events[-1].get("errorCode") == "UnrecognizedClientException", events[-1]
     assert events[-1]["userIdentity"].get("accessKeyId") == "AKIAUNKNOWN000000000", events[-1]
     # Tools are refused, never dropped: the model would answer as if it had none.
@@ -288,6 +292,27 @@ def test_application_profiles_route_like_their_source_and_are_shared(federation)
         us.get_inference_profile(inferenceProfileIdentifier=arn)
     with pytest.raises(us.exceptions.ValidationException):
         us.delete_inference_profile(inferenceProfileIdentifier="eu.amazon.nova-lite-v1:0")
+
+    # Creating and deleting are management events in the trail of the region called:
+    # who, with which key, the profile and its tags, or why it was refused.
+    app_id = arn.split("/")[-1]
+    managed = [(ev["eventName"], ev.get("errorCode"), ev["additionalEventData"].get("applicationProfile"))
+               for ev in trail_events(federation, "us-east-1")
+               if ev.get("managementEvent") and ev["requestParameters"]["modelId"] in (source, arn)]
+    assert managed == [
+        ("CreateInferenceProfile", None, app_id),
+        ("CreateInferenceProfile", None, app_id),
+        ("CreateInferenceProfile", "ConflictException", None),
+        ("CreateInferenceProfile", "ValidationException", None),
+        ("CreateInferenceProfile", "ValidationException", None),
+        ("DeleteInferenceProfile", None, app_id),
+    ], managed
+    created = next(ev for ev in trail_events(federation, "us-east-1")
+                   if ev["eventName"] == "CreateInferenceProfile" and "errorCode" not in ev)
+    assert created["userIdentity"]["accessKeyId"] == AKID
+    assert created["additionalEventData"]["tags"] == [["team", "search"]]
+    assert created["additionalEventData"]["profileId"] == "eu.amazon.nova-lite-v1:0"
+    assert "inferenceRegion" not in created["additionalEventData"]
 
 
 def test_an_application_profile_of_a_model_runs_in_its_region_only(federation):

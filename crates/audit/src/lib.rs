@@ -63,6 +63,10 @@ pub struct AuditEvent {
     pub error_code: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_message: Option<String>,
+    /// A management call (`CreateInferenceProfile`, `DeleteInferenceProfile`): it ran no
+    /// model, so it has no inference region, tokens or cost.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub management_event: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

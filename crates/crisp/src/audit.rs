@@ -382,8 +382,10 @@ pub fn usage(
                 repeated += 1;
                 continue;
             }
-            // Answers that ended early count with what they delivered.
-            let counts = e.error_code.is_none() || e.additional_event_data.partial;
+            // Answers that ended early count with what they delivered; management calls
+            // ran no model.
+            let counts =
+                !e.management_event && (e.error_code.is_none() || e.additional_event_data.partial);
             if !counts || !in_window(&e.event_time, since, until) {
                 continue;
             }

@@ -317,6 +317,34 @@ pub async fn failed(node: &Node, call: &Call, ran: Option<&Ran>, code: &str, err
     let _ = audit.write(&event).await;
 }
 
+/// Records a management call (creating or deleting an application inference profile):
+/// the profile it made or removed, or why it was refused. Best effort: the change is
+/// made by then.
+pub async fn managed(
+    node: &Node,
+    call: &Call,
+    application: Option<&crate::app_profiles::AppProfile>,
+    failure: Option<(&str, &str, &str)>,
+) {
+    let Some(audit) = &node.audit else {
+        return;
+    };
+    let mut event = base(node, call);
+    event.management_event = true;
+    let data = &mut event.additional_event_data;
+    if let Some(a) = application {
+        data.application_profile = Some(a.id.clone());
+        data.profile_id = Some(a.copy_from.clone());
+        data.tags.clone_from(&a.tags);
+    }
+    if let Some((code, kind, message)) = failure {
+        data.error_kind = Some(kind.to_owned());
+        event.error_code = Some(code.to_owned());
+        event.error_message = Some(message.to_owned());
+    }
+    let _ = audit.write(&event).await;
+}
+
 /// Records a call whose client went away before its answer ended (the handler or the
 /// response body was dropped): the model ran, so the trail says so. Emptied by the
 /// answer's last chunk or error, whose outcome the API edge records itself.

@@ -96,7 +96,18 @@ fn error_shape(err: &PipelineError) -> (StatusCode, &'static str) {
 
 fn pipeline_error(err: &PipelineError, request_id: &str) -> Response {
     let (status, kind) = error_shape(err);
-    let message = match err {
+    let mut r = error(status, kind, &error_message(err), request_id);
+    if let Some(after) = err.retry_after() {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    r
+}
+
+/// What a pipeline error says to a Bedrock client.
+fn error_message(err: &PipelineError) -> String {
+    match err {
         // The managed service's wording, which clients and docs search for.
         PipelineError::Resolve(ResolveError::NotServedHere {
             model, profiles, ..
@@ -109,14 +120,7 @@ fn pipeline_error(err: &PipelineError, request_id: &str) -> Response {
             }
         ),
         other => other.to_string(),
-    };
-    let mut r = error(status, kind, &message, request_id);
-    if let Some(after) = err.retry_after() {
-        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
-    r
 }
 
 fn stream_exception(e: &BackendError) -> (&'static str, String) {
@@ -226,13 +230,60 @@ async fn read(
         .map_err(|r| error(r.status, r.exception, &r.message, request_id))
 }
 
-/// A request refused before it was read in full or before its caller signed in.
+/// A refused request: its status, exception, message and the kind of error that is the
+/// same in both APIs (`errorKind` in its audit event).
 struct Refusal {
     status: StatusCode,
     exception: &'static str,
+    kind: &'static str,
     message: String,
     /// The key ID the caller presented, when known (see [`SignInRefused`]).
     key_id: Option<String>,
+}
+
+impl Refusal {
+    fn invalid(message: String) -> Refusal {
+        Refusal::of(&PipelineError::InvalidRequest(message))
+    }
+
+    fn of(err: &PipelineError) -> Refusal {
+        let (status, exception) = error_shape(err);
+        Refusal {
+            status,
+            exception,
+            kind: err.code(),
+            message: error_message(err),
+            key_id: None,
+        }
+    }
+
+    fn app(e: &AppProfileError) -> Refusal {
+        let (status, exception, kind) = match e {
+            AppProfileError::Invalid(_) => (
+                StatusCode::BAD_REQUEST,
+                "ValidationException",
+                "invalid_request",
+            ),
+            AppProfileError::Conflict(_) => (StatusCode::CONFLICT, "ConflictException", "conflict"),
+            AppProfileError::NotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "ResourceNotFoundException",
+                "profile_not_found",
+            ),
+            AppProfileError::Store(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailableException",
+                "profile_store_unavailable",
+            ),
+        };
+        Refusal {
+            status,
+            exception,
+            kind,
+            message: e.to_string(),
+            key_id: None,
+        }
+    }
 }
 
 /// Reads the (size-limited) body and authenticates the caller.
@@ -247,6 +298,7 @@ async fn read_or_refuse(
         .map_err(|_| Refusal {
             status: StatusCode::BAD_REQUEST,
             exception: "ValidationException",
+            kind: "request_too_large",
             message: format!("the request body is larger than this node's limit of {limit} bytes"),
             key_id: None,
         })?;
@@ -256,6 +308,7 @@ async fn read_or_refuse(
         Refusal {
             status: StatusCode::FORBIDDEN,
             exception: e.exception(),
+            kind: "invalid_api_key",
             message: e.to_string(),
             key_id,
         }
@@ -1023,20 +1076,33 @@ fn denied(
     id: &str,
     request_id: &str,
 ) -> Option<Response> {
+    check_permitted(node, principal, action, id)
+        .err()
+        .map(|r| error(r.status, r.exception, &r.message, request_id))
+}
+
+/// Whether the principal may take this control-plane action on `id`.
+fn check_permitted(
+    node: &Node,
+    principal: Option<&str>,
+    action: crisp_policy::Action,
+    id: &str,
+) -> Result<(), Refusal> {
     if node.permits(principal, action, id) {
-        return None;
+        return Ok(());
     }
     metrics::counter!("crisp_authorization_denials_total", "source" => node.region_code().to_owned(), "reason" => "control_plane")
         .increment(1);
-    Some(error(
-        StatusCode::FORBIDDEN,
-        "AccessDeniedException",
-        &format!(
+    Err(Refusal {
+        status: StatusCode::FORBIDDEN,
+        exception: "AccessDeniedException",
+        kind: "access_denied",
+        message: format!(
             "{} on {id} is not allowed for this principal",
             action.name()
         ),
-        request_id,
-    ))
+        key_id: None,
+    })
 }
 
 // ---- application inference profiles ----
@@ -1097,44 +1163,39 @@ struct Tag {
     value: String,
 }
 
-fn app_error(e: &AppProfileError, request_id: &str) -> Response {
-    let (status, kind) = match e {
-        AppProfileError::Invalid(_) => (StatusCode::BAD_REQUEST, "ValidationException"),
-        AppProfileError::Conflict(_) => (StatusCode::CONFLICT, "ConflictException"),
-        AppProfileError::NotFound(_) => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
-        AppProfileError::Store(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ServiceUnavailableException",
-        ),
-    };
-    error(status, kind, &e.to_string(), request_id)
-}
-
 async fn create_profile(State(node): State<Arc<Node>>, req: Request) -> Response {
     let request_id = new_request_id();
-    let (_, body, principal) = match read(&node, req, &request_id).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+    let mut call = Call::new(
+        &request_id,
+        "CreateInferenceProfile",
+        req.headers(),
+        req.extensions(),
+    );
+    let outcome = create_app_profile(&node, req, &mut call).await.map(|p| {
+        let body = json!({"inferenceProfileArn": app_arn(&node, &p.id), "status": "ACTIVE"});
+        (p, (StatusCode::CREATED, axum::Json(body)).into_response())
+    });
+    managed(&node, &call, outcome).await
+}
+
+async fn create_app_profile(
+    node: &Arc<Node>,
+    req: Request,
+    call: &mut Call,
+) -> Result<AppProfile, Refusal> {
+    let (_, body, caller) = read_or_refuse(node, req).await.inspect_err(|r| {
+        call.access_key_id = r.key_id.as_deref().map(Into::into);
+    })?;
+    call.signed_in(caller.as_ref());
+    let principal = caller.map(|c| c.principal);
     let Some(store) = node.app_profiles.clone() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "ValidationException",
-            "application inference profiles are not enabled on this deployment: set [deployment] profile_store",
-            &request_id,
-        );
+        return Err(Refusal::invalid(
+            "application inference profiles are not enabled on this deployment: set [deployment] profile_store".into(),
+        ));
     };
-    let create: CreateProfile = match serde_json::from_slice(&body) {
-        Ok(c) => c,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "ValidationException",
-                &format!("the request body is not valid: {e}"),
-                &request_id,
-            );
-        }
-    };
+    let create: CreateProfile = serde_json::from_slice(&body)
+        .map_err(|e| Refusal::invalid(format!("the request body is not valid: {e}")))?;
+    call.requested = create.model_source.copy_from.as_str().into();
     // copyFrom must name something this deployment can route: resolve it now, and keep
     // the ID it resolves to (a model or a system profile).
     // A copy of a model runs where the model is, in this region only; a copy of a system
@@ -1148,19 +1209,14 @@ async fn create_profile(State(node): State<Arc<Node>>, req: Request) -> Response
                 (t.id().to_owned(), Some(node.region_code().to_owned()))
             }
             Ok(t) => (t.id().to_owned(), None),
-            Err(e) => {
-                return pipeline_error(&PipelineError::Resolve(e), &request_id);
-            }
+            Err(e) => return Err(Refusal::of(&PipelineError::Resolve(e))),
         };
-    if let Some(r) = denied(
-        &node,
+    check_permitted(
+        node,
         principal.as_deref(),
         crisp_policy::Action::CreateInferenceProfile,
         &copy_from,
-        &request_id,
-    ) {
-        return r;
-    }
+    )?;
     let now = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
@@ -1172,14 +1228,7 @@ async fn create_profile(State(node): State<Arc<Node>>, req: Request) -> Response
         tags: create.tags.into_iter().map(|t| (t.key, t.value)).collect(),
         client_request_token: create.client_request_token,
     };
-    match store.create(new, &now).await {
-        Ok(p) => (
-            StatusCode::CREATED,
-            axum::Json(json!({"inferenceProfileArn": app_arn(&node, &p.id), "status": "ACTIVE"})),
-        )
-            .into_response(),
-        Err(e) => app_error(&e, &request_id),
-    }
+    store.create(new, &now).await.map_err(|e| Refusal::app(&e))
 }
 
 async fn delete_profile(
@@ -1188,37 +1237,64 @@ async fn delete_profile(
     req: Request,
 ) -> Response {
     let request_id = new_request_id();
-    let principal = match read(&node, req, &request_id).await {
-        Ok((_, _, p)) => p,
-        Err(r) => return r,
-    };
-    if node.profiles.get(&id).is_some() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "ValidationException",
-            &format!(
-                "{id} is a system-defined inference profile; only application profiles can be deleted"
-            ),
-            &request_id,
-        );
+    let mut call = Call::new(
+        &request_id,
+        "DeleteInferenceProfile",
+        req.headers(),
+        req.extensions(),
+    );
+    call.requested = id.as_str().into();
+    let outcome = delete_app_profile(&node, &id, req, &mut call)
+        .await
+        .map(|p| (p, axum::Json(json!({})).into_response()));
+    managed(&node, &call, outcome).await
+}
+
+async fn delete_app_profile(
+    node: &Arc<Node>,
+    id: &str,
+    req: Request,
+    call: &mut Call,
+) -> Result<AppProfile, Refusal> {
+    let (_, _, caller) = read_or_refuse(node, req).await.inspect_err(|r| {
+        call.access_key_id = r.key_id.as_deref().map(Into::into);
+    })?;
+    call.signed_in(caller.as_ref());
+    let principal = caller.map(|c| c.principal);
+    if node.profiles.get(id).is_some() {
+        return Err(Refusal::invalid(format!(
+            "{id} is a system-defined inference profile; only application profiles can be deleted"
+        )));
     }
-    let Some(store) = node.app_profiles.clone() else {
-        return app_error(&AppProfileError::NotFound(id), &request_id);
-    };
-    let app_id = crate::app_profiles::app_profile_id(&id);
-    if let Some(existing) = store.get(app_id)
-        && let Some(r) = denied(
-            &node,
-            principal.as_deref(),
-            crisp_policy::Action::DeleteInferenceProfile,
-            &existing.copy_from,
-            &request_id,
-        )
-    {
-        return r;
-    }
-    match store.delete(app_id).await {
-        Ok(()) => axum::Json(json!({})).into_response(),
-        Err(e) => app_error(&e, &request_id),
+    let not_found = || Refusal::app(&AppProfileError::NotFound(id.to_owned()));
+    let store = node.app_profiles.clone().ok_or_else(not_found)?;
+    let app_id = crate::app_profiles::app_profile_id(id);
+    let existing = store.get(app_id).ok_or_else(not_found)?;
+    check_permitted(
+        node,
+        principal.as_deref(),
+        crisp_policy::Action::DeleteInferenceProfile,
+        &existing.copy_from,
+    )?;
+    store.delete(app_id).await.map_err(|e| Refusal::app(&e))?;
+    Ok(existing)
+}
+
+/// Audits a management call (creating or deleting an application inference profile) as
+/// it ended, then answers it.
+async fn managed(
+    node: &Node,
+    call: &Call,
+    outcome: Result<(AppProfile, Response), Refusal>,
+) -> Response {
+    match outcome {
+        Ok((profile, response)) => {
+            audit::managed(node, call, Some(&profile), None).await;
+            response
+        }
+        Err(r) => {
+            audit::managed(node, call, None, Some((r.exception, r.kind, &r.message))).await;
+            error(r.status, r.exception, &r.message, &call.request_id)
+        }
     }
 }
