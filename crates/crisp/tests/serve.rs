@@ -758,6 +758,7 @@ fn a_client_that_leaves_mid_answer_is_audited() {
         crisp_audit::events(&trail).is_ok_and(|events| {
             events.iter().any(|e| {
                 e.error_code.as_deref() == Some("ClientDisconnected")
+                    && e.additional_event_data.error_kind.as_deref() == Some("client_disconnected")
                     && e.additional_event_data.inference_region.as_deref() == Some("eu-west-1")
                     && e.additional_event_data.partial
                     && e.additional_event_data.output_tokens > 0
@@ -817,6 +818,7 @@ fn a_stopping_node_says_so_and_ends_what_outlives_its_grace_period() {
         events.iter().any(|e| {
             let d = &e.additional_event_data;
             e.error_code.as_deref() == Some("stream_interrupted")
+                && d.error_kind.is_some()
                 && d.inference_region.as_deref() == Some("eu-west-1")
                 // What it delivered in 2 s at 20 tokens a second counts.
                 && d.partial

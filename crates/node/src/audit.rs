@@ -289,6 +289,8 @@ fn route(ran: &Ran) -> AdditionalEventData {
 /// what it delivered before it ended.
 fn ran_early(node: &Node, ran: &Ran, data: &mut crisp_audit::AdditionalEventData) {
     *data = route(ran);
+    // Another region's answer that broke off carries its receipt for what it produced.
+    data.receipt = ran.receipt.get().cloned();
     let delivered = ran.delivered.load(std::sync::atomic::Ordering::Relaxed);
     if delivered > 0 {
         // The prompt was processed in full before the first chunk.
@@ -307,13 +309,14 @@ pub async fn failed(node: &Node, call: &Call, ran: Option<&Ran>, code: &str, err
     let mut event = base(node, call);
     event.error_code = Some(code.to_owned());
     event.error_message = Some(err.to_string());
-    event.additional_event_data.error_kind = Some(err.code().to_owned());
     if let Some(ran) = ran {
         ran_early(node, ran, &mut event.additional_event_data);
     } else if let PipelineError::Exhausted { attempts, .. } = err {
         event.additional_event_data.regions_tried =
             attempts.iter().map(|a| a.region.clone()).collect();
     }
+    // After the route: `ran_early` sets the whole of the event's data.
+    event.additional_event_data.error_kind = Some(err.code().to_owned());
     let _ = audit.write(&event).await;
 }
 
@@ -375,12 +378,12 @@ async fn abandoned(node: &Node, call: &Call, ran: &Ran) {
     };
     let mut event = base(node, call);
     event.error_code = Some("ClientDisconnected".into());
-    event.additional_event_data.error_kind = Some("client_disconnected".into());
     event.error_message = Some(format!(
         "the client closed the connection before the answer was complete; the model ran in {}",
         ran.inference_region
     ));
     ran_early(node, ran, &mut event.additional_event_data);
+    event.additional_event_data.error_kind = Some("client_disconnected".into());
     let _ = audit.write(&event).await;
 }
 

@@ -463,3 +463,61 @@ async fn rotated_certificates_are_used_without_a_restart() {
     assert_eq!(inference_region(&r), "eu-west-1");
     f.stop().await;
 }
+
+/// A forwarded answer that breaks off at the destination (here its node ends the
+/// answers still streaming as it stops) comes with a receipt for what it produced, so the
+/// source's event of it is proven, and verifies, like a completed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_answer_that_breaks_off_is_proven_up_to_where_it_ended() {
+    use futures::StreamExt;
+    let trail = tempfile::tempdir().unwrap();
+    let f = Setup::new(REGIONS)
+        .serving(&["eu-west-1"])
+        .audit("us-east-1", trail.path())
+        .start()
+        .await;
+    let (r, at) = f.hold("us-east-1", "eu.amazon.nova-lite-v1:0").await;
+    assert_eq!(at, "eu-west-1");
+    let mut body = r.bytes_stream();
+    let mut seen = Vec::new();
+    while seen.windows(5).filter(|w| w == b"data:").count() < 3 {
+        seen.extend_from_slice(&body.next().await.unwrap().unwrap());
+    }
+    f.node("eu-west-1").node.cut_streams();
+    while let Some(chunk) = body.next().await {
+        seen.extend_from_slice(&chunk.unwrap());
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(
+        text.contains("stream_interrupted") && !text.contains("[DONE]"),
+        "{text}"
+    );
+    let mut events = Vec::new();
+    eventually("the broken answer is in the trail", || {
+        events = crisp_audit::events(trail.path()).unwrap();
+        events.iter().any(|e| e.error_code.is_some())
+    })
+    .await;
+    let event = events.iter().find(|e| e.error_code.is_some()).unwrap();
+    let data = &event.additional_event_data;
+    assert!(data.partial, "{event:?}");
+    assert_eq!(event.error_code.as_deref(), Some("stream_interrupted"));
+    assert_eq!(data.error_kind.as_deref(), Some("upstream_error"));
+    assert!(data.input_tokens > 0 && data.output_tokens > 0, "{event:?}");
+    let receipt = data
+        .receipt
+        .as_ref()
+        .expect("a receipt for what it produced");
+    let ca =
+        crisp_transport::tls::CaVerifier::from_ca_pem("test", f.ca.cert_pem().as_bytes()).unwrap();
+    let attested = receipt.verify(&ca).unwrap();
+    assert_eq!(attested.inference_region, "eu-west-1");
+    assert_eq!(
+        (attested.input_tokens, attested.output_tokens),
+        (data.input_tokens, data.output_tokens)
+    );
+    let report = crisp_audit::verify(trail.path(), &ca, "us-east-1").unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    assert_eq!(report.receipts, 1);
+    f.stop().await;
+}

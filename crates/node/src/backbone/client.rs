@@ -164,6 +164,7 @@ impl PeerClient {
                     String::from_utf8_lossy(&bytes)
                 ),
                 retry_after_ms: None,
+                receipt: None,
             });
             return Err(to_backend_error(err));
         }
@@ -193,7 +194,15 @@ impl PeerClient {
                         },
                     })
                 }
-                Ok(StreamEvent::Error(e)) => Err(to_backend_error(e)),
+                Ok(StreamEvent::Error(mut e)) => {
+                    // An answer that broke off after it began is proven up to there.
+                    if let Some(signed) = e.receipt.take()
+                        && let Ok(checked) = expect.check(&ca, Some(signed))
+                    {
+                        let _ = receipt.set(checked);
+                    }
+                    Err(to_backend_error(e))
+                }
                 Err(e) => Err(BackendError::Internal(format!(
                     "peer sent an unreadable event: {e}"
                 ))),

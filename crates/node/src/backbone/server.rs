@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use crisp_engine::{BackendError, Chunk, GenerateRequest, Message, Sampling};
+use crisp_engine::{BackendError, Chunk, GenerateRequest, Message, Sampling, Usage};
 use futures::StreamExt;
 use tracing::Instrument;
 
@@ -32,6 +32,7 @@ fn refuse(kind: PeerErrorKind, message: String, retry_after_ms: Option<u64>) -> 
         kind,
         message,
         retry_after_ms,
+        receipt: None,
     })
     .unwrap_or_default();
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -52,6 +53,7 @@ pub(crate) fn peer_error(e: &BackendError) -> PeerError {
         kind,
         message: e.detail().to_owned(),
         retry_after_ms,
+        receipt: None,
     }
 }
 
@@ -179,6 +181,8 @@ async fn run_forwarded(
         },
         stop: req.stop,
     };
+    // What an answer that breaks off is attested to have processed.
+    let prompt_tokens = crisp_engine::prompt_tokens(&request.messages);
     match backend.generate(request).await {
         Ok(stream) => {
             node.count_admission(&target.model.id);
@@ -189,9 +193,13 @@ async fn run_forwarded(
                 source_region: source_region.clone(),
             };
             let signer = node.clone();
+            let mut sent = 0u32;
             let events = node.until_cut(stream).map(move |item| {
                 let event = match item {
-                    Ok(Chunk::Delta(text)) => StreamEvent::Delta(text),
+                    Ok(Chunk::Delta(text)) => {
+                        sent = sent.saturating_add(1);
+                        StreamEvent::Delta(text)
+                    }
                     Ok(Chunk::Done {
                         finish_reason,
                         usage,
@@ -203,7 +211,17 @@ async fn run_forwarded(
                         },
                         receipt: Some(signer.sign_receipt(&facts, usage)),
                     },
-                    Err(e) => StreamEvent::Error(peer_error(&e)),
+                    Err(e) => {
+                        let mut error = peer_error(&e);
+                        error.receipt = (sent > 0).then(|| {
+                            let usage = Usage {
+                                prompt_tokens,
+                                completion_tokens: sent,
+                            };
+                            signer.sign_receipt(&facts, usage)
+                        });
+                        StreamEvent::Error(error)
+                    }
                 };
                 Ok::<_, std::convert::Infallible>(line(&event))
             });

@@ -73,6 +73,7 @@ pub async fn run_fake(f: &mut Federation, mode: Fake) {
                     kind: wire::PeerErrorKind::Capacity,
                     message: "engine at capacity".into(),
                     retry_after_ms: Some(1000),
+                    receipt: None,
                 };
                 return (
                     axum::http::StatusCode::TOO_MANY_REQUESTS,
