@@ -327,8 +327,23 @@ impl AccessSnapshot {
 
     /// Authorizes a request through `id` (a profile ID, or a model ID for a bare model).
     pub fn authorize(&self, principal: &str, action: Action, id: &str, source: &str) -> Verdict {
+        self.authorize_through(principal, action, id, source, None)
+    }
+
+    /// Authorizes a request through `id` by way of an application inference profile
+    /// (policies see it as `context.application`).
+    pub fn authorize_through(
+        &self,
+        principal: &str,
+        action: Action,
+        id: &str,
+        source: &str,
+        application: Option<&crisp_policy::Application>,
+    ) -> Verdict {
         match self.facts.get(id) {
-            Some(f) => self.engine.authorize(principal, action, f, source),
+            Some(f) => self
+                .engine
+                .authorize_through(principal, action, f, source, application),
             None => Verdict::Deny(crisp_policy::DenyReason::NoPermit),
         }
     }

@@ -40,6 +40,22 @@ pub struct AppProfile {
     pub client_request_token: Option<String>,
 }
 
+impl AppProfile {
+    /// The profile as policies see it (`context.application`).
+    pub fn policy_facts(&self) -> crisp_policy::Application {
+        crisp_policy::Application {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            tags: policy_tags(&self.tags),
+        }
+    }
+}
+
+/// Tags as policies see them: `key=value` strings, like principals' tags.
+pub fn policy_tags(tags: &[(String, String)]) -> Vec<String> {
+    tags.iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AppProfileError {
     #[error("{0}")]

@@ -182,16 +182,17 @@ impl Node {
     /// Whether `principal` may do `action` on the profile (or model) `id`: always when the
     /// node runs without access control, never for a caller nobody authenticated.
     pub fn permits(&self, principal: Option<&str>, action: crisp_policy::Action, id: &str) -> bool {
-        self.verdict(principal, action, id).is_allowed()
+        self.verdict(principal, action, id, None).is_allowed()
     }
 
-    /// The policies' decision on `principal` doing `action` on `id`, with the reason of a
-    /// denial.
+    /// The policies' decision on `principal` doing `action` on `id` (by way of an
+    /// application inference profile, when given), with the reason of a denial.
     pub fn verdict(
         &self,
         principal: Option<&str>,
         action: crisp_policy::Action,
         id: &str,
+        application: Option<&crisp_policy::Application>,
     ) -> crisp_policy::Verdict {
         let Some(access) = &self.access else {
             return crisp_policy::Verdict::Allow {
@@ -203,7 +204,7 @@ impl Node {
         };
         access
             .snapshot()
-            .authorize(principal, action, id, self.region_code())
+            .authorize_through(principal, action, id, self.region_code(), application)
     }
 
     /// Records every call in this audit log before completing it.

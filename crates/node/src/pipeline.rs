@@ -211,7 +211,14 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
             .as_deref()
             .ok_or_else(|| PipelineError::Unauthenticated("no credentials".into()))?;
         let snapshot = access.snapshot();
-        let verdict = snapshot.authorize(principal, req.action, target.id(), node.region_code());
+        let through = application.as_ref().map(|a| a.policy_facts());
+        let verdict = snapshot.authorize_through(
+            principal,
+            req.action,
+            target.id(),
+            node.region_code(),
+            through.as_ref(),
+        );
         if let crisp_policy::Verdict::Deny(reason) = verdict {
             metrics::counter!("crisp_authorization_denials_total", "source" => node.region_code().to_owned(), "reason" => reason.label())
                 .increment(1);

@@ -11,6 +11,7 @@ use support::{NOVA, REGIONS, Setup, ask, eventually};
 const TEAMS: &str = include_str!("../../../examples/policies/teams.cedar");
 const GUARDRAILS: &str = include_str!("../../../examples/policies/guardrails.cedar");
 const PRINCIPALS: &str = include_str!("../../../examples/principals.toml");
+const TEAM_BILLING: &str = include_str!("../../../examples/policies/team-billing.cedar");
 
 struct Keys {
     demo: String,
@@ -272,5 +273,120 @@ async fn listings_need_a_key_and_show_each_caller_its_own() {
     let (s, fleet) = get(&f, "/crisp/v1/fleet", Some(&keys.eu)).await;
     assert_eq!(s, 200);
     assert_eq!(fleet["region"], "eu-central-1");
+    f.stop().await;
+}
+
+/// Policies see the application profile a call goes through: with the team-billing
+/// guardrails, a profile tagged `team=search` is the search team's to create, call, read
+/// and delete; others may still call the profile it copies directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_profiles_are_authorized_by_their_tags() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut files, keys) = write_files(dir.path());
+    let billing = dir.path().join("team-billing.cedar");
+    std::fs::write(&billing, TEAM_BILLING).unwrap();
+    files.guardrails.push(billing);
+    let search_creates = dir.path().join("search-creates.cedar");
+    std::fs::write(
+        &search_creates,
+        r#"permit (principal in Crisp::Team::"search", action == Crisp::Action::"CreateInferenceProfile", resource);"#,
+    )
+    .unwrap();
+    files.policies.push(search_creates);
+    let store = tempfile::tempdir().unwrap();
+    let f = Setup::new(REGIONS)
+        .access("eu-central-1", files)
+        .app_profiles(&format!("file://{}", store.path().display()))
+        .start()
+        .await;
+    let create = |key: &str, name: &str, team: &str| {
+        f.http
+            .post(f.url("eu-central-1", "/inference-profiles"))
+            .bearer_auth(key)
+            .json(&serde_json::json!({
+                "inferenceProfileName": name,
+                "modelSource": {"copyFrom": "eu.amazon.nova-lite-v1:0"},
+                "tags": [{"key": "team", "value": team}],
+            }))
+            .send()
+    };
+    // The platform team may create profiles, but not one billed to search.
+    let r = create(&keys.demo, "search-eu", "search").await.unwrap();
+    assert_eq!(r.status(), 403);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("CreateInferenceProfile"),
+        "{body}"
+    );
+    let r = create(&keys.demo, "platform-eu", "platform").await.unwrap();
+    assert_eq!(r.status(), 201);
+    let r = create(&keys.eu, "search-eu", "search").await.unwrap();
+    assert_eq!(r.status(), 201);
+    let arn: serde_json::Value = r.json().await.unwrap();
+    let arn = arn["inferenceProfileArn"].as_str().unwrap().to_owned();
+    let encoded: String = url::form_urlencoded::byte_serialize(arn.as_bytes()).collect();
+    let converse = |key: &str, model: &str| {
+        f.http
+            .post(f.url("eu-central-1", &format!("/model/{model}/converse")))
+            .bearer_auth(key)
+            .json(&serde_json::json!({
+                "messages": [{"role": "user", "content": [{"text": "hi"}]}],
+                "inferenceConfig": {"maxTokens": 2},
+            }))
+            .send()
+    };
+    assert_eq!(converse(&keys.eu, &encoded).await.unwrap().status(), 200);
+    let r = converse(&keys.demo, &encoded).await.unwrap();
+    assert_eq!(r.status(), 403);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("guardrail"),
+        "{body}"
+    );
+    // The profile it copies stays open to the platform team.
+    assert_eq!(
+        converse(&keys.demo, "eu.amazon.nova-lite-v1:0")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Reading and deleting follow the same tags.
+    let get = |key: &str| {
+        f.http
+            .get(f.url("eu-central-1", &format!("/inference-profiles/{encoded}")))
+            .bearer_auth(key)
+            .send()
+    };
+    assert_eq!(get(&keys.demo).await.unwrap().status(), 403);
+    assert_eq!(get(&keys.eu).await.unwrap().status(), 200);
+    let listed: serde_json::Value = f
+        .http
+        .get(f.url("eu-central-1", "/inference-profiles?type=APPLICATION"))
+        .bearer_auth(&keys.demo)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = listed["inferenceProfileSummaries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["inferenceProfileName"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["platform-eu"]);
+    let delete = f
+        .http
+        .delete(f.url("eu-central-1", &format!("/inference-profiles/{encoded}")))
+        .bearer_auth(&keys.demo)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 403);
     f.stop().await;
 }

@@ -36,6 +36,11 @@ namespace Crisp {
     jurisdictions: Set<String>,
   };
   entity Model;
+  type Application = {
+    id: String,
+    name: String,
+    tags: Set<String>,
+  };
   entity InferenceProfile = {
     scope: String,
     geography: String,
@@ -47,12 +52,17 @@ namespace Crisp {
   action InvokeModel, InvokeModelWithResponseStream appliesTo {
     principal: [Principal],
     resource: [InferenceProfile, Model],
-    context: { sourceRegion: String, region?: Region, profile?: InferenceProfile },
+    context: {
+      sourceRegion: String,
+      region?: Region,
+      profile?: InferenceProfile,
+      application?: Application,
+    },
   };
   action ListInferenceProfiles, GetInferenceProfile, CreateInferenceProfile, DeleteInferenceProfile appliesTo {
     principal: [Principal],
     resource: [InferenceProfile],
-    context: { sourceRegion: String },
+    context: { sourceRegion: String, application?: Application },
   };
 }
 "#;
@@ -133,6 +143,24 @@ pub struct ProfileFacts {
     pub model: String,
     /// Region codes.
     pub destinations: Vec<String>,
+}
+
+/// An application inference profile a call goes through (or, for
+/// `CreateInferenceProfile`, the one it would create, with an empty `id`): policies see it
+/// as `context.application`, so they can say who may use (or create, or delete) a
+/// profile by its tags, e.g. that only the search team may bill to `team=search`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Application {
+    pub id: String,
+    pub name: String,
+    /// `key=value` strings, like principals' tags.
+    pub tags: Vec<String>,
+}
+
+impl Application {
+    fn context(&self) -> Value {
+        json!({"id": self.id, "name": self.name, "tags": self.tags})
+    }
 }
 
 /// A policy problem, with its place.
@@ -311,7 +339,9 @@ pub struct PolicyEngine {
     cache: std::sync::RwLock<HashMap<CacheKey, Verdict>>,
 }
 
-type CacheKey = (String, Action, String, String);
+/// Principal, action, profile, source region, and the application profile's ID (empty
+/// without one).
+type CacheKey = (String, Action, String, String, String);
 
 /// Entries kept before the cache is cleared (a bound against unbounded principal or
 /// profile churn; configured fleets stay far below it).
@@ -494,16 +524,34 @@ impl PolicyEngine {
         profile: &ProfileFacts,
         source_region: &str,
     ) -> Verdict {
+        self.authorize_through(principal, action, profile, source_region, None)
+    }
+
+    /// [`PolicyEngine::authorize`] for a call through an application inference profile
+    /// (`application`), which policies see as `context.application`.
+    pub fn authorize_through(
+        &self,
+        principal: &str,
+        action: Action,
+        profile: &ProfileFacts,
+        source_region: &str,
+        application: Option<&Application>,
+    ) -> Verdict {
+        // An application profile's tags are fixed for its ID; one not created yet has none.
+        if application.is_some_and(|a| a.id.is_empty()) {
+            return self.decide(principal, action, profile, source_region, application);
+        }
         let key = (
             principal.to_owned(),
             action,
             profile.id.clone(),
             source_region.to_owned(),
+            application.map(|a| a.id.clone()).unwrap_or_default(),
         );
         if let Some(v) = self.cache.read().ok().and_then(|c| c.get(&key).cloned()) {
             return v;
         }
-        let verdict = self.authorize_uncached(principal, action, profile, source_region);
+        let verdict = self.decide(principal, action, profile, source_region, application);
         if let Ok(mut c) = self.cache.write() {
             if c.len() >= CACHE_LIMIT {
                 c.clear();
@@ -521,7 +569,18 @@ impl PolicyEngine {
         profile: &ProfileFacts,
         source_region: &str,
     ) -> Verdict {
-        match self.authorize_inner(principal, action, profile, source_region) {
+        self.decide(principal, action, profile, source_region, None)
+    }
+
+    fn decide(
+        &self,
+        principal: &str,
+        action: Action,
+        profile: &ProfileFacts,
+        source_region: &str,
+        application: Option<&Application>,
+    ) -> Verdict {
+        match self.authorize_inner(principal, action, profile, source_region, application) {
             Ok(v) => v,
             // A request the schema cannot express is denied, never allowed.
             Err(_) => Verdict::Deny(DenyReason::NoPermit),
@@ -534,17 +593,24 @@ impl PolicyEngine {
         action: Action,
         profile: &ProfileFacts,
         source_region: &str,
+        application: Option<&Application>,
     ) -> Result<Verdict, String> {
         if !self.principals.contains(principal) {
             return Ok(Verdict::Deny(DenyReason::UnknownPrincipal));
         }
         let p = uid("Principal", principal)?;
         let resource = uid("InferenceProfile", &profile.id)?;
+        let with_application = |mut context: Value| {
+            if let (Some(a), Some(fields)) = (application, context.as_object_mut()) {
+                fields.insert("application".into(), a.context());
+            }
+            context
+        };
         let mut allowed = match self.check(
             &p,
             action,
             &resource,
-            json!({"sourceRegion": source_region}),
+            with_application(json!({"sourceRegion": source_region})),
         )? {
             Ok(policies) => policies,
             Err(reason) => return Ok(Verdict::Deny(reason)),
@@ -552,11 +618,11 @@ impl PolicyEngine {
         if action.is_invoke() {
             let model = uid("Model", &profile.model)?;
             for region in &profile.destinations {
-                let context = json!({
+                let context = with_application(json!({
                     "sourceRegion": source_region,
                     "region": {"__entity": {"type": "Crisp::Region", "id": region}},
                     "profile": {"__entity": {"type": "Crisp::InferenceProfile", "id": profile.id}},
-                });
+                }));
                 match self.check(&p, action, &model, context)? {
                     Ok(policies) => allowed.extend(policies),
                     Err(inner) => {

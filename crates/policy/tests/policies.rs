@@ -1,13 +1,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crisp_policy::{
-    Action, DenyReason, PolicyEngine, Principal, ProfileFacts, RegionFacts, Verdict,
+    Action, Application, DenyReason, PolicyEngine, Principal, ProfileFacts, RegionFacts, Verdict,
 };
 use proptest::prelude::*;
 
 const TEAMS: &str = include_str!("../../../examples/policies/teams.cedar");
 const GUARDRAILS: &str = include_str!("../../../examples/policies/guardrails.cedar");
 const NO_GLOBAL: &str = include_str!("../../../examples/policies/no-global.cedar");
+const TEAM_BILLING: &str = include_str!("../../../examples/policies/team-billing.cedar");
 
 fn region(code: &str, country: &str, eu: bool) -> RegionFacts {
     RegionFacts {
@@ -226,4 +227,48 @@ proptest! {
             }
         }
     }
+}
+
+/// Policies see the application profile a call goes through: a team's billing tag can be
+/// kept to that team, for calls, creation and deletion alike.
+#[test]
+fn application_profiles_are_visible_to_policies() {
+    let e = engine(&[TEAMS], &[GUARDRAILS, TEAM_BILLING]);
+    let eu = profiles().into_iter().find(|p| p.id == "eu.m").unwrap();
+    let app = |id: &str, tags: &[&str]| Application {
+        id: id.into(),
+        name: "search-eu".into(),
+        tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+    };
+    let search = app("a1", &["team=search"]);
+    let invoke = |who: &str, a: Option<&Application>| {
+        e.authorize_through(who, Action::InvokeModel, &eu, "us-east-1", a)
+    };
+    // The search team's own profile; another team may use the same profile directly,
+    // not through search's.
+    assert!(invoke("eu-bot", Some(&search)).is_allowed());
+    assert!(invoke("ops", None).is_allowed());
+    match invoke("ops", Some(&search)) {
+        Verdict::Deny(DenyReason::Guardrail { policies }) => {
+            assert_eq!(policies, ["search-bills-only-search"]);
+        }
+        v => panic!("{v:?}"),
+    }
+    // Cached per profile: another application profile is decided on its own tags.
+    assert!(invoke("ops", Some(&app("a2", &["team=platform"]))).is_allowed());
+    assert!(!invoke("ops", Some(&search)).is_allowed());
+    // Creation names a paying team, and only the platform team creates.
+    let create = |who: &str, tags: &[&str]| {
+        e.authorize_through(
+            who,
+            Action::CreateInferenceProfile,
+            &eu,
+            "us-east-1",
+            Some(&app("", tags)),
+        )
+    };
+    assert!(create("ops", &["team=platform"]).is_allowed());
+    assert!(!create("ops", &["cost-center=7"]).is_allowed());
+    assert!(!create("ops", &["team=search"]).is_allowed());
+    assert!(!create("eu-bot", &["team=search"]).is_allowed());
 }

@@ -756,7 +756,9 @@ pub async fn retrieve_model(
         return error_response(&e, &request_id);
     };
     let action = crisp_policy::Action::GetInferenceProfile;
-    if let crisp_policy::Verdict::Deny(reason) = node.verdict(principal.as_deref(), action, &id) {
+    if let crisp_policy::Verdict::Deny(reason) =
+        node.verdict(principal.as_deref(), action, &id, None)
+    {
         let e = PipelineError::Denied {
             profile: id,
             reason: reason.category(),

@@ -133,6 +133,7 @@ pub struct Setup {
     access: Vec<(String, crisp_node::access::AccessFiles)>,
     invocation_logs: Vec<(String, std::path::PathBuf, String)>,
     audits: Vec<(String, std::path::PathBuf)>,
+    app_profiles: Option<String>,
 }
 
 impl Setup {
@@ -149,7 +150,14 @@ impl Setup {
             access: Vec::new(),
             invocation_logs: Vec::new(),
             audits: Vec::new(),
+            app_profiles: None,
         }
+    }
+
+    /// Application inference profiles on every node, kept in the store at `url`.
+    pub fn app_profiles(mut self, url: &str) -> Setup {
+        self.app_profiles = Some(url.to_owned());
+        self
     }
 
     /// An audit trail in `dir` on one region's node.
@@ -252,6 +260,10 @@ impl Setup {
             }
             let tls = (self.tls)(&ca, code);
             let mut node = Node::new(catalog.clone(), &lock, code, tls.clone()).unwrap();
+            if let Some(url) = &self.app_profiles {
+                let store = crisp_node::app_profiles::AppProfiles::from_url(url).unwrap();
+                node = node.with_app_profiles(Arc::new(store));
+            }
             if let Some((_, dir)) = self.audits.iter().find(|(r, _)| r == code) {
                 let log = crisp_audit::AuditLog::open(
                     dir,

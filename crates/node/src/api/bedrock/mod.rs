@@ -943,7 +943,10 @@ async fn list_profiles(
         node.app_profiles
             .iter()
             .flat_map(|s| s.list())
-            .filter(|a| node.permits(principal, list, &a.copy_from))
+            .filter(|a| {
+                node.verdict(principal, list, &a.copy_from, Some(&a.policy_facts()))
+                    .is_allowed()
+            })
             .map(|a| app_profile_json(&node, &a))
             .collect::<Vec<Value>>()
     };
@@ -987,8 +990,14 @@ async fn get_profile(
         .as_ref()
         .and_then(|s| s.get(crate::app_profiles::app_profile_id(&id)))
     {
-        if let Some(r) = denied(&node, principal.as_deref(), get, &a.copy_from, &request_id) {
-            return r;
+        if let Err(r) = check_permitted(
+            &node,
+            principal.as_deref(),
+            get,
+            &a.copy_from,
+            Some(&a.policy_facts()),
+        ) {
+            return error(r.status, r.exception, &r.message, &request_id);
         }
         return axum::Json(app_profile_json(&node, &a)).into_response();
     }
@@ -1076,7 +1085,7 @@ fn denied(
     id: &str,
     request_id: &str,
 ) -> Option<Response> {
-    check_permitted(node, principal, action, id)
+    check_permitted(node, principal, action, id, None)
         .err()
         .map(|r| error(r.status, r.exception, &r.message, request_id))
 }
@@ -1087,8 +1096,12 @@ fn check_permitted(
     principal: Option<&str>,
     action: crisp_policy::Action,
     id: &str,
+    application: Option<&crisp_policy::Application>,
 ) -> Result<(), Refusal> {
-    if node.permits(principal, action, id) {
+    if node
+        .verdict(principal, action, id, application)
+        .is_allowed()
+    {
         return Ok(());
     }
     metrics::counter!("crisp_authorization_denials_total", "source" => node.region_code().to_owned(), "reason" => "control_plane")
@@ -1211,11 +1224,19 @@ async fn create_app_profile(
             Ok(t) => (t.id().to_owned(), None),
             Err(e) => return Err(Refusal::of(&PipelineError::Resolve(e))),
         };
+    let tags: Vec<(String, String)> = create.tags.into_iter().map(|t| (t.key, t.value)).collect();
+    // The profile it would create, as policies see it (no ID yet).
+    let to_be = crisp_policy::Application {
+        id: String::new(),
+        name: create.inference_profile_name.clone(),
+        tags: crate::app_profiles::policy_tags(&tags),
+    };
     check_permitted(
         node,
         principal.as_deref(),
         crisp_policy::Action::CreateInferenceProfile,
         &copy_from,
+        Some(&to_be),
     )?;
     let now = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -1225,7 +1246,7 @@ async fn create_app_profile(
         description: create.description,
         copy_from,
         region,
-        tags: create.tags.into_iter().map(|t| (t.key, t.value)).collect(),
+        tags,
         client_request_token: create.client_request_token,
     };
     store.create(new, &now).await.map_err(|e| Refusal::app(&e))
@@ -1275,6 +1296,7 @@ async fn delete_app_profile(
         principal.as_deref(),
         crisp_policy::Action::DeleteInferenceProfile,
         &existing.copy_from,
+        Some(&existing.policy_facts()),
     )?;
     store.delete(app_id).await.map_err(|e| Refusal::app(&e))?;
     Ok(existing)
