@@ -54,7 +54,7 @@ fn bench(c: &mut Criterion) {
             .is_allowed()
     );
     c.bench_function("authorize/100 policies, 4 destinations, evaluated", |b| {
-        b.iter(|| engine.authorize_uncached("p2", Action::InvokeModel, &profiles[0], "r0"))
+        b.iter(|| engine.authorize_uncached("p2", Action::InvokeModel, &profiles[0], "r0", None))
     });
     c.bench_function(
         "authorize/100 policies, 4 destinations, per request (cached)",

@@ -539,7 +539,7 @@ impl PolicyEngine {
     ) -> Verdict {
         // An application profile's tags are fixed for its ID; one not created yet has none.
         if application.is_some_and(|a| a.id.is_empty()) {
-            return self.decide(principal, action, profile, source_region, application);
+            return self.authorize_uncached(principal, action, profile, source_region, application);
         }
         let key = (
             principal.to_owned(),
@@ -551,7 +551,8 @@ impl PolicyEngine {
         if let Some(v) = self.cache.read().ok().and_then(|c| c.get(&key).cloned()) {
             return v;
         }
-        let verdict = self.decide(principal, action, profile, source_region, application);
+        let verdict =
+            self.authorize_uncached(principal, action, profile, source_region, application);
         if let Ok(mut c) = self.cache.write() {
             if c.len() >= CACHE_LIMIT {
                 c.clear();
@@ -561,18 +562,8 @@ impl PolicyEngine {
         verdict
     }
 
-    /// The decision computed afresh (what [`PolicyEngine::authorize`] caches).
+    /// The decision computed afresh (what [`PolicyEngine::authorize_through`] caches).
     pub fn authorize_uncached(
-        &self,
-        principal: &str,
-        action: Action,
-        profile: &ProfileFacts,
-        source_region: &str,
-    ) -> Verdict {
-        self.decide(principal, action, profile, source_region, None)
-    }
-
-    fn decide(
         &self,
         principal: &str,
         action: Action,
