@@ -364,10 +364,14 @@ fn no_completed_request_is_missing_from_the_audit_trail_after_kill_9() {
             "work done in the source region is attested by the signed digest, not a receipt"
         );
     }
-    // And the trail verifies.
+    // And the trail verifies, saying that the file the crash left was sealed as found.
     let out = verify_trail(d);
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{report}");
+    assert!(
+        report.contains("note: audit-0000000000.jsonl was sealed as it was found (left unsealed by a node that stopped without sealing it)"),
+        "{report}"
+    );
     // Events not sealed yet are counted, not passed over in silence.
     let open = std::fs::read_to_string(d.join("audit/eu-west-1/open.jsonl")).unwrap_or_default();
     let unsealed = open.lines().filter(|l| !l.is_empty()).count();
