@@ -359,3 +359,30 @@ def test_bedrock_calls_are_authorized_per_principal(federation):
             inferenceProfileName="not-allowed",
             modelSource={"copyFrom": "eu.amazon.nova-lite-v1:0"},
         )
+
+
+def test_count_tokens_says_what_a_prompt_is_billed(federation):
+    import json
+    rt = client(federation, "bedrock-runtime", EU_WEST_2)
+    msgs = [{"role": "user", "content": [{"text": "How many tokens is this?"}]}]
+    system = [{"text": "Be brief."}]
+    counted = rt.count_tokens(modelId="eu.amazon.nova-lite-v1:0",
+                              input={"converse": {"messages": msgs, "system": system}})["inputTokens"]
+    # The same conversation as an InvokeModel body counts the same.
+    body = json.dumps({"messages": msgs, "system": system}).encode()
+    assert rt.count_tokens(modelId="eu.amazon.nova-lite-v1:0",
+                           input={"invokeModel": {"body": body}})["inputTokens"] == counted
+    # What the model then bills for that prompt.
+    used = rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs, system=system,
+                       inferenceConfig={"maxTokens": 2})["usage"]["inputTokens"]
+    assert counted == used > 0
+    with pytest.raises(rt.exceptions.ResourceNotFoundException):
+        rt.count_tokens(modelId="eu.amazon.nova-lite", input={"converse": {"messages": msgs}})
+    with pytest.raises(rt.exceptions.ValidationException) as e:
+        rt.count_tokens(modelId="eu.amazon.nova-lite-v1:0", input={"converse": {"messages": []}})
+    assert "at least one message" in str(e.value)
+    # Counting is invoking's business: a principal kept out of a profile may not count with it.
+    eu = client(federation, "bedrock-runtime", US_EAST_1,
+                akid="AKIACRISPEUSEARCH001", secret="crisp-eu-search-secret-loopback-only")
+    with pytest.raises(eu.exceptions.AccessDeniedException):
+        eu.count_tokens(modelId="global.amazon.nova-lite-v1:0", input={"converse": {"messages": msgs}})

@@ -9,12 +9,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crisp_catalog::RegionIx;
+use crisp_catalog::profiles::Target;
 use crisp_engine::{BackendError, Chunk, ChunkStream, GenerateRequest, Message, Sampling};
 use crisp_routing::{Decision, Exclusion, Load, Query, Scope, route};
 use crisp_transport::SignedReceipt;
 use futures::StreamExt;
 use tracing::Instrument;
 
+use crate::app_profiles::AppProfile;
 use crate::backbone::wire;
 use crate::error::{Attempt, PipelineError};
 use crate::{Node, observe};
@@ -164,30 +166,30 @@ fn exclusion_text(why: Exclusion) -> &'static str {
     }
 }
 
-/// Runs a request up to admission.
-pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, PipelineError> {
-    let started = std::time::Instant::now();
-    if node.audit.as_ref().is_some_and(|a| a.refusing()) {
-        return Err(PipelineError::AuditUnavailable(
-            "recent audit writes failed".into(),
-        ));
-    }
+/// What a request names (a model, a profile, or an ARN of either or of an application
+/// inference profile), resolved in this region: the profile (or model) it runs as, and the
+/// application profile it came through. An application profile routes exactly like the
+/// profile or model it copies.
+pub fn resolve<'a>(
+    node: &'a Node,
+    requested: &str,
+) -> Result<(Target<'a>, Option<AppProfile>), PipelineError> {
     let catalog = &node.catalog;
-    // An application profile routes exactly like the profile or model it copies.
-    let is_arn = req.requested.starts_with("arn:");
-    let app_id = if is_arn && req.requested.contains(":application-inference-profile/") {
-        crisp_catalog::profiles::application_profile_id(catalog, &req.requested)?
+    let application_arn =
+        requested.starts_with("arn:") && requested.contains(":application-inference-profile/");
+    let app_id = if application_arn {
+        crisp_catalog::profiles::application_profile_id(catalog, requested)?
     } else {
-        req.requested.as_str()
+        requested
     };
     let application = node
         .app_profiles
         .as_ref()
         .and_then(|store| store.get(app_id));
-    if application.is_none() && req.requested.contains(":application-inference-profile/") {
+    if application.is_none() && application_arn {
         return Err(PipelineError::Resolve(
             crisp_catalog::profiles::ResolveError::Unknown {
-                requested: req.requested.clone(),
+                requested: requested.to_owned(),
                 suggestion: None,
             },
         ));
@@ -201,10 +203,23 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
             app.name, app.copy_from
         )));
     }
-    let requested = application
+    let copied = application
         .as_ref()
-        .map_or(req.requested.as_str(), |a| a.copy_from.as_str());
-    let target = node.profiles.resolve(catalog, requested, node.region)?;
+        .map_or(requested, |a| a.copy_from.as_str());
+    let target = node.profiles.resolve(catalog, copied, node.region)?;
+    Ok((target, application))
+}
+
+/// Runs a request up to admission.
+pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, PipelineError> {
+    let started = std::time::Instant::now();
+    if node.audit.as_ref().is_some_and(|a| a.refusing()) {
+        return Err(PipelineError::AuditUnavailable(
+            "recent audit writes failed".into(),
+        ));
+    }
+    let catalog = &node.catalog;
+    let (target, application) = resolve(node, &req.requested)?;
     if let Some(access) = &node.access {
         let principal = req
             .principal

@@ -34,6 +34,7 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/model/{model_id}/converse", post(converse))
         .route("/model/{model_id}/converse-stream", post(converse_stream))
         .route("/model/{model_id}/invoke", post(invoke))
+        .route("/model/{model_id}/count-tokens", post(count_tokens))
         .route(
             "/model/{model_id}/invoke-with-response-stream",
             post(invoke_stream),
@@ -655,6 +656,93 @@ async fn invoke(
     req: Request,
 ) -> Response {
     answer_whole(node, model_id, req, "InvokeModel").await
+}
+
+// ---- CountTokens ----
+
+#[derive(Deserialize)]
+struct CountTokensRequest {
+    input: CountTokensInput,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CountTokensInput {
+    /// A Converse request's `messages` and `system`.
+    #[serde(default)]
+    converse: Option<Value>,
+    /// An InvokeModel request's body, base64-encoded.
+    #[serde(default)]
+    invoke_model: Option<InvokeModelInput>,
+}
+
+#[derive(Deserialize)]
+struct InvokeModelInput {
+    body: String,
+}
+
+/// How many input tokens a conversation is: what crisp bills for its prompt when an engine
+/// reports no usage, and what an answer that ends early is billed for its input. Runs no
+/// model; the caller must be allowed to invoke the model or profile it names.
+async fn count_tokens(
+    State(node): State<Arc<Node>>,
+    Path(model_id): Path<String>,
+    req: Request,
+) -> Response {
+    let request_id = new_request_id();
+    let (_, body, principal) = match read(&node, req, &request_id).await {
+        Ok(read) => read,
+        Err(r) => return r,
+    };
+    match count(&node, model_id, &body, principal.as_deref()) {
+        Ok(tokens) => axum::Json(json!({"inputTokens": tokens})).into_response(),
+        Err(e) => pipeline_error(&e, &request_id),
+    }
+}
+
+fn count(
+    node: &Node,
+    model_id: String,
+    body: &[u8],
+    principal: Option<&str>,
+) -> Result<u32, PipelineError> {
+    use base64::Engine as _;
+    let invalid = |why: String| {
+        PipelineError::InvalidRequest(format!(
+            "{why}. Send {{\"input\": {{\"converse\": {{\"messages\": [{{\"role\": \"user\", \"content\": [{{\"text\": \"Hello\"}}]}}]}}}}}}"
+        ))
+    };
+    let req: CountTokensRequest = serde_json::from_slice(body)
+        .map_err(|e| invalid(format!("the request body is not valid: {e}")))?;
+    let conversation = match (req.input.converse, req.input.invoke_model) {
+        (Some(converse), None) => {
+            serde_json::to_vec(&converse).map_err(|e| invalid(e.to_string()))?
+        }
+        (None, Some(invoke)) => base64::engine::general_purpose::STANDARD
+            .decode(invoke.body.as_bytes())
+            .map_err(|e| invalid(format!("input.invokeModel.body is not base64: {e}")))?,
+        _ => {
+            return Err(invalid(
+                "input must hold exactly one of converse and invokeModel".into(),
+            ));
+        }
+    };
+    let infer = to_pipeline(model_id, "", &conversation)?;
+    let (target, application) = pipeline::resolve(node, &infer.requested)?;
+    let through = application.as_ref().map(AppProfile::policy_facts);
+    if let crisp_policy::Verdict::Deny(reason) = node.verdict(
+        principal,
+        crisp_policy::Action::InvokeModel,
+        target.id(),
+        through.as_ref(),
+    ) {
+        return Err(PipelineError::Denied {
+            profile: target.id().to_owned(),
+            reason: reason.category(),
+            allowed: Vec::new(),
+        });
+    }
+    Ok(crisp_engine::prompt_tokens(&infer.messages))
 }
 
 /// A non-streamed answer, returned once its audit event is recorded.
