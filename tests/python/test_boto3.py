@@ -174,10 +174,11 @@ def test_sdk_exceptions(federation):
     assert answer["usage"]["outputTokens"] <= 2
     # An operation this node does not serve is named in an error the SDK can show.
     with pytest.raises(botocore.exceptions.ClientError) as e:
-        rt.count_tokens(modelId="eu.amazon.nova-lite-v1:0", input={"converse": {"messages": msgs}})
+        rt.apply_guardrail(guardrailIdentifier="g", guardrailVersion="1", source="INPUT",
+                           content=[{"text": {"text": "x"}}])
     assert e.value.response["Error"]["Code"] == "UnknownOperationException"
-    assert "count-tokens" in e.value.response["Error"]["Message"]
-    assert "Converse" in e.value.response["Error"]["Message"]
+    assert "/guardrail/g/version/1/apply" in e.value.response["Error"]["Message"]
+    assert "CountTokens" in e.value.response["Error"]["Message"]
     wrong_region = client(federation, "bedrock-runtime", EU_WEST_2, region="us-east-1")
     with pytest.raises(botocore.exceptions.ClientError) as e:
         wrong_region.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs)

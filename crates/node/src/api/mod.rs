@@ -39,7 +39,7 @@ pub fn router(node: Arc<Node>) -> Router {
 
 /// What this node serves, for the errors of requests it does not.
 const OPENAI_ROUTES: &str = "POST /v1/chat/completions, POST /v1/responses, GET /v1/models, GET /v1/models/{id}, GET /healthz and GET /crisp/v1/fleet";
-const BEDROCK_ROUTES: &str = "Converse, ConverseStream, InvokeModel, InvokeModelWithResponseStream (POST /model/{id}/converse, /converse-stream, /invoke, /invoke-with-response-stream), ListInferenceProfiles, GetInferenceProfile, CreateInferenceProfile, DeleteInferenceProfile (/inference-profiles) and ListFoundationModels, GetFoundationModel (GET /foundation-models)";
+const BEDROCK_ROUTES: &str = "Converse, ConverseStream, InvokeModel, InvokeModelWithResponseStream, CountTokens (POST /model/{id}/converse, /converse-stream, /invoke, /invoke-with-response-stream, /count-tokens), ListInferenceProfiles, GetInferenceProfile, CreateInferenceProfile, DeleteInferenceProfile (/inference-profiles) and ListFoundationModels, GetFoundationModel (GET /foundation-models)";
 
 /// Whether a request comes from a Bedrock SDK (signed with SigV4, or on one of Bedrock's
 /// paths), whose errors must have Bedrock's shape for the SDK to show their message.
