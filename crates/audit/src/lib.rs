@@ -229,7 +229,7 @@ struct Writer {
     written: Sha256,
     /// Why the open file's hash can only be taken from the disk (see
     /// [`DigestBody::hashed_as_found`]).
-    hash_as_found: Option<&'static str>,
+    hash_as_found: Option<String>,
     region: String,
     signer: Arc<dyn Signer>,
     sealing: Sealing,
@@ -287,6 +287,10 @@ impl Writer {
             }
         }
         let path = dir.join(OPEN);
+        // A node killed while it appended leaves part of an event after the last newline:
+        // that event was never recorded (its call was not answered), so it is cut off
+        // rather than sealed as an unreadable line, and the digest says so.
+        let cut = cut_partial_line(&path)?;
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let bytes = file.metadata()?.len();
         let events = if bytes > 0 {
@@ -297,7 +301,12 @@ impl Writer {
         let mut w = Writer {
             dir: dir.to_owned(),
             written: Sha256::new(),
-            hash_as_found: (bytes > 0).then_some(LEFT_UNSEALED),
+            hash_as_found: (bytes > 0 || cut > 0).then(|| match cut {
+                0 => LEFT_UNSEALED.to_owned(),
+                n => format!(
+                    "{LEFT_UNSEALED}; the {n} bytes of the event it was writing when it stopped were removed (that event was never recorded)"
+                ),
+            }),
             region: region.to_owned(),
             signer,
             sealing,
@@ -320,13 +329,21 @@ impl Writer {
             let events = BufReader::new(File::open(dir.join(&orphan))?)
                 .lines()
                 .count() as u64;
-            w.write_digest(orphan, events, Some(LEFT_UNSEALED))?;
+            w.write_digest(orphan, events, Some(LEFT_UNSEALED.to_owned()))?;
+        }
+        if cut > 0 {
+            tracing::warn!(
+                file = %path.display(),
+                bytes = cut,
+                "removed the part of an audit event its node was writing when it stopped (that event was never recorded)"
+            );
         }
         // Events left in the open file by a crash are sealed first, so a restart never
         // mixes two runs in one file.
         if w.events > 0 {
             w.seal()?;
         }
+        w.hash_as_found = None;
         Ok(w)
     }
 
@@ -339,7 +356,7 @@ impl Writer {
         }
         if let Err(e) = self.file.write_all(lines) {
             // Part of `lines` may be in the file: what it holds is no longer known here.
-            self.hash_as_found = Some(WRITE_FAILED);
+            self.hash_as_found = Some(WRITE_FAILED.to_owned());
             return Err(e);
         }
         self.written.update(lines);
@@ -370,7 +387,7 @@ impl Writer {
         self.flush()?;
         let name = format!("audit-{:010}.jsonl", self.sequence);
         std::fs::rename(self.dir.join(OPEN), self.dir.join(&name))?;
-        match self.hash_as_found {
+        match self.hash_as_found.clone() {
             Some(why) => self.write_digest(name, self.events, Some(why))?,
             None => {
                 let sha = hex::encode(self.written.clone().finalize());
@@ -411,7 +428,7 @@ impl Writer {
         &mut self,
         name: String,
         events: u64,
-        why: Option<&'static str>,
+        why: Option<String>,
     ) -> std::io::Result<()> {
         let sha = sha256_file(&self.dir.join(&name))?;
         self.write_digest_of(name, sha, events, why)
@@ -423,7 +440,7 @@ impl Writer {
         name: String,
         file_sha256: String,
         events: u64,
-        hashed_as_found: Option<&'static str>,
+        hashed_as_found: Option<String>,
     ) -> std::io::Result<()> {
         let body = DigestBody {
             sequence: self.sequence,
@@ -436,7 +453,7 @@ impl Writer {
             sealed_at: time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
                 .ok(),
-            hashed_as_found: hashed_as_found.map(str::to_owned),
+            hashed_as_found,
         };
         let body = serde_json::to_string(&body).map_err(std::io::Error::other)?;
         let doc = DigestDocument {
@@ -458,6 +475,24 @@ impl Writer {
         self.sequence += 1;
         Ok(())
     }
+}
+
+/// Cuts what follows the last newline of `path` (a line being appended when its writer
+/// died); returns how many bytes it removed. A missing file has none.
+fn cut_partial_line(path: &Path) -> std::io::Result<u64> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let cut = text.len() - keep;
+    if cut > 0 {
+        let f = OpenOptions::new().write(true).open(path)?;
+        f.set_len(keep as u64)?;
+        f.sync_all()?;
+    }
+    Ok(cut as u64)
 }
 
 fn digests(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {

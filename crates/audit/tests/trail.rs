@@ -640,3 +640,46 @@ async fn a_receipt_taken_from_another_request_is_named_as_such() {
         ]
     );
 }
+
+/// A node killed while it appended an event leaves part of it: that event was never
+/// recorded, so the next start cuts it off, and the digest says so, instead of sealing
+/// an unreadable line that would fail verification forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_written_event_left_by_a_crash_is_cut_off_and_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let log = us_log(dir.path(), &ca, 1 << 20, Durability::Fsync);
+    log.record(&event(0, None, "us-east-1")).await.unwrap();
+    drop(log);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("open.jsonl"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"eventVersion\":\"1.0\",\"ev").unwrap();
+    drop(f);
+    let log = us_log(dir.path(), &ca, 1 << 20, Durability::Fsync);
+    log.record(&event(1, None, "us-east-1")).await.unwrap();
+    log.seal_now().unwrap();
+    let r = verify(dir.path(), &verifier(&ca), "us-east-1").unwrap();
+    assert!(r.findings.is_empty(), "{:?}", r.findings);
+    assert_eq!(r.events, 2);
+    // Only the file the crash left is sealed as found; the next one signs what was written.
+    assert_eq!(r.hashed_as_found.len(), 1, "{:?}", r.hashed_as_found);
+    assert!(
+        r.hashed_as_found[0]
+            .1
+            .contains("the 25 bytes of the event it was writing"),
+        "{:?}",
+        r.hashed_as_found
+    );
+
+    // Nothing but a half-written event: nothing to seal, and the next file is not marked.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("open.jsonl"), b"{\"eventVer").unwrap();
+    let log = us_log(dir.path(), &ca, 1 << 20, Durability::Fsync);
+    log.record(&event(2, None, "us-east-1")).await.unwrap();
+    log.seal_now().unwrap();
+    let r = verify(dir.path(), &verifier(&ca), "us-east-1").unwrap();
+    assert!(r.findings.is_empty(), "{:?}", r.findings);
+    assert_eq!((r.events, r.hashed_as_found.len()), (1, 0));
+}
