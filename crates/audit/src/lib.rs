@@ -98,10 +98,10 @@ pub struct AdditionalEventData {
     #[serde(default)]
     pub cost_usd: f64,
     /// The answer ended early (its client left, it broke off, the node stopped): the
-    /// engine never reported its usage, so `outputTokens` counts the chunks it produced
-    /// until then (one token each from vLLM, llama.cpp and the simulator; a streamed
-    /// answer sent them on; a whole answer's client that left got none, but the engine
-    /// did the work), `inputTokens` is the
+    /// engine never reported its usage, so `outputTokens` is the tokens of the text it
+    /// produced until then (`crisp_engine::count_chunk_tokens`; a streamed answer sent that text on;
+    /// a whole answer's client that left got none, but the engine did the work),
+    /// `inputTokens` is the
     /// prompt as crisp estimates it (the whole prompt was processed before the first
     /// chunk), and `costUsd` is the price of both.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -355,8 +355,12 @@ impl Writer {
             self.flush()?;
         }
         if let Err(e) = self.file.write_all(lines) {
-            // Part of `lines` may be in the file: what it holds is no longer known here.
-            self.hash_as_found = Some(WRITE_FAILED.to_owned());
+            // Part of `lines` may be in the file: cut it back to the last whole event, so
+            // the next event starts a line of its own and the file stays what was
+            // written. Only if that fails is its content no longer known here.
+            if self.file.set_len(self.bytes).is_err() {
+                self.hash_as_found = Some(WRITE_FAILED.to_owned());
+            }
             return Err(e);
         }
         self.written.update(lines);

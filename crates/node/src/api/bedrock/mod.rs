@@ -1289,6 +1289,7 @@ async fn create_app_profile(
     })?;
     call.signed_in(caller.as_ref());
     let principal = caller.map(|c| c.principal);
+    refuse_unaudited(node)?;
     let Some(store) = node.app_profiles.clone() else {
         return Err(Refusal::invalid(
             "application inference profiles are not enabled on this deployment: set [deployment] profile_store".into(),
@@ -1370,6 +1371,7 @@ async fn delete_app_profile(
     })?;
     call.signed_in(caller.as_ref());
     let principal = caller.map(|c| c.principal);
+    refuse_unaudited(node)?;
     if node.profiles.get(id).is_some() {
         return Err(Refusal::invalid(format!(
             "{id} is a system-defined inference profile; only application profiles can be deleted"
@@ -1388,6 +1390,17 @@ async fn delete_app_profile(
     )?;
     store.delete(app_id).await.map_err(|e| Refusal::app(&e))?;
     Ok(existing)
+}
+
+/// A change that could not be audited is not made: while the audit log is failing (and
+/// `[audit] on_failure = "refuse"`), management calls are refused like inference calls.
+fn refuse_unaudited(node: &Node) -> Result<(), Refusal> {
+    if node.audit.as_ref().is_some_and(|a| a.refusing()) {
+        return Err(Refusal::of(&PipelineError::AuditUnavailable(
+            "recent audit writes failed".into(),
+        )));
+    }
+    Ok(())
 }
 
 /// Audits a management call (creating or deleting an application inference profile) as
