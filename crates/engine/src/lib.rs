@@ -32,6 +32,26 @@ pub struct Message {
 /// digits plus every other non-space character, or the character count divided by four,
 /// rounded up.
 pub fn count_tokens(text: &str) -> u32 {
+    let (pieces, chars) = pieces_and_chars(text);
+    let estimate = pieces.max(chars.div_ceil(4));
+    u32::try_from(estimate).unwrap_or(u32::MAX)
+}
+
+/// Tokens in a streamed chunk of an answer: one per run of letters and digits or other
+/// non-space character, and at least one for a chunk that is not empty. Engines stream
+/// about one token per chunk (a word from the simulator, a subword from vLLM and
+/// llama.cpp) and batch several into one chunk when they come fast; this counts either
+/// way, where counting chunks would miss the batched ones.
+pub fn count_chunk_tokens(chunk: &str) -> u32 {
+    if chunk.is_empty() {
+        return 0;
+    }
+    let (pieces, _) = pieces_and_chars(chunk);
+    u32::try_from(pieces.max(1)).unwrap_or(u32::MAX)
+}
+
+/// Runs of letters and digits plus every other non-space character, and characters.
+fn pieces_and_chars(text: &str) -> (u64, u64) {
     let mut pieces: u64 = 0;
     let mut chars: u64 = 0;
     let mut in_word = false;
@@ -49,8 +69,7 @@ pub fn count_tokens(text: &str) -> u32 {
             }
         }
     }
-    let estimate = pieces.max(chars.div_ceil(4));
-    u32::try_from(estimate).unwrap_or(u32::MAX)
+    (pieces, chars)
 }
 
 /// Tokens charged per message on top of its content, for the role and the chat template's

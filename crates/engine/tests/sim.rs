@@ -562,3 +562,15 @@ async fn polling_past_the_end_keeps_returning_none() {
     assert!(stream.next().await.is_none());
     assert!(stream.next().await.is_none());
 }
+
+/// A chunk's tokens: about one per word or punctuation mark, so a batch of several tokens
+/// in one chunk counts as several, and a one-token chunk as one.
+#[test]
+fn chunk_tokens_count_batched_tokens() {
+    use crisp_engine::count_chunk_tokens;
+    assert_eq!(count_chunk_tokens(""), 0);
+    assert_eq!(count_chunk_tokens(" "), 1);
+    assert_eq!(count_chunk_tokens("lorem "), 1);
+    assert_eq!(count_chunk_tokens("ing"), 1);
+    assert_eq!(count_chunk_tokens("lorem ipsum dolor, "), 4);
+}

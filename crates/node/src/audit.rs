@@ -156,8 +156,8 @@ pub struct RanFacts {
     pub receipt: crate::pipeline::ReceiptSlot,
     /// The prompt's estimated tokens: the input an answer that ends early is billed.
     pub prompt_tokens: u32,
-    /// Chunks of text the answer delivered so far (counted by [`guarded`]): what an
-    /// answer that ends early is known to have produced.
+    /// Tokens of the text the answer delivered so far, as crisp estimates them (counted by
+    /// [`guarded`]): what an answer that ends early is known to have produced.
     pub delivered: std::sync::atomic::AtomicU32,
 }
 
@@ -403,9 +403,12 @@ pub fn guarded(
     let ran = ran.clone();
     // The closure owns the guard: it is dropped with the stream.
     Box::pin(stream.inspect(move |item| {
-        if matches!(item, Ok(crisp_engine::Chunk::Delta(_))) {
-            ran.delivered
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(crisp_engine::Chunk::Delta(text)) = item {
+            // Tokens, not chunks: engines batch tokens into one chunk when they come fast.
+            ran.delivered.fetch_add(
+                crisp_engine::count_chunk_tokens(text),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         } else {
             guard.settle();
         }

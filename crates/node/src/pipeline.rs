@@ -84,7 +84,7 @@ struct Watch {
     price: crisp_catalog::Price,
     started: std::time::Instant,
     first_token: bool,
-    /// Chunks of text delivered: the output tokens of an answer that ends early.
+    /// Tokens of the text delivered: the output tokens of an answer that ends early.
     delivered: u32,
     /// The prompt's estimated tokens: the input tokens of an answer that ends early.
     prompt_tokens: u32,
@@ -120,8 +120,10 @@ impl Drop for Watch {
 
 fn watched(stream: ChunkStream, mut watch: Watch) -> ChunkStream {
     Box::pin(stream.inspect(move |item| match item {
-        Ok(Chunk::Delta(_)) => {
-            watch.delivered = watch.delivered.saturating_add(1);
+        Ok(Chunk::Delta(text)) => {
+            watch.delivered = watch
+                .delivered
+                .saturating_add(crisp_engine::count_chunk_tokens(text));
             if !watch.first_token {
                 watch.first_token = true;
                 watch.served.first_token(watch.started.elapsed());

@@ -197,7 +197,7 @@ async fn run_forwarded(
             let events = node.until_cut(stream).map(move |item| {
                 let event = match item {
                     Ok(Chunk::Delta(text)) => {
-                        sent = sent.saturating_add(1);
+                        sent = sent.saturating_add(crisp_engine::count_chunk_tokens(&text));
                         StreamEvent::Delta(text)
                     }
                     Ok(Chunk::Done {

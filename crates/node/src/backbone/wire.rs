@@ -80,8 +80,8 @@ pub struct PeerError {
     #[serde(default)]
     pub retry_after_ms: Option<u64>,
     /// An answer that broke off after it began: the destination's signed statement of
-    /// where it ran and what it produced until then (the prompt's estimate and the chunks
-    /// sent), so the source's event of it is proven like a completed one.
+    /// where it ran and what it produced until then (the estimated tokens of the prompt and
+    /// of the text sent), so the source's event of it is proven like a completed one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receipt: Option<crisp_transport::SignedReceipt>,
 }
