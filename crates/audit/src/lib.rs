@@ -214,6 +214,13 @@ impl std::fmt::Debug for AuditLog {
 
 const OPEN: &str = "open.jsonl";
 
+/// Present while the trail's node has stopped cleanly, with its open file sealed.
+const STOPPED: &str = ".stopped";
+
+/// The start of the `hashedAsFound` reason of a file found after a clean stop: its events
+/// were written by something other than crisp.
+const AFTER_CLEAN_STOP: &str = "found after its node had stopped cleanly with everything sealed";
+
 /// Why a file's digest hashes it as found: see [`DigestBody::hashed_as_found`].
 const LEFT_UNSEALED: &str = "left unsealed by a node that stopped without sealing it";
 const WRITE_FAILED: &str = "a write to it failed part-way";
@@ -245,6 +252,8 @@ struct Writer {
     previous_sha: String,
     previous_sig: String,
     /// Held while this writer lives: one writer per trail, even across processes.
+    /// The trail is marked as stopped cleanly ([`STOPPED`]).
+    stopped_mark: bool,
     _lock: File,
 }
 
@@ -291,6 +300,10 @@ impl Writer {
         // that event was never recorded (its call was not answered), so it is cut off
         // rather than sealed as an unreadable line, and the digest says so.
         let cut = cut_partial_line(&path)?;
+        let stopped_cleanly = dir.join(STOPPED).exists();
+        if stopped_cleanly {
+            std::fs::remove_file(dir.join(STOPPED))?;
+        }
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let bytes = file.metadata()?.len();
         let events = if bytes > 0 {
@@ -302,6 +315,9 @@ impl Writer {
             dir: dir.to_owned(),
             written: Sha256::new(),
             hash_as_found: (bytes > 0 || cut > 0).then(|| match cut {
+                _ if stopped_cleanly => {
+                    format!("{AFTER_CLEAN_STOP}: written by something other than crisp")
+                }
                 0 => LEFT_UNSEALED.to_owned(),
                 n => format!(
                     "{LEFT_UNSEALED}; the {n} bytes of the event it was writing when it stopped were removed (that event was never recorded)"
@@ -319,6 +335,7 @@ impl Writer {
             sequence,
             previous_sha,
             previous_sig,
+            stopped_mark: false,
             _lock: lock,
         };
         // A crash between sealing a file and writing its digest leaves the file without
@@ -330,6 +347,13 @@ impl Writer {
                 .lines()
                 .count() as u64;
             w.write_digest(orphan, events, Some(LEFT_UNSEALED.to_owned()))?;
+        }
+        if stopped_cleanly && w.events > 0 {
+            tracing::error!(
+                file = %path.display(),
+                events = w.events,
+                "the audit file holds events written while this node was stopped, after it had sealed everything it wrote; they are sealed as found and `crisp audit verify` reports them"
+            );
         }
         if cut > 0 {
             tracing::warn!(
@@ -353,6 +377,10 @@ impl Writer {
         // the node learns that its log is failing.
         if self.flush_failed {
             self.flush()?;
+        }
+        if self.stopped_mark {
+            std::fs::remove_file(self.dir.join(STOPPED))?;
+            self.stopped_mark = false;
         }
         if let Err(e) = self.file.write_all(lines) {
             // Part of `lines` may be in the file: cut it back to the last whole event, so
@@ -593,12 +621,20 @@ impl AuditLog {
     /// Seals the open file now, if it holds events: a node that stops seals what it
     /// wrote, so its digest signs the bytes the node appended (a file left open is sealed
     /// at the next start as it is found then).
+    ///
+    /// It also marks the trail as stopped cleanly: events found in the open file at the
+    /// next start were then written by something other than crisp, which `verify`
+    /// reports. A write after this (a replaced node still draining) clears the mark.
     pub fn seal_now(&self) -> Result<(), AuditError> {
         let mut writer = self.writer.lock().map_err(|_| AuditError::Stopped)?;
-        if writer.events == 0 {
-            return Ok(());
+        if writer.events > 0 {
+            writer.seal().map_err(|e| AuditError::Io(e.to_string()))?;
         }
-        writer.seal().map_err(|e| AuditError::Io(e.to_string()))
+        File::create(writer.dir.join(STOPPED))
+            .and_then(|f| f.sync_all())
+            .map_err(|e| AuditError::Io(e.to_string()))?;
+        writer.stopped_mark = true;
+        Ok(())
     }
 }
 
@@ -712,6 +748,11 @@ pub enum Finding {
         request_id: String,
         why: String,
     },
+    /// Events appeared in the open file while the node was stopped, after it had sealed
+    /// everything it wrote.
+    WrittenWhileStopped {
+        file: String,
+    },
 }
 
 impl std::fmt::Display for Finding {
@@ -753,6 +794,10 @@ impl std::fmt::Display for Finding {
                 request_id,
                 why,
             } => write!(f, "{file}: request {request_id}: receipt not valid ({why})"),
+            Finding::WrittenWhileStopped { file } => write!(
+                f,
+                "{file}: its events were written while the node was stopped, after it had sealed everything it wrote (inserted)"
+            ),
         }
     }
 }
@@ -855,9 +900,15 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
             body.previous_signature.clone(),
         ));
         if let Some(why) = &body.hashed_as_found {
-            report
-                .hashed_as_found
-                .push((body.file.clone(), why.clone()));
+            if why.starts_with(AFTER_CLEAN_STOP) {
+                report.findings.push(Finding::WrittenWhileStopped {
+                    file: body.file.clone(),
+                });
+            } else {
+                report
+                    .hashed_as_found
+                    .push((body.file.clone(), why.clone()));
+            }
         }
         listed.insert(body.file.clone());
         let file = dir.join(&body.file);

@@ -683,3 +683,42 @@ async fn a_half_written_event_left_by_a_crash_is_cut_off_and_said() {
     assert!(r.findings.is_empty(), "{:?}", r.findings);
     assert_eq!((r.events, r.hashed_as_found.len()), (1, 0));
 }
+
+/// A node that stopped cleanly sealed everything it wrote: events found in the open file
+/// at the next start were written by something else, and verification says so. A write
+/// after the stop's seal (a replaced node still draining) is the node's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_written_while_the_node_was_stopped_are_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let log = us_log(dir.path(), &ca, 1 << 20, Durability::Fsync);
+    log.record(&event(0, None, "us-east-1")).await.unwrap();
+    log.seal_now().unwrap();
+    drop(log);
+    let forged = serde_json::to_string(&event(9, None, "us-east-1")).unwrap();
+    std::fs::write(dir.path().join("open.jsonl"), format!("{forged}\n")).unwrap();
+    let log = us_log(dir.path(), &ca, 1 << 20, Durability::Fsync);
+    log.seal_now().unwrap();
+    drop(log);
+    let r = verify(dir.path(), &verifier(&ca), "us-east-1").unwrap();
+    let found: Vec<String> = r.findings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        found,
+        [
+            "audit-0000000001.jsonl: its events were written while the node was stopped, after it had sealed everything it wrote (inserted)"
+        ]
+    );
+
+    // Written after the stop's seal by the node itself, then left open: only a note.
+    let dir = tempfile::tempdir().unwrap();
+    let log = us_log(dir.path(), &ca, 1 << 20, Durability::Fsync);
+    log.seal_now().unwrap();
+    log.record(&event(1, None, "us-east-1")).await.unwrap();
+    drop(log);
+    let log = us_log(dir.path(), &ca, 1 << 20, Durability::Fsync);
+    log.record(&event(2, None, "us-east-1")).await.unwrap();
+    log.seal_now().unwrap();
+    let r = verify(dir.path(), &verifier(&ca), "us-east-1").unwrap();
+    assert!(r.findings.is_empty(), "{:?}", r.findings);
+    assert_eq!((r.events, r.hashed_as_found.len()), (2, 1));
+}
