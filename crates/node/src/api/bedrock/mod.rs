@@ -1284,12 +1284,7 @@ async fn create_app_profile(
     req: Request,
     call: &mut Call,
 ) -> Result<AppProfile, Refusal> {
-    let (_, body, caller) = read_or_refuse(node, req).await.inspect_err(|r| {
-        call.access_key_id = r.key_id.as_deref().map(Into::into);
-    })?;
-    call.signed_in(caller.as_ref());
-    let principal = caller.map(|c| c.principal);
-    refuse_unaudited(node)?;
+    let (body, principal) = sign_in_managed(node, req, call).await?;
     let Some(store) = node.app_profiles.clone() else {
         return Err(Refusal::invalid(
             "application inference profiles are not enabled on this deployment: set [deployment] profile_store".into(),
@@ -1366,12 +1361,7 @@ async fn delete_app_profile(
     req: Request,
     call: &mut Call,
 ) -> Result<AppProfile, Refusal> {
-    let (_, _, caller) = read_or_refuse(node, req).await.inspect_err(|r| {
-        call.access_key_id = r.key_id.as_deref().map(Into::into);
-    })?;
-    call.signed_in(caller.as_ref());
-    let principal = caller.map(|c| c.principal);
-    refuse_unaudited(node)?;
+    let (_, principal) = sign_in_managed(node, req, call).await?;
     if node.profiles.get(id).is_some() {
         return Err(Refusal::invalid(format!(
             "{id} is a system-defined inference profile; only application profiles can be deleted"
@@ -1392,15 +1382,25 @@ async fn delete_app_profile(
     Ok(existing)
 }
 
-/// A change that could not be audited is not made: while the audit log is failing (and
-/// `[audit] on_failure = "refuse"`), management calls are refused like inference calls.
-fn refuse_unaudited(node: &Node) -> Result<(), Refusal> {
+/// What a management call starts with: its body and who signed in (recorded in `call`,
+/// with the key presented when sign-in is refused). A change that could not be audited is
+/// not made: while the audit log is failing (and `[audit] on_failure = "refuse"`),
+/// management calls are refused like inference calls.
+async fn sign_in_managed(
+    node: &Node,
+    req: Request,
+    call: &mut Call,
+) -> Result<(Bytes, Option<String>), Refusal> {
+    let (_, body, caller) = read_or_refuse(node, req).await.inspect_err(|r| {
+        call.access_key_id = r.key_id.as_deref().map(Into::into);
+    })?;
+    call.signed_in(caller.as_ref());
     if node.audit.as_ref().is_some_and(|a| a.refusing()) {
         return Err(Refusal::of(&PipelineError::AuditUnavailable(
             "recent audit writes failed".into(),
         )));
     }
-    Ok(())
+    Ok((body, caller.map(|c| c.principal)))
 }
 
 /// Audits a management call (creating or deleting an application inference profile) as
