@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -185,6 +186,11 @@ pub struct DigestBody {
     /// failed half-way. Whatever happened to such a file before its seal is not attested.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hashed_as_found: Option<String>,
+    /// Set when the open file was deleted or replaced while its node wrote it, with what
+    /// happened: the node wrote the events it had appended, read back from its open
+    /// handle, under this digest's file name. `fileSha256` still signs what it appended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -225,6 +231,26 @@ const AFTER_CLEAN_STOP: &str = "found after its node had stopped cleanly with ev
 const LEFT_UNSEALED: &str = "left unsealed by a node that stopped without sealing it";
 const WRITE_FAILED: &str = "a write to it failed part-way";
 
+/// The start of the name a file found in place of the open file, while its node wrote
+/// the one it had opened, is moved to: it holds no event crisp wrote.
+const REPLACED: &str = "replaced-";
+
+/// Opens the open file to append to it, and to read back what was appended should its
+/// name be taken away (see [`Writer::check_open_file`]).
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)
+}
+
+/// The device and inode of an open file.
+fn identity(file: &File) -> std::io::Result<(u64, u64)> {
+    let m = file.metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
 fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
 }
@@ -241,6 +267,8 @@ struct Writer {
     signer: Arc<dyn Signer>,
     sealing: Sealing,
     file: File,
+    /// The device and inode of `file`: what `open.jsonl` must still name.
+    identity: (u64, u64),
     /// Written since the last flush to disk.
     unflushed: bool,
     /// The last flush failed.
@@ -304,7 +332,7 @@ impl Writer {
         if stopped_cleanly {
             std::fs::remove_file(dir.join(STOPPED))?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = open_append(&path)?;
         let bytes = file.metadata()?.len();
         let events = if bytes > 0 {
             BufReader::new(File::open(&path)?).lines().count() as u64
@@ -326,6 +354,7 @@ impl Writer {
             region: region.to_owned(),
             signer,
             sealing,
+            identity: identity(&file)?,
             file,
             unflushed: false,
             flush_failed: false,
@@ -398,6 +427,8 @@ impl Writer {
         Ok(())
     }
 
+    /// Flushes what was written to disk, then makes sure the open file still has its name
+    /// (see [`Writer::check_open_file`]).
     fn flush(&mut self) -> std::io::Result<()> {
         if self.unflushed {
             self.flush_failed = true;
@@ -405,7 +436,60 @@ impl Writer {
             self.flush_failed = false;
             self.unflushed = false;
         }
-        Ok(())
+        self.check_open_file()
+    }
+
+    /// Makes sure `open.jsonl` still names the file this writer appends to. If it was
+    /// deleted or replaced, the events appended to it are still in the file (the open
+    /// handle keeps it alive): they are read back and sealed under the next sealed name,
+    /// so none is lost, and the digest says what happened. A file found in its place is
+    /// moved aside (`replaced-N.jsonl`), out of what `usage` and `lookup` read, and
+    /// verification reports it.
+    fn check_open_file(&mut self) -> std::io::Result<()> {
+        let path = self.dir.join(OPEN);
+        let replaced = match std::fs::symlink_metadata(&path) {
+            Ok(m) if (m.dev(), m.ino()) == self.identity => return Ok(()),
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        let what = if replaced {
+            let aside = format!("{REPLACED}{:010}.jsonl", self.sequence);
+            std::fs::rename(&path, self.dir.join(&aside))?;
+            tracing::error!(
+                file = %path.display(),
+                moved_to = %self.dir.join(&aside).display(),
+                "the open audit file was replaced by another file while this node wrote it; that file was moved aside, and `crisp audit verify` reports it"
+            );
+            format!(
+                "{OPEN} was replaced by another file while its node wrote it (moved to {aside})"
+            )
+        } else {
+            tracing::error!(
+                file = %path.display(),
+                events = self.events,
+                "the open audit file was deleted while this node wrote it; the events it holds are restored from the node's open handle and sealed"
+            );
+            format!("{OPEN} was deleted while its node wrote it")
+        };
+        if self.bytes > 0 {
+            let mut appended = vec![0; usize::try_from(self.bytes).map_err(std::io::Error::other)?];
+            self.file.read_exact_at(&mut appended, 0)?;
+            let name = format!("audit-{:010}.jsonl", self.sequence);
+            let mut copy = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(self.dir.join(&name))?;
+            copy.write_all(&appended)?;
+            copy.sync_all()?;
+            self.sign_sealed(
+                name,
+                Some(format!(
+                    "{what}; the node wrote the events it had appended, read back from its open handle, to this file"
+                )),
+            )?;
+        }
+        self.start_file()
     }
 
     fn due(&self) -> bool {
@@ -416,23 +500,37 @@ impl Writer {
 
     /// Renames the open file to its sealed name and writes its signed digest.
     fn seal(&mut self) -> std::io::Result<()> {
+        // The flush may itself seal what was written, if the open file lost its name.
         self.flush()?;
+        if self.bytes == 0 {
+            return Ok(());
+        }
         let name = format!("audit-{:010}.jsonl", self.sequence);
         std::fs::rename(self.dir.join(OPEN), self.dir.join(&name))?;
-        match self.hash_as_found.clone() {
-            Some(why) => self.write_digest(name, self.events, Some(why))?,
+        self.sign_sealed(name, None)?;
+        self.start_file()
+    }
+
+    /// Writes the digest of the file this writer's events were just sealed into: it signs
+    /// what was appended, or the file as found when that is not known.
+    fn sign_sealed(&mut self, name: String, restored: Option<String>) -> std::io::Result<()> {
+        let (sha, as_found) = match self.hash_as_found.clone() {
+            Some(why) => (sha256_file(&self.dir.join(&name))?, Some(why)),
             None => {
                 let sha = hex::encode(self.written.clone().finalize());
                 self.check_unchanged(&name, &sha);
-                self.write_digest_of(name, sha, self.events, None)?;
+                (sha, None)
             }
-        }
+        };
+        self.write_digest_of(name, sha, self.events, as_found, restored)
+    }
+
+    /// Opens a new, empty open file.
+    fn start_file(&mut self) -> std::io::Result<()> {
         self.written = Sha256::new();
         self.hash_as_found = None;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(OPEN))?;
+        self.file = open_append(&self.dir.join(OPEN))?;
+        self.identity = identity(&self.file)?;
         self.bytes = 0;
         self.events = 0;
         self.opened = Instant::now();
@@ -463,7 +561,7 @@ impl Writer {
         why: Option<String>,
     ) -> std::io::Result<()> {
         let sha = sha256_file(&self.dir.join(&name))?;
-        self.write_digest_of(name, sha, events, why)
+        self.write_digest_of(name, sha, events, why, None)
     }
 
     /// Writes the signed digest of the sealed file `name` as the next link of the chain.
@@ -473,6 +571,7 @@ impl Writer {
         file_sha256: String,
         events: u64,
         hashed_as_found: Option<String>,
+        restored: Option<String>,
     ) -> std::io::Result<()> {
         let body = DigestBody {
             sequence: self.sequence,
@@ -486,6 +585,7 @@ impl Writer {
                 .format(&time::format_description::well_known::Rfc3339)
                 .ok(),
             hashed_as_found,
+            restored,
         };
         let body = serde_json::to_string(&body).map_err(std::io::Error::other)?;
         let doc = DigestDocument {
@@ -661,6 +761,8 @@ fn commit_loop(writer: &Mutex<Writer>, rx: &mpsc::Receiver<Job>) {
             Ok(job) => job,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if let Ok(mut w) = writer.lock() {
+                    // Nothing to flush: this checks the open file still has its name.
+                    flush(&mut w);
                     seal_if_due(&mut w);
                 }
                 continue;
@@ -753,6 +855,11 @@ pub enum Finding {
     WrittenWhileStopped {
         file: String,
     },
+    /// A file was put in place of the open file while its node wrote it; the node moved
+    /// it aside. Its content was not written by crisp.
+    ReplacedOpenFile {
+        file: String,
+    },
 }
 
 impl std::fmt::Display for Finding {
@@ -794,6 +901,10 @@ impl std::fmt::Display for Finding {
                 request_id,
                 why,
             } => write!(f, "{file}: request {request_id}: receipt not valid ({why})"),
+            Finding::ReplacedOpenFile { file } => write!(
+                f,
+                "{file}: was put in place of {OPEN} while the node wrote it (inserted); the node moved it aside and sealed its own events under their digest"
+            ),
             Finding::WrittenWhileStopped { file } => write!(
                 f,
                 "{file}: its events were written while the node was stopped, after it had sealed everything it wrote (inserted)"
@@ -816,6 +927,10 @@ pub struct Report {
     /// [`DigestBody::hashed_as_found`]): what happened to them before the seal is not
     /// attested.
     pub hashed_as_found: Vec<(String, String)>,
+    /// Sealed files the node restored from its open handle after their open file was
+    /// deleted or replaced, with what happened (see [`DigestBody::restored`]). Their
+    /// digests still sign what the node appended.
+    pub restored: Vec<(String, String)>,
     /// The newest digest's sequence number and when it was sealed: where the chain ends.
     /// Files sealed after it and deleted with their digests leave no gap in the chain;
     /// the region's object store, which keeps every digest shipped, tells.
@@ -910,6 +1025,9 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
                     .push((body.file.clone(), why.clone()));
             }
         }
+        if let Some(what) = &body.restored {
+            report.restored.push((body.file.clone(), what.clone()));
+        }
         listed.insert(body.file.clone());
         let file = dir.join(&body.file);
         match sha256_file(&file) {
@@ -948,6 +1066,10 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
         let name = entry?.file_name().to_string_lossy().into_owned();
         if name.starts_with("audit-") && name.ends_with(".jsonl") && !listed.contains(&name) {
             report.findings.push(Finding::UnlistedFile { file: name });
+        } else if name.starts_with(REPLACED) {
+            report
+                .findings
+                .push(Finding::ReplacedOpenFile { file: name });
         }
     }
     Ok(report)

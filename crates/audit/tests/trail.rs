@@ -722,3 +722,87 @@ async fn events_written_while_the_node_was_stopped_are_found() {
     assert!(r.findings.is_empty(), "{:?}", r.findings);
     assert_eq!((r.events, r.hashed_as_found.len()), (2, 1));
 }
+
+fn request_ids(dir: &std::path::Path) -> Vec<String> {
+    crisp_audit::events(dir)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.request_id)
+        .collect()
+}
+
+/// Deleting the open file while its node runs loses nothing: the node still holds it
+/// open, reads back what it appended, and seals that under the next name, with a digest
+/// that signs what it wrote and says what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_open_file_is_restored_from_the_nodes_handle() {
+    for durability in [
+        Durability::Fsync,
+        Durability::Write {
+            flush_within: Duration::from_millis(20),
+        },
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+        let log = us_log(dir.path(), &ca, 1 << 20, durability);
+        log.record(&event(0, None, "us-east-1")).await.unwrap();
+        log.record(&event(1, None, "us-east-1")).await.unwrap();
+        std::fs::remove_file(dir.path().join("open.jsonl")).unwrap();
+        // Written to the deleted file: the next flush finds it gone.
+        log.record(&event(2, None, "us-east-1")).await.unwrap();
+        // Without a write, the log's thread finds it within its tick.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            dir.path().join("audit-0000000000.jsonl").exists(),
+            "{durability:?}"
+        );
+        assert_eq!(
+            request_ids(dir.path()),
+            ["r0", "r1", "r2"],
+            "{durability:?}"
+        );
+        log.record(&event(3, None, "us-east-1")).await.unwrap();
+        log.seal_now().unwrap();
+        let r = verify(dir.path(), &verifier(&ca), "us-east-1").unwrap();
+        assert!(r.findings.is_empty(), "{durability:?}: {:?}", r.findings);
+        assert_eq!((r.files, r.events), (2, 4), "{durability:?}");
+        let [(file, what)] = r.restored.as_slice() else {
+            panic!("{durability:?}: {:?}", r.restored)
+        };
+        assert_eq!(file, "audit-0000000000.jsonl");
+        assert!(what.contains("open.jsonl was deleted"), "{what}");
+    }
+}
+
+/// A file put in place of the open file is moved aside and reported; it is neither sealed
+/// as the node's nor billed, and the node's own events are all kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_open_file_is_moved_aside_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let log = us_log(dir.path(), &ca, 1 << 20, Durability::Fsync);
+    log.record(&event(0, None, "us-east-1")).await.unwrap();
+    let forged = serde_json::to_string(&event(9, None, "us-east-1")).unwrap();
+    let staged = dir.path().join("staged");
+    std::fs::write(&staged, format!("{forged}\n")).unwrap();
+    std::fs::rename(&staged, dir.path().join("open.jsonl")).unwrap();
+    log.record(&event(1, None, "us-east-1")).await.unwrap();
+    log.record(&event(2, None, "us-east-1")).await.unwrap();
+    log.seal_now().unwrap();
+    assert_eq!(request_ids(dir.path()), ["r0", "r1", "r2"]);
+    let r = verify(dir.path(), &verifier(&ca), "us-east-1").unwrap();
+    assert_eq!(r.events, 3);
+    let found: Vec<String> = r.findings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        found,
+        [
+            "replaced-0000000000.jsonl: was put in place of open.jsonl while the node wrote it (inserted); the node moved it aside and sealed its own events under their digest"
+        ]
+    );
+    assert_eq!(r.restored.len(), 1, "{:?}", r.restored);
+    assert!(
+        r.restored[0].1.contains("replaced by another file"),
+        "{:?}",
+        r.restored
+    );
+}

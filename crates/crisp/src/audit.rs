@@ -260,6 +260,11 @@ fn print_report(name: &str, report: &crisp_audit::Report) -> usize {
             "  note: {file} was sealed as it was found ({why}): its digest covers it from then on, not what happened to it before"
         );
     }
+    for (file, what) in &report.restored {
+        println!(
+            "  note: {file}: {what}; its digest signs what the node appended, so nothing was lost, but find out who removed it"
+        );
+    }
     for f in &report.findings {
         println!("  ! {f}");
     }
