@@ -5,7 +5,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from test_openai_sdk import EU, EU_CENTRAL_1, EU_KEY, EU_WEST_2, US_EAST_1, federation, region_port  # noqa: F401
+from test_openai_sdk import CRISP, EU, EU_CENTRAL_1, EU_KEY, EU_WEST_2, US_EAST_1, federation, region_port  # noqa: F401
 
 AKID = "AKIACRISPDEMO0000001"
 SECRET = "crisp-demo-secret-loopback-only"
@@ -314,6 +314,16 @@ def test_application_profiles_route_like_their_source_and_are_shared(federation)
     assert created["additionalEventData"]["tags"] == [["team", "search"]]
     assert created["additionalEventData"]["profileId"] == "eu.amazon.nova-lite-v1:0"
     assert "inferenceRegion" not in created["additionalEventData"]
+    # `crisp audit lookup` names the call and shows no tokens for a management event.
+    import re, subprocess
+    trail = re.search(r"audit trails: (\S+)/<region>", federation["banner"]).group(1)
+    rows = subprocess.run(
+        [CRISP, "audit", "lookup", "--dir", f"{trail}/us-east-1", "--event-name", "DeleteInferenceProfile"],
+        check=True, capture_output=True, text=True,
+    ).stdout.splitlines()
+    assert rows[0].split()[:3] == ["TIME", "REQUEST", "CALL"], rows
+    assert [r.split()[2:4] for r in rows[1:]] == [["DeleteInferenceProfile", "demo"]] * 2, rows
+    assert [r.split()[-2:] for r in rows[1:]] == [["-", "ok"], ["-", "ValidationException"]], rows
 
 
 def test_an_application_profile_of_a_model_runs_in_its_region_only(federation):

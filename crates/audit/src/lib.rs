@@ -822,6 +822,11 @@ pub enum Finding {
     BrokenChain {
         digest: String,
     },
+    /// The digest's signed body and signature are intact, but its bytes are not those
+    /// the next digest chains to: it was rewritten around what was signed.
+    RewrittenDigest {
+        digest: String,
+    },
     MissingFile {
         file: String,
     },
@@ -871,6 +876,10 @@ impl std::fmt::Display for Finding {
             Finding::BrokenChain { digest } => write!(
                 f,
                 "{digest}: does not chain to the previous digest (a digest was removed, changed or inserted)"
+            ),
+            Finding::RewrittenDigest { digest } => write!(
+                f,
+                "{digest}: changed after it was sealed (its signed body is intact, but the next digest chains to other bytes)"
             ),
             Finding::MissingFile { file } => {
                 write!(f, "{file}: listed in a digest but missing (deleted)")
@@ -974,12 +983,18 @@ pub fn verify(dir: &Path, ca: &CaVerifier, region: &str) -> std::io::Result<Repo
             });
             continue;
         };
-        if let Some((newer, want_sha, want_sig)) = &next_previous
-            && (want_sha != &sha || want_sig != &doc.signature)
-        {
-            report.findings.push(Finding::BrokenChain {
-                digest: newer.clone(),
-            });
+        if let Some((newer, want_sha, want_sig)) = &next_previous {
+            if want_sig != &doc.signature {
+                report.findings.push(Finding::BrokenChain {
+                    digest: newer.clone(),
+                });
+            } else if want_sha != &sha {
+                // The newer digest chains to this one's signature: this one's bytes were
+                // changed around what was signed.
+                report.findings.push(Finding::RewrittenDigest {
+                    digest: name.clone(),
+                });
+            }
         }
         let body = serde_json::from_str::<DigestBody>(&doc.body).ok();
         // The certificate must have been valid when the file was sealed (the signed seal

@@ -611,7 +611,7 @@ async fn chain_findings_name_the_digest_at_fault() {
     std::fs::write(&digest, text).unwrap();
     let r = verify(dir.path(), &v, "us-east-1").unwrap();
     assert!(
-        matches!(r.findings.as_slice(), [Finding::BrokenChain { digest }] if digest == "digest-0000000006.json"),
+        matches!(r.findings.as_slice(), [Finding::RewrittenDigest { digest }] if digest == "digest-0000000005.json"),
         "{:?}",
         r.findings
     );

@@ -31,12 +31,15 @@ pub enum AuditCommand {
         #[arg(long)]
         region: String,
     },
-    /// Find events by time, principal, profile, inference region or error code.
+    /// Find events by time, principal, profile, call, inference region or error code.
     Lookup {
         #[arg(long)]
         dir: PathBuf,
         #[arg(long)]
         principal: Option<String>,
+        /// Events of this call: `Converse`, `ChatCompletion`, `CreateInferenceProfile`, ...
+        #[arg(long)]
+        event_name: Option<String>,
         #[arg(long)]
         profile: Option<String>,
         #[arg(long)]
@@ -182,6 +185,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
         AuditCommand::Lookup {
             dir,
             principal,
+            event_name,
             profile,
             inference_region,
             error_code,
@@ -196,6 +200,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                 principal
                     .as_ref()
                     .is_none_or(|p| &e.user_identity.principal_id == p)
+                    && event_name.as_ref().is_none_or(|n| &e.event_name == n)
                     && profile.as_ref().is_none_or(|p| {
                         d.profile_id.as_ref() == Some(p) || &e.request_parameters.model_id == p
                     })
@@ -208,20 +213,33 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                     })
                     && in_window(&e.event_time, since, until)
             };
-            for e in events.iter().filter(|e| keep(e)) {
+            let mut matched = events.iter().filter(|e| keep(e)).peekable();
+            if !json && matched.peek().is_some() {
+                println!(
+                    "{:<25} {:<34} {:<22} {:<12} {:<40} {:<15} {:>11} RESULT",
+                    "TIME", "REQUEST", "CALL", "PRINCIPAL", "PROFILE", "RAN IN", "TOKENS I/O"
+                );
+            }
+            for e in matched {
                 if json {
                     println!("{}", serde_json::to_string(e)?);
                 } else {
                     let d = &e.additional_event_data;
+                    // A management call ran no model: it has no tokens to show.
+                    let tokens = if e.management_event {
+                        "-".to_owned()
+                    } else {
+                        format!("{}/{}", d.input_tokens, d.output_tokens)
+                    };
                     println!(
-                        "{:<25} {:<34} {:<12} {:<40} {:<15} {:>5}/{:<5} {}",
+                        "{:<25} {:<34} {:<22} {:<12} {:<40} {:<15} {:>11} {}",
                         e.event_time,
                         e.request_id,
+                        e.event_name,
                         e.user_identity.principal_id,
                         e.request_parameters.model_id,
                         d.inference_region.as_deref().unwrap_or("-"),
-                        d.input_tokens,
-                        d.output_tokens,
+                        tokens,
                         e.error_code.as_deref().unwrap_or("ok")
                     );
                 }
