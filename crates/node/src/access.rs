@@ -348,9 +348,9 @@ impl AccessSnapshot {
         }
     }
 
-    /// SigV4 credentials: access key ID → (secret, principal).
-    pub fn sigv4(&self) -> impl Iterator<Item = (&String, &(String, String))> {
-        self.keys.sigv4()
+    /// The SigV4 credential of an access key ID, revoked or not.
+    pub fn sigv4(&self, access_key_id: &str) -> Option<&crisp_policy::keys::SigV4Key> {
+        self.keys.sigv4(access_key_id)
     }
 }
 

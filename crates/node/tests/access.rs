@@ -390,3 +390,108 @@ async fn application_profiles_are_authorized_by_their_tags() {
     assert_eq!(delete.status(), 403);
     f.stop().await;
 }
+
+/// A Converse call to `region`'s node, signed with SigV4 by `akid` and `secret`.
+async fn signed_converse(
+    f: &support::Federation,
+    region: &str,
+    akid: &str,
+    secret: &str,
+) -> (u16, serde_json::Value) {
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+    use aws_sigv4::sign::v4;
+    let url = f.url(region, "/model/eu.amazon.nova-lite-v1%3A0/converse");
+    let body = br#"{"messages":[{"role":"user","content":[{"text":"Hi"}]}],"inferenceConfig":{"maxTokens":8}}"#;
+    let host = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let identity = aws_credential_types::Credentials::from_keys(akid, secret, None).into();
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name("bedrock")
+        .time(std::time::SystemTime::now())
+        .settings(SigningSettings::default())
+        .build()
+        .unwrap()
+        .into();
+    let headers = [
+        ("host", host.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let signable = SignableRequest::new(
+        "POST",
+        url.as_str(),
+        headers.into_iter(),
+        SignableBody::Bytes(body),
+    )
+    .unwrap();
+    let (instructions, _) = sign(signable, &params).unwrap().into_parts();
+    let mut r = f
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    for (k, v) in instructions.headers() {
+        r = r.header(k, v);
+    }
+    let r = r.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// A revoked SigV4 key is refused as revoked, but only to a caller that signs with its
+/// secret; the trail names the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_sigv4_key_is_refused_as_revoked() {
+    const AKID: &str = "AKIATESTREVOKED00001";
+    const SECRET: &str = "test-secret-revoked";
+    let dir = tempfile::tempdir().unwrap();
+    let (files, _) = write_files(dir.path());
+    let mut store = KeyStore::parse(&std::fs::read_to_string(&files.keys).unwrap()).unwrap();
+    store.sigv4.push(crisp_policy::keys::SigV4Credential {
+        access_key_id: AKID.into(),
+        secret: SECRET.into(),
+        principal: "demo".into(),
+        revoked: false,
+    });
+    std::fs::write(&files.keys, store.to_toml()).unwrap();
+    let trail = dir.path().join("audit");
+    let f = Setup::new(REGIONS)
+        .access("eu-central-1", files.clone())
+        .audit("eu-central-1", &trail)
+        .start()
+        .await;
+    let (s, body) = signed_converse(&f, "eu-central-1", AKID, SECRET).await;
+    assert_eq!(s, 200, "{body}");
+
+    assert!(store.revoke(AKID));
+    std::fs::write(&files.keys, store.to_toml()).unwrap();
+    assert_eq!(f.node("eu-central-1").node.reload().access, Ok("reloaded"));
+    let (s, body) = signed_converse(&f, "eu-central-1", AKID, SECRET).await;
+    assert_eq!(s, 403, "{body}");
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("access key {AKID} was revoked")),
+        "{msg}"
+    );
+    // Without the secret, nothing is learnt of the key.
+    let (s, body) = signed_converse(&f, "eu-central-1", AKID, "guess").await;
+    assert_eq!(s, 403, "{body}");
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.contains("does not match") && !msg.contains("revoked"),
+        "{msg}"
+    );
+    let refused: Vec<(String, String)> = crisp_audit::events(&trail)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.error_code.is_some())
+        .map(|e| (e.user_identity.kind, e.user_identity.access_key_id))
+        .collect();
+    let anonymous = ("Anonymous".to_owned(), AKID.to_owned());
+    assert_eq!(refused, [anonymous.clone(), anonymous]);
+    f.stop().await;
+}

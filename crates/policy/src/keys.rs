@@ -216,11 +216,14 @@ impl KeyStore {
             sigv4: self
                 .sigv4
                 .iter()
-                .filter(|c| !c.revoked)
                 .map(|c| {
                     (
                         c.access_key_id.clone(),
-                        (c.secret.clone(), c.principal.clone()),
+                        SigV4Key {
+                            secret: c.secret.clone(),
+                            principal: c.principal.clone(),
+                            revoked: c.revoked,
+                        },
                     )
                 })
                 .collect(),
@@ -236,12 +239,23 @@ pub struct Caller {
     pub key_id: String,
 }
 
+/// A SigV4 credential, as looked up by its access key ID.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigV4Key {
+    pub secret: String,
+    pub principal: String,
+    /// A revoked key's signatures are still checked, so that only its holder learns
+    /// that it was revoked.
+    pub revoked: bool,
+}
+
 /// Request-time lookups of credentials.
 #[derive(Clone, Default)]
 pub struct KeyIndex {
     /// Key hash → its caller, and whether the key is revoked.
     by_hash: HashMap<String, (Caller, bool)>,
-    sigv4: HashMap<String, (String, String)>,
+    /// Access key ID → its credential, revoked ones included.
+    sigv4: HashMap<String, SigV4Key>,
 }
 
 impl std::fmt::Debug for KeyIndex {
@@ -269,9 +283,9 @@ impl KeyIndex {
         }
     }
 
-    /// SigV4 access key ID → (secret, principal).
-    pub fn sigv4(&self) -> impl Iterator<Item = (&String, &(String, String))> {
-        self.sigv4.iter()
+    /// The SigV4 credential of an access key ID, revoked or not.
+    pub fn sigv4(&self, access_key_id: &str) -> Option<&SigV4Key> {
+        self.sigv4.get(access_key_id)
     }
 }
 

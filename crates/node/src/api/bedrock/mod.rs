@@ -174,11 +174,7 @@ fn authenticate(
     let lookup = |akid: &str| -> Option<String> {
         snapshot
             .as_ref()
-            .and_then(|s| {
-                s.sigv4()
-                    .find(|(k, _)| k.as_str() == akid)
-                    .map(|(_, (secret, _))| secret.clone())
-            })
+            .and_then(|s| s.sigv4(akid).map(|k| k.secret.clone()))
             .or_else(|| {
                 node.sigv4_keys()
                     .and_then(|k| k.secret(akid).map(str::to_owned))
@@ -210,14 +206,20 @@ fn authenticate(
     )
     .map_err(|e| (e, sigv4::presented_access_key(&parts.headers)))?;
     // The principal the access key belongs to (none for keys outside access control).
-    Ok(snapshot.and_then(|s| {
-        s.sigv4()
-            .find(|(k, _)| **k == akid)
-            .map(|(_, (_, principal))| Caller {
-                principal: principal.clone(),
-                key_id: akid.clone(),
-            })
-    }))
+    match snapshot.as_ref().and_then(|s| s.sigv4(&akid)) {
+        // Only a caller who holds the secret learns the key was revoked.
+        Some(key) if key.revoked => Err((
+            sigv4::SigV4Error::Unrecognized(format!(
+                "The security token included in the request is invalid: access key {akid} was revoked; ask an administrator for new credentials"
+            )),
+            Some(akid),
+        )),
+        Some(key) => Ok(Some(Caller {
+            principal: key.principal.clone(),
+            key_id: akid,
+        })),
+        None => Ok(None),
+    }
 }
 
 async fn read(

@@ -122,6 +122,17 @@ fn parse_amz_date(s: &str) -> Option<SystemTime> {
     Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
+/// A part of the caller's credential, as an error message (and so the audit trail) shows
+/// it: quoted, escaped, and cut at 64 characters, so a caller cannot write anything
+/// else, or much, into either.
+fn shown(part: &str) -> String {
+    const MAX: usize = 64;
+    match part.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{:?} (cut at {MAX} characters)", &part[..end]),
+        None => format!("{part:?}"),
+    }
+}
+
 /// An error and its causes, one line.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -157,25 +168,28 @@ pub fn verify(
     let secret = secret_of(auth.access_key).ok_or_else(|| {
         SigV4Error::Unrecognized(format!(
             "The security token included in the request is invalid: access key {} is not known to this deployment",
-            auth.access_key
+            shown(auth.access_key)
         ))
     })?;
     if auth.service != "bedrock" {
         return Err(SigV4Error::Invalid(format!(
-            "Credential should be scoped to correct service: 'bedrock', not '{}'",
-            auth.service
+            "Credential should be scoped to correct service: 'bedrock', not {}",
+            shown(auth.service)
         )));
     }
     if auth.region != region {
         return Err(SigV4Error::Invalid(format!(
-            "Credential should be scoped to a valid region: this endpoint is region '{region}', the request was signed for '{}'",
-            auth.region
+            "Credential should be scoped to a valid region: this endpoint is region '{region}', the request was signed for {}",
+            shown(auth.region)
         )));
     }
     let amz_date = header("x-amz-date")
         .ok_or_else(|| SigV4Error::Invalid("the request has no x-amz-date header".into()))?;
     let signed_at = parse_amz_date(amz_date).ok_or_else(|| {
-        SigV4Error::Invalid(format!("x-amz-date {amz_date:?} is not a valid date"))
+        SigV4Error::Invalid(format!(
+            "x-amz-date {} is not a valid date",
+            shown(amz_date)
+        ))
     })?;
     if !amz_date.starts_with(auth.date) {
         return Err(SigV4Error::Invalid(
@@ -196,7 +210,10 @@ pub fn verify(
             header("host").unwrap_or(authority)
         } else {
             header(name).ok_or_else(|| {
-                SigV4Error::Invalid(format!("signed header {name} is missing from the request"))
+                SigV4Error::Invalid(format!(
+                    "signed header {} is missing from the request",
+                    shown(name)
+                ))
             })?
         };
         signed.push((name, value));
@@ -336,5 +353,27 @@ mod tests {
         ));
         h.insert("authorization", "Bearer x".parse().unwrap());
         assert!(matches!(check(&h, b"{}", now), Err(SigV4Error::Invalid(_))));
+    }
+
+    /// What a caller put in its credential reaches the error message (and the audit
+    /// trail) quoted and cut short.
+    #[test]
+    fn credential_text_in_errors_is_quoted_and_cut() {
+        let now = SystemTime::now();
+        let mut h = signed(now, "eu-west-1", b"{}");
+        let junk = format!("{}\" <b>", "A".repeat(5000));
+        let auth = format!(
+            "AWS4-HMAC-SHA256 Credential={junk}/20261205/eu-west-1/bedrock/aws4_request, SignedHeaders=host, Signature=00"
+        );
+        h.insert("authorization", auth.parse().unwrap());
+        let Err(SigV4Error::Unrecognized(m)) = check(&h, b"{}", now) else {
+            panic!("an unknown key must be unrecognized")
+        };
+        assert!(m.len() < 250, "{m}");
+        assert!(
+            m.contains(&format!("{:?} (cut at 64 characters)", "A".repeat(64))),
+            "{m}"
+        );
+        assert_eq!(shown("a\"b"), r#""a\"b""#);
     }
 }
