@@ -156,9 +156,9 @@ pub struct RanFacts {
     pub receipt: crate::pipeline::ReceiptSlot,
     /// The prompt's estimated tokens: the input an answer that ends early is billed.
     pub prompt_tokens: u32,
-    /// Tokens of the text the answer delivered so far, as crisp estimates them (counted by
-    /// [`guarded`]): what an answer that ends early is known to have produced.
-    pub delivered: std::sync::atomic::AtomicU32,
+    /// Tokens of the text the answer delivered so far ([`Admitted::delivered`]): what an
+    /// answer that ends early is known to have produced.
+    pub delivered: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl std::ops::Deref for Ran {
@@ -180,7 +180,7 @@ impl Ran {
             application: a.application.clone(),
             receipt: a.receipt.clone(),
             prompt_tokens: a.prompt_tokens,
-            delivered: std::sync::atomic::AtomicU32::new(0),
+            delivered: a.delivered.clone(),
         }))
     }
 }
@@ -400,16 +400,10 @@ pub fn guarded(
         return stream;
     }
     let mut guard = Unfinished(Some((node.clone(), call.identity(), ran.clone())));
-    let ran = ran.clone();
-    // The closure owns the guard: it is dropped with the stream.
+    // The closure owns the guard: it is dropped with the stream. What the answer delivered
+    // is counted as it passes the pipeline (`Admitted::delivered`).
     Box::pin(stream.inspect(move |item| {
-        if let Ok(crisp_engine::Chunk::Delta(text)) = item {
-            // Tokens, not chunks: engines batch tokens into one chunk when they come fast.
-            ran.delivered.fetch_add(
-                crisp_engine::count_chunk_tokens(text),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        } else {
+        if !matches!(item, Ok(crisp_engine::Chunk::Delta(_))) {
             guard.settle();
         }
     }))

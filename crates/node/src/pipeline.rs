@@ -5,6 +5,7 @@
 //! Failover happens only before admission: once an engine has admitted the request, its
 //! answer is streamed to the client, so no byte is ever sent twice.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,10 @@ pub struct Admitted {
     /// The prompt's tokens as crisp estimates them ([`crisp_engine::prompt_tokens`]):
     /// what an answer that ends before its engine reports usage is billed for its input.
     pub prompt_tokens: u32,
+    /// Tokens of the text the answer delivered so far, as crisp estimates them
+    /// ([`crisp_engine::count_chunk_tokens`], counted once per chunk as it passes): what
+    /// an answer that ends early is known to have produced, for the metrics and the audit.
+    pub delivered: Arc<AtomicU32>,
     pub stream: ChunkStream,
 }
 
@@ -85,7 +90,7 @@ struct Watch {
     started: std::time::Instant,
     first_token: bool,
     /// Tokens of the text delivered: the output tokens of an answer that ends early.
-    delivered: u32,
+    delivered: Arc<AtomicU32>,
     /// The prompt's estimated tokens: the input tokens of an answer that ends early.
     prompt_tokens: u32,
     finished: bool,
@@ -100,11 +105,12 @@ impl Watch {
     /// An answer that ended before the engine reported its usage: its prompt and the
     /// tokens it delivered still count (the audit event says the same).
     fn finish_early(&mut self, outcome: &str) {
-        if self.delivered > 0 {
+        let delivered = self.delivered.load(Ordering::Relaxed);
+        if delivered > 0 {
             let cost = self
                 .price
-                .cost(u64::from(self.prompt_tokens), u64::from(self.delivered));
-            self.served.usage(self.prompt_tokens, self.delivered, cost);
+                .cost(u64::from(self.prompt_tokens), u64::from(delivered));
+            self.served.usage(self.prompt_tokens, delivered, cost);
         }
         self.finish(outcome);
     }
@@ -121,9 +127,14 @@ impl Drop for Watch {
 fn watched(stream: ChunkStream, mut watch: Watch) -> ChunkStream {
     Box::pin(stream.inspect(move |item| match item {
         Ok(Chunk::Delta(text)) => {
-            watch.delivered = watch
+            // Tokens, not chunks: engines batch tokens into one chunk when they come fast.
+            let tokens = crisp_engine::count_chunk_tokens(text);
+            // Relaxed: only this stream's poller adds; readers look once it has ended.
+            let _ = watch
                 .delivered
-                .saturating_add(crisp_engine::count_chunk_tokens(text));
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_add(tokens))
+                });
             if !watch.first_token {
                 watch.first_token = true;
                 watch.served.first_token(watch.started.elapsed());
@@ -354,6 +365,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                     _ => target.model.price,
                 };
                 let prompt_tokens = crisp_engine::prompt_tokens(&req.messages);
+                let delivered = Arc::new(AtomicU32::new(0));
                 let watch = Watch {
                     served: node.served.get(
                         node.region_code(),
@@ -365,7 +377,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                     price,
                     started,
                     first_token: false,
-                    delivered: 0,
+                    delivered: delivered.clone(),
                     prompt_tokens,
                     finished: false,
                 };
@@ -379,6 +391,7 @@ pub async fn run(node: &Arc<Node>, req: InferRequest) -> Result<Admitted, Pipeli
                     reason: candidate.reason.to_string(),
                     application: application.clone(),
                     prompt_tokens,
+                    delivered,
                     stream: watched(node.until_cut(stream), watch),
                 });
             }
