@@ -767,7 +767,13 @@ fn commit_loop(writer: &Mutex<Writer>, rx: &mpsc::Receiver<Job>) {
                 }
                 continue;
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // The log is dropped: a last check that the open file kept its name.
+                if let Ok(mut w) = writer.lock() {
+                    flush(&mut w);
+                }
+                return;
+            }
         };
         let mut jobs = vec![first];
         while let Ok(job) = rx.try_recv() {

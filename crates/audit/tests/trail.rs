@@ -1,83 +1,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use crisp_audit::{
-    AdditionalEventData, AuditEvent, AuditLog, Durability, Finding, RequestParameters, Sealing,
-    Signer, verify,
-};
-use crisp_transport::receipt::{Receipt, SignedReceipt};
+use crisp_audit::{AuditLog, Durability, Finding, Sealing, verify};
 use crisp_transport::{Ca, RegionIdentity, TlsMaterial};
+use support::{NodeKey, event, material, receipt, request_ids, us_log, verifier};
 use time::OffsetDateTime;
-
-struct NodeKey(TlsMaterial);
-
-impl Signer for NodeKey {
-    fn sign(&self, message: &[u8]) -> Vec<u8> {
-        self.0.sign(message)
-    }
-    fn certificate_der(&self) -> Vec<u8> {
-        self.0.cert_der().to_vec()
-    }
-}
-
-fn material(ca: &Ca, region: &str) -> TlsMaterial {
-    let now = OffsetDateTime::now_utc();
-    let c = ca
-        .issue_region(
-            region,
-            now - time::Duration::hours(1),
-            now + time::Duration::days(1),
-        )
-        .unwrap();
-    TlsMaterial::from_pem(
-        ca.cert_pem().as_bytes(),
-        c.cert_pem.as_bytes(),
-        c.key_pem.as_bytes(),
-        &RegionIdentity::new("demo", region),
-        u64::try_from(now.unix_timestamp()).unwrap(),
-    )
-    .unwrap()
-}
-
-fn event(i: usize, receipt: Option<SignedReceipt>, region: &str) -> AuditEvent {
-    AuditEvent {
-        event_version: "1.0".into(),
-        event_id: format!("e{i}"),
-        request_id: format!("r{i}"),
-        event_name: "ChatCompletion".into(),
-        aws_region: "us-east-1".into(),
-        request_parameters: RequestParameters {
-            model_id: "eu.m".into(),
-        },
-        additional_event_data: AdditionalEventData {
-            inference_region: Some(region.into()),
-            receipt,
-            // What `receipt` attests.
-            input_tokens: 1,
-            output_tokens: 2,
-            ..AdditionalEventData::default()
-        },
-        ..AuditEvent::default()
-    }
-}
-
-fn receipt(m: &TlsMaterial, i: usize, region: &str) -> SignedReceipt {
-    SignedReceipt::sign(
-        m,
-        &Receipt {
-            request_id: format!("r{i}"),
-            profile: "eu.m".into(),
-            model: "m".into(),
-            source_region: "us-east-1".into(),
-            inference_region: region.into(),
-            input_tokens: 1,
-            output_tokens: 2,
-            issued_at_ms: u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap() * 1000,
-        },
-    )
-}
 
 /// A trail of 3 sealed files of 4 events each, every event with an EU receipt.
 async fn trail(dir: &std::path::Path, ca: &Ca) {
@@ -286,21 +217,6 @@ async fn a_recorded_event_is_on_disk_when_record_returns_and_the_chain_continues
     assert_eq!(crisp_audit::events(dir.path()).unwrap().len(), 2);
 }
 
-/// A us-east-1 log in `dir` sealing files once they reach `max_bytes`.
-fn us_log(dir: &std::path::Path, ca: &Ca, max_bytes: u64, durability: Durability) -> AuditLog {
-    AuditLog::open_with(
-        dir,
-        "us-east-1",
-        Arc::new(NodeKey(material(ca, "us-east-1"))),
-        Sealing {
-            max_bytes,
-            max_age: Duration::from_secs(3600),
-        },
-        durability,
-    )
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_answers_from_other_regions_need_a_receipt() {
     let dir = tempfile::tempdir().unwrap();
@@ -489,10 +405,6 @@ async fn tokens_billed_beyond_what_the_receipt_attests_are_found() {
                 .contains("attests 1 input and 2 output tokens, the event records 1 and 2000"),
         "{found:?}"
     );
-}
-
-fn verifier(ca: &Ca) -> crisp_transport::tls::CaVerifier {
-    crisp_transport::tls::CaVerifier::from_ca_pem("demo", ca.cert_pem().as_bytes()).unwrap()
 }
 
 /// The seal signs the bytes the node wrote, not what the open file holds when it is
@@ -721,14 +633,6 @@ async fn events_written_while_the_node_was_stopped_are_found() {
     let r = verify(dir.path(), &verifier(&ca), "us-east-1").unwrap();
     assert!(r.findings.is_empty(), "{:?}", r.findings);
     assert_eq!((r.events, r.hashed_as_found.len()), (2, 1));
-}
-
-fn request_ids(dir: &std::path::Path) -> Vec<String> {
-    crisp_audit::events(dir)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.request_id)
-        .collect()
 }
 
 /// Deleting the open file while its node runs loses nothing: the node still holds it
