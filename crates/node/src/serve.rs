@@ -24,6 +24,9 @@ use tokio_rustls::TlsAcceptor;
 /// A TLS handshake that takes longer than this is abandoned (a peer that connects and
 /// hangs must not hold a task forever).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send a request head (and a kept-alive connection may
+/// stay idle before its next one).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a listener protects its connections.
 #[derive(Clone)]
@@ -197,7 +200,13 @@ async fn drive<S: Io>(stream: S, app: Router, stamp: Stamp, mut stop: watch::Rec
             }
             req
         });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that does not finish its request head in time is let go, so connections
+    // that never send one cannot hold the node's sockets and file descriptors.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
         .into_owned();
