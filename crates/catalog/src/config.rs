@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -144,6 +145,10 @@ struct RawAccess {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_body_bytes: Option<Spanned<usize>>,
+    max_connections: Option<Spanned<usize>>,
+    header_read_timeout_ms: Option<Spanned<u64>>,
+    body_read_timeout_ms: Option<Spanned<u64>>,
+    idle_timeout_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -502,6 +507,35 @@ fn validate_limits(raw: RawLimits, p: &mut Problems<'_>) -> Limits {
             );
         }
         l.max_body_bytes = v.into_inner();
+    }
+    if let Some(v) = raw.max_connections {
+        if *v.get_ref() == 0 {
+            p.at(v.span(), "limits.max_connections must be at least 1".into());
+        }
+        l.max_connections = v.into_inner();
+    }
+    let timeouts = [
+        (
+            raw.header_read_timeout_ms,
+            "header_read_timeout_ms",
+            &mut l.header_read_timeout,
+        ),
+        (
+            raw.body_read_timeout_ms,
+            "body_read_timeout_ms",
+            &mut l.body_read_timeout,
+        ),
+        (raw.idle_timeout_ms, "idle_timeout_ms", &mut l.idle_timeout),
+    ];
+    for (v, name, out) in timeouts {
+        let Some(v) = v else { continue };
+        if !(100..=3_600_000).contains(v.get_ref()) {
+            p.at(
+                v.span(),
+                format!("limits.{name} must be between 100 (0.1 s) and 3600000 (an hour)"),
+            );
+        }
+        *out = Duration::from_millis(v.into_inner());
     }
     l
 }

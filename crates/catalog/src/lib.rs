@@ -9,6 +9,7 @@
 //! socket and reads no clock; callers do that and hand the text in.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 pub use crisp_routing::RegionIx;
 
@@ -281,12 +282,26 @@ pub struct InvocationLogSettings {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    /// Client connections open at once; more wait in the listen queue until one closes.
+    pub max_connections: usize,
+    /// How long a client may take to send a request head, and a kept-alive HTTP/1
+    /// connection may wait for its next one.
+    pub header_read_timeout: Duration,
+    /// How long a request body may go without a byte arriving.
+    pub body_read_timeout: Duration,
+    /// How long a client connection may go without starting a request before it is
+    /// closed (HTTP/2: GOAWAY; open requests finish first).
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 1 << 20,
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
         }
     }
 }

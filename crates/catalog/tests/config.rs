@@ -173,3 +173,39 @@ fn a_private_ca_is_for_https_backends_and_resolves_next_to_the_configuration() {
         "{errs}"
     );
 }
+
+#[test]
+fn client_connection_limits_default_and_are_checked() {
+    use std::time::Duration;
+    let with = |extra: &str| {
+        DEMO.replace(
+            "max_body_bytes = 1048576",
+            &format!("max_body_bytes = 1048576\n{extra}"),
+        )
+    };
+    let l = parse_config(DEMO).unwrap().limits;
+    assert_eq!(l.max_connections, 10_000);
+    assert_eq!(l.header_read_timeout, Duration::from_secs(30));
+    assert_eq!(l.body_read_timeout, Duration::from_secs(30));
+    assert_eq!(l.idle_timeout, Duration::from_secs(120));
+    let l = parse_config(&with(
+        "max_connections = 50\nheader_read_timeout_ms = 5000\nbody_read_timeout_ms = 7000\nidle_timeout_ms = 60000",
+    ))
+    .unwrap()
+    .limits;
+    assert_eq!(l.max_connections, 50);
+    assert_eq!(l.header_read_timeout, Duration::from_secs(5));
+    assert_eq!(l.body_read_timeout, Duration::from_secs(7));
+    assert_eq!(l.idle_timeout, Duration::from_secs(60));
+    let e = parse_config(&with("max_connections = 0\nbody_read_timeout_ms = 0"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("limits.max_connections must be at least 1"),
+        "{e}"
+    );
+    assert!(
+        e.contains("limits.body_read_timeout_ms must be between 100 (0.1 s) and 3600000"),
+        "{e}"
+    );
+}

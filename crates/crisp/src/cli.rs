@@ -655,6 +655,52 @@ struct ServeArgs {
     grace: std::time::Duration,
 }
 
+/// Files a node opens besides client connections: backend and peer connections, audit
+/// and log files, listeners.
+const OTHER_FILES: u64 = 1024;
+
+/// Raises this process's soft limit on open files towards what `max_connections` client
+/// connections need (as far as the hard limit allows), and says so when that is not
+/// enough: a node out of file descriptors cannot accept, open backend connections or
+/// write its audit trail (logged at `warn` with `warn`, else at `debug`).
+pub(crate) fn open_file_limit(max_connections: usize, warn: bool) {
+    #[cfg(unix)]
+    {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let need = (max_connections as u64).saturating_add(OTHER_FILES);
+        let mut limit = getrlimit(Resource::Nofile);
+        let Some(soft) = limit.current else { return };
+        if soft >= need {
+            return;
+        }
+        let raised = limit.maximum.map_or(need, |hard| hard.min(need));
+        if raised > soft {
+            limit.current = Some(raised);
+            if let Err(e) = setrlimit(Resource::Nofile, limit) {
+                tracing::debug!(error = %e, "cannot raise the open-file limit");
+            }
+        }
+        let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+        if now < need && !warn {
+            tracing::debug!(
+                open_file_limit = now,
+                need,
+                "open-file limit below max_connections"
+            );
+        } else if now < need {
+            tracing::warn!(
+                open_file_limit = now,
+                max_connections,
+                "this process may open {now} files, but [limits] max_connections = {max_connections} needs about {need}: raise the limit (ulimit -n, LimitNOFILE= for systemd, --ulimit nofile= for Docker) or lower max_connections"
+            );
+        } else if now > soft {
+            tracing::debug!(from = soft, to = now, "raised the open-file limit");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (max_connections, warn);
+}
+
 async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<()> {
     let ServeArgs {
         lock,
@@ -702,6 +748,7 @@ async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<(
     };
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadReply>(1);
     let node = build_node(&setup, None).await?;
+    open_file_limit(node.catalog.limits.max_connections, true);
     let listeners = Listeners::bind_catalog(&node.catalog, region, setup.listen.as_deref()).await?;
     let mut running = start_node(&setup, node, listeners, reload_tx.clone())?;
     let mut retiring = tokio::task::JoinSet::new();

@@ -128,6 +128,15 @@ fn load(args: &UpArgs) -> anyhow::Result<Catalog> {
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let metrics = install_metrics()?;
     let catalog = load(&args)?;
+    // Every region's node runs in this process; a demo does not need them all, so a
+    // lower limit is not worth a warning.
+    crate::cli::open_file_limit(
+        catalog
+            .limits
+            .max_connections
+            .saturating_mul(catalog.regions.len()),
+        false,
+    );
     let lock = Plan::new(&catalog, &Lock::default()).apply(&Lock::default());
 
     // Bind everything first, so a busy port fails before any node starts.

@@ -34,6 +34,11 @@ pub enum PipelineError {
         "the request body is larger than this node's limit of {limit} bytes; send a shorter prompt or raise [limits] max_body_bytes"
     )]
     TooLarge { limit: usize },
+    /// The client stopped sending its request body.
+    #[error(
+        "no byte of the request body arrived for {} ms; send the whole body without pausing (this node waits [limits] body_read_timeout_ms)", .waited.as_millis()
+    )]
+    BodyTimeout { waited: Duration },
     #[error(transparent)]
     Resolve(#[from] ResolveError),
     /// Who is calling could not be established.
@@ -117,6 +122,7 @@ impl PipelineError {
         match self {
             PipelineError::InvalidRequest(_)
             | PipelineError::TooLarge { .. }
+            | PipelineError::BodyTimeout { .. }
             | PipelineError::Resolve(_)
             | PipelineError::Unauthenticated(_)
             | PipelineError::Denied { .. }
@@ -133,6 +139,7 @@ impl PipelineError {
         match self {
             PipelineError::InvalidRequest(_) => "invalid_request",
             PipelineError::TooLarge { .. } => "request_too_large",
+            PipelineError::BodyTimeout { .. } => "request_timeout",
             PipelineError::Resolve(ResolveError::Unknown { .. }) => "model_not_found",
             PipelineError::Resolve(ResolveError::NotServedHere { .. }) => {
                 "model_not_served_in_region"

@@ -810,6 +810,7 @@ impl RunningNode {
                 admin_stop.subscribe(),
                 grace,
                 None,
+                serve::ConnectionLimits::admin(),
             ))
         });
         if let Some(log) = node.invocation_log.clone() {
@@ -892,6 +893,7 @@ impl RunningNode {
             rx.clone(),
             grace,
             workers,
+            serve::ConnectionLimits::client(&node.catalog.limits),
         ));
         tasks.spawn(serve::serve(
             listeners.peer,
@@ -900,6 +902,7 @@ impl RunningNode {
             rx.clone(),
             grace,
             None,
+            serve::ConnectionLimits::peer(),
         ));
         let watched = node.clone();
         let mut stop = rx.clone();

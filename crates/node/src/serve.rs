@@ -24,9 +24,56 @@ use tokio_rustls::TlsAcceptor;
 /// A TLS handshake that takes longer than this is abandoned (a peer that connects and
 /// hangs must not hold a task forever).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a client may take to send a request head (and a kept-alive connection may
-/// stay idle before its next one).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a listener allows its connections, so that clients which connect and then send
+/// nothing, or too slowly, cannot hold the node's sockets and file descriptors.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// Which listener, in logs and metrics.
+    pub listener: &'static str,
+    /// Connections served at once; further ones wait in the kernel's listen queue until
+    /// one closes.
+    pub max_connections: usize,
+    /// How long a client may take to send a request head (and a kept-alive HTTP/1
+    /// connection may wait for its next one).
+    pub header_read_timeout: Duration,
+    /// A connection that starts no request for this long is closed once its open
+    /// requests are answered (HTTP/2: GOAWAY). `None`: never.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl ConnectionLimits {
+    /// The client API's, from `[limits]`.
+    pub fn client(limits: &crisp_catalog::Limits) -> ConnectionLimits {
+        ConnectionLimits {
+            listener: "client",
+            max_connections: limits.max_connections,
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: Some(limits.idle_timeout),
+        }
+    }
+
+    /// The peer listener's: its callers are nodes that proved their identity in the
+    /// handshake and keep their connections open between requests.
+    pub fn peer() -> ConnectionLimits {
+        ConnectionLimits {
+            listener: "peer",
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: None,
+        }
+    }
+
+    /// The admin listener's.
+    pub fn admin() -> ConnectionLimits {
+        ConnectionLimits {
+            listener: "admin",
+            max_connections: 256,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Some(Duration::from_secs(120)),
+        }
+    }
+}
 
 /// How a listener protects its connections.
 #[derive(Clone)]
@@ -107,7 +154,8 @@ const CUT_MARGIN: Duration = Duration::from_secs(1);
 /// Serves `app` until `stop` turns true, then drains for at most `grace` (and
 /// [`CUT_MARGIN`]). Each request
 /// carries the peer's address as `ConnectInfo`. With `workers`, each connection is served
-/// on one of their runtimes; otherwise on the caller's.
+/// on one of their runtimes; otherwise on the caller's. At most `limits.max_connections`
+/// are served at once: no more are accepted until one closes.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -115,11 +163,26 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
     grace: Duration,
     workers: Option<Arc<Workers>>,
+    limits: ConnectionLimits,
 ) {
     let mut connections = JoinSet::new();
+    let open = metrics::gauge!("crisp_open_connections", "listener" => limits.listener);
     loop {
+        open.set(connections.len() as f64);
+        let room = connections.len() < limits.max_connections;
+        if !room
+            && FULL_LOG
+                .admit(limits.listener, std::time::Instant::now())
+                .is_some()
+        {
+            tracing::warn!(
+                listener = limits.listener,
+                max_connections = limits.max_connections,
+                "connection limit reached; new connections wait until one closes (raise [limits] max_connections if these are real clients)"
+            );
+        }
         tokio::select! {
-            accepted = listener.accept() => {
+            accepted = listener.accept(), if room => {
                 let (stream, remote) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -129,7 +192,7 @@ pub async fn serve(
                         continue;
                     }
                 };
-                Accepted::new(remote, &app, &security, &stop)
+                Accepted::new(remote, &app, &security, &stop, limits)
                     .start(stream, workers.as_deref(), &mut connections);
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -139,7 +202,7 @@ pub async fn serve(
     // Connections the kernel has already queued would be reset with the listener: serve
     // them too (a reloaded node's replacement takes the new ones on the same port).
     while let Some(Ok((stream, remote))) = listener.accept().now_or_never() {
-        Accepted::new(remote, &app, &security, &stop).start(
+        Accepted::new(remote, &app, &security, &stop, limits).start(
             stream,
             workers.as_deref(),
             &mut connections,
@@ -157,7 +220,12 @@ pub async fn serve(
         );
     }
     connections.abort_all();
+    open.set(0.0);
 }
+
+/// "Connection limit reached" logged at most once a minute per listener.
+static FULL_LOG: crate::observe::LogThrottle =
+    crate::observe::LogThrottle::new(Duration::from_secs(60));
 
 /// How long a connection may take, once the node stops, to send its next request (or its
 /// first, if it was accepted just before), which is then answered before the connection
@@ -170,6 +238,8 @@ struct Heard {
     /// Set once the node stops; until then requests notify nobody.
     watching: std::sync::atomic::AtomicBool,
     request: tokio::sync::Notify,
+    /// Request heads parsed on the connection, for the idle timeout.
+    started: AtomicUsize,
 }
 
 /// What every request of a connection carries: the client's address and, on the peer
@@ -184,7 +254,13 @@ struct Stamp {
 /// connection is given [`NEXT_REQUEST_WAIT`] to send a request (an idle keep-alive
 /// client, or one accepted just before, may be sending one right then), answers the one
 /// it is on or receives (with `connection: close`), and closes (HTTP/2: GOAWAY).
-async fn drive<S: Io>(stream: S, app: Router, stamp: Stamp, mut stop: watch::Receiver<bool>) {
+async fn drive<S: Io>(
+    stream: S,
+    app: Router,
+    stamp: Stamp,
+    mut stop: watch::Receiver<bool>,
+    limits: ConnectionLimits,
+) {
     let heard = Arc::new(Heard::default());
     let seen = heard.clone();
     // Wrapping the router's service, not its routes: nothing is rebuilt per connection.
@@ -194,6 +270,7 @@ async fn drive<S: Io>(stream: S, app: Router, stamp: Stamp, mut stop: watch::Rec
             if let Some(peer) = &stamp.peer {
                 req.extensions_mut().insert(peer.clone());
             }
+            seen.started.fetch_add(1, Ordering::Relaxed);
             // Its head is parsed: a graceful close now answers it first.
             if seen.watching.load(Ordering::Relaxed) {
                 seen.request.notify_waiters();
@@ -206,13 +283,18 @@ async fn drive<S: Io>(stream: S, app: Router, stamp: Stamp, mut stop: watch::Rec
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.header_read_timeout);
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
         .into_owned();
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => return,
+        () = idle(&heard, limits.idle_timeout) => {
+            GracefulConnection::graceful_shutdown(conn.as_mut());
+            let _ = conn.await;
+            return;
+        }
         () = stopped(&mut stop) => {}
     }
     // Requests arrive only while the connection is polled here: none is missed.
@@ -229,12 +311,31 @@ async fn drive<S: Io>(stream: S, app: Router, stamp: Stamp, mut stop: watch::Rec
     let _ = conn.await;
 }
 
+/// Returns once a whole `timeout` passes in which the connection starts no request (so
+/// after between one and two of them without a new request); never without a timeout.
+/// One timer per period, none per request.
+async fn idle(heard: &Heard, timeout: Option<Duration>) {
+    let Some(period) = timeout else {
+        return std::future::pending().await;
+    };
+    let mut seen = heard.started.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(period).await;
+        let now = heard.started.load(Ordering::Relaxed);
+        if now == seen {
+            return;
+        }
+        seen = now;
+    }
+}
+
 /// What serving one accepted connection needs.
 struct Accepted {
     remote: SocketAddr,
     app: Router,
     security: Security,
     stop: watch::Receiver<bool>,
+    limits: ConnectionLimits,
 }
 
 impl Accepted {
@@ -243,12 +344,14 @@ impl Accepted {
         app: &Router,
         security: &Security,
         stop: &watch::Receiver<bool>,
+        limits: ConnectionLimits,
     ) -> Accepted {
         Accepted {
             remote,
             app: app.clone(),
             security: security.clone(),
             stop: stop.clone(),
+            limits,
         }
     }
 
@@ -264,7 +367,7 @@ impl Accepted {
     }
 
     async fn serve<S: Io>(self, stream: S) {
-        connection(stream, self.remote, self.app, self.security, self.stop).await;
+        connection(stream, self).await;
     }
 
     /// Serves the connection on `runtime`, whose I/O driver the socket moves to.
@@ -358,22 +461,23 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Touching<S> {
     }
 }
 
-async fn connection<S: Io>(
-    stream: S,
-    remote: SocketAddr,
-    app: Router,
-    security: Security,
-    stop: watch::Receiver<bool>,
-) {
+async fn connection<S: Io>(stream: S, accepted: Accepted) {
+    let Accepted {
+        remote,
+        app,
+        security,
+        stop,
+        limits,
+    } = accepted;
     let stamp = Stamp { remote, peer: None };
     match security {
-        Security::Plain => drive(stream, app, stamp, stop).await,
+        Security::Plain => drive(stream, app, stamp, stop, limits).await,
         Security::Tls(config) => {
             let Some(tls) = handshake(TlsAcceptor::from(config), stream, remote, "client").await
             else {
                 return;
             };
-            drive(tls, app, stamp, stop).await;
+            drive(tls, app, stamp, stop, limits).await;
         }
         Security::Mutual(store) => {
             let acceptor = TlsAcceptor::from(store.current().server.clone());
@@ -397,7 +501,7 @@ async fn connection<S: Io>(
                 peer: Some(PeerIdentity(identity)),
                 ..stamp
             };
-            drive(tls, app, stamp, stop).await;
+            drive(tls, app, stamp, stop, limits).await;
         }
     }
 }
@@ -513,6 +617,7 @@ mod tests {
             rx,
             Duration::from_secs(1),
             Some(workers),
+            ConnectionLimits::client(&crisp_catalog::Limits::default()),
         ));
         let mut threads = BTreeSet::new();
         for _ in 0..4 {
@@ -527,5 +632,125 @@ mod tests {
         );
         stop.send(true).unwrap();
         server.await.unwrap();
+    }
+
+    /// Serves a router that answers `GET /` with "ok" under `limits`, until the sender
+    /// returned is dropped or set.
+    async fn limited(limits: ConnectionLimits) -> (SocketAddr, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (stop, rx) = watch::channel(false);
+        tokio::spawn(serve(
+            listener,
+            app,
+            Security::Plain,
+            rx,
+            Duration::from_secs(1),
+            None,
+            limits,
+        ));
+        (addr, stop)
+    }
+
+    fn limits(max_connections: usize, header: u64, idle: u64) -> ConnectionLimits {
+        ConnectionLimits {
+            listener: "test",
+            max_connections,
+            header_read_timeout: Duration::from_millis(header),
+            idle_timeout: Some(Duration::from_millis(idle)),
+        }
+    }
+
+    /// Reads until the server closes; the bytes read.
+    async fn until_closed(conn: &mut TcpStream) -> Vec<u8> {
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut all))
+            .await
+            .expect("the server did not close the connection")
+            .unwrap();
+        all
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_does_not_finish_its_request_head_is_closed() {
+        let (addr, _stop) = limited(limits(100, 300, 60_000)).await;
+        let mut half = TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let answer = until_closed(&mut half).await;
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        // hyper answers a head that timed out with 408 or not at all.
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "{text}"
+        );
+        // A client that sends its head in time is answered.
+        let mut whole = TcpStream::connect(addr).await.unwrap();
+        whole
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let text = String::from_utf8(until_closed(&mut whole).await).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with("ok"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_wait_until_one_closes() {
+        let (addr, _stop) = limited(limits(2, 60_000, 60_000)).await;
+        // Two connections that send nothing hold both places.
+        let first = TcpStream::connect(addr).await.unwrap();
+        let _second = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        third
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut byte)).await;
+        assert!(
+            early.is_err(),
+            "a third connection was served beyond the limit of 2"
+        );
+        drop(first);
+        let text = String::from_utf8(until_closed(&mut third).await).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with("ok"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_that_starts_no_request_is_closed() {
+        let (addr, _stop) = limited(limits(100, 60_000, 300)).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        let conn = tokio::spawn(conn);
+        let request = http::Request::get(format!("http://{addr}/"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let answer = send.send_request(request).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        drop(answer);
+        let started = std::time::Instant::now();
+        // The server ends the connection (GOAWAY) once it has been idle for 300-600 ms.
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the idle HTTP/2 connection was not closed")
+            .unwrap()
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(250));
     }
 }

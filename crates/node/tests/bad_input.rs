@@ -375,3 +375,54 @@ async fn the_model_list_and_fleet_view_describe_the_deployment() {
     assert_eq!(health["status"], "ok");
     f.stop().await;
 }
+
+/// Sends a request head promising 200 bytes of body, then only 10 of them; returns what
+/// the node answers before it closes the connection.
+async fn stalled_body(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n{{\"model\": "
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        conn.read_to_end(&mut answer),
+    )
+    .await
+    .expect("a request whose body stopped was not answered")
+    .unwrap();
+    String::from_utf8(answer).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_arriving_is_refused_with_408() {
+    let f = Federation::start().await;
+    let addr = f.node("us-east-1").client_addr;
+    // The test configuration waits 500 ms for the next byte of a body.
+    let started = std::time::Instant::now();
+    let openai = stalled_body(addr, "/v1/chat/completions").await;
+    assert!(started.elapsed() >= std::time::Duration::from_millis(450));
+    assert!(openai.starts_with("HTTP/1.1 408"), "{openai}");
+    assert!(openai.contains("\"code\":\"request_timeout\""), "{openai}");
+    assert!(openai.contains("body_read_timeout_ms"), "{openai}");
+
+    let bedrock = stalled_body(addr, "/model/eu.amazon.nova-lite-v1%3A0/converse").await;
+    assert!(bedrock.starts_with("HTTP/1.1 408"), "{bedrock}");
+    assert!(bedrock.contains("ValidationException"), "{bedrock}");
+    assert!(
+        bedrock.contains("no byte of the request body arrived for 500 ms"),
+        "{bedrock}"
+    );
+
+    // The node still serves.
+    let r = f
+        .chat(
+            "us-east-1",
+            serde_json::json!({"model": NOVA, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    f.stop().await;
+}

@@ -10,6 +10,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 
 use crate::Node;
+use crate::error::PipelineError;
 
 pub mod bedrock;
 pub mod openai;
@@ -105,4 +106,65 @@ async fn method_not_allowed(req: Request) -> Response {
         "method_not_allowed",
         &message,
     )
+}
+
+/// Reads a request body of at most `limits.max_body_bytes`, refusing at once one whose
+/// declared length is larger, and giving up when no byte arrives for
+/// `limits.body_read_timeout` (a client that stops sending must not hold its connection).
+pub(crate) async fn read_body(
+    headers: &http::HeaderMap,
+    mut body: axum::body::Body,
+    limits: &crisp_catalog::Limits,
+) -> Result<bytes::Bytes, PipelineError> {
+    use futures::FutureExt;
+    use http_body_util::BodyExt;
+
+    let limit = limits.max_body_bytes;
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(PipelineError::TooLarge { limit });
+    }
+    let mut first: Option<bytes::Bytes> = None;
+    let mut more: Option<bytes::BytesMut> = None;
+    loop {
+        // Most bodies have arrived with their head: no timer for them.
+        let frame = match body.frame().now_or_never() {
+            Some(frame) => frame,
+            None => tokio::time::timeout(limits.body_read_timeout, body.frame())
+                .await
+                .map_err(|_| PipelineError::BodyTimeout {
+                    waited: limits.body_read_timeout,
+                })?,
+        };
+        let Some(frame) = frame else { break };
+        let frame = frame.map_err(|e| {
+            PipelineError::InvalidRequest(format!("could not read the request body: {e}"))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let had =
+            first.as_ref().map_or(0, bytes::Bytes::len) + more.as_ref().map_or(0, |m| m.len());
+        if had + data.len() > limit {
+            return Err(PipelineError::TooLarge { limit });
+        }
+        match (&mut first, &mut more) {
+            (None, _) => first = Some(data),
+            (Some(f), None) => {
+                let mut m =
+                    bytes::BytesMut::with_capacity(declared.unwrap_or(0).max(f.len() + data.len()));
+                m.extend_from_slice(f);
+                m.extend_from_slice(&data);
+                more = Some(m);
+            }
+            (Some(_), Some(m)) => m.extend_from_slice(&data),
+        }
+    }
+    Ok(match more {
+        Some(m) => m.freeze(),
+        None => first.unwrap_or_default(),
+    })
 }

@@ -355,6 +355,7 @@ fn error_parts(err: &PipelineError) -> (StatusCode, &'static str) {
     };
     match err {
         PipelineError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, kind),
+        PipelineError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, kind),
         PipelineError::Resolve(ResolveError::Unknown { .. }) => (StatusCode::NOT_FOUND, kind),
         PipelineError::Exhausted { .. } => (StatusCode::TOO_MANY_REQUESTS, kind),
         PipelineError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, kind),
@@ -417,26 +418,8 @@ pub fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
 // ---- handlers ----
 
 async fn read_body(node: &Node, req: Request) -> Result<Bytes, PipelineError> {
-    let limit = node.catalog.limits.max_body_bytes;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(PipelineError::TooLarge { limit });
-    }
-    axum::body::to_bytes(req.into_body(), limit)
-        .await
-        .map_err(|e| {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                PipelineError::TooLarge { limit }
-            } else {
-                PipelineError::InvalidRequest(format!("could not read the request body: {e}"))
-            }
-        })
+    let (parts, body) = req.into_parts();
+    super::read_body(&parts.headers, body, &node.catalog.limits).await
 }
 
 /// The two OpenAI wire formats for generating text.

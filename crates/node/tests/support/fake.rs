@@ -149,6 +149,7 @@ pub async fn run_fake(f: &mut Federation, mode: Fake) {
             stop,
             Duration::from_secs(1),
             None,
+            crisp_node::serve::ConnectionLimits::peer(),
         )
         .await;
     });

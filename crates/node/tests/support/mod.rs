@@ -89,6 +89,7 @@ max_attempts = 6
 {routing_extra}
 [limits]
 max_body_bytes = 4096
+body_read_timeout_ms = 500
 [[geography]]
 name = "us"
 countries = ["US"]

@@ -76,6 +76,8 @@ fn error_shape(err: &PipelineError) -> (StatusCode, &'static str) {
         PipelineError::InvalidRequest(_)
         | PipelineError::TooLarge { .. }
         | PipelineError::ModelRejected(_) => (StatusCode::BAD_REQUEST, "ValidationException"),
+        // Bedrock has no exception of its own for a client that stops sending.
+        PipelineError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "ValidationException"),
         PipelineError::Unauthenticated(_) => (StatusCode::FORBIDDEN, "UnrecognizedClientException"),
         PipelineError::Denied { .. } => (StatusCode::FORBIDDEN, "AccessDeniedException"),
         PipelineError::AuditUnavailable(_) => (
@@ -295,16 +297,9 @@ async fn read_or_refuse(
     req: Request,
 ) -> Result<(http::request::Parts, Bytes, Option<Caller>), Refusal> {
     let (parts, body) = req.into_parts();
-    let limit = node.catalog.limits.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit)
+    let bytes = super::read_body(&parts.headers, body, &node.catalog.limits)
         .await
-        .map_err(|_| Refusal {
-            status: StatusCode::BAD_REQUEST,
-            exception: "ValidationException",
-            kind: "request_too_large",
-            message: format!("the request body is larger than this node's limit of {limit} bytes"),
-            key_id: None,
-        })?;
+        .map_err(|e| Refusal::of(&e))?;
     let principal = authenticate(node, &parts, &bytes).map_err(|(e, key_id)| {
         metrics::counter!("crisp_auth_failures_total", "api" => "bedrock", "reason" => e.exception())
             .increment(1);
