@@ -103,6 +103,13 @@ def test_invoke_model_nova_native_body(federation):
         rt.invoke_model(modelId="us.anthropic.claude-sonnet-4-5-20250929-v1:0",
                         body=json.dumps(claude))
     assert "anthropic_version" in str(e.value) and "converse" in str(e.value)
+    # Also in its shorter form, string content and a system string, which the Converse
+    # shape cannot even parse.
+    claude = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5, "system": "Be brief.",
+              "messages": [{"role": "user", "content": "Hello"}]}
+    with pytest.raises(rt.exceptions.ValidationException) as e:
+        rt.invoke_model(modelId="us.amazon.nova-lite-v1:0", body=json.dumps(claude))
+    assert "anthropic_version" in str(e.value) and "converse" in str(e.value), str(e.value)
 
 
 def test_sdk_exceptions(federation):

@@ -401,6 +401,30 @@ impl Catalog {
         self.geographies.iter().find(|g| g.name == name)
     }
 
+    /// What to say about each geography no region belongs to: it has no profiles, which
+    /// may be planned (its regions are not deployed yet) or a mistake (a country code
+    /// like "UK" for "GB", a misspelled tag).
+    pub fn empty_geographies(&self) -> Vec<String> {
+        self.geographies
+            .iter()
+            .filter(|g| !self.regions.iter().any(|r| g.contains(r)))
+            .map(|g| {
+                let mut rule = Vec::new();
+                if !g.countries.is_empty() {
+                    rule.push(format!("countries {:?}", g.countries));
+                }
+                if !g.tags.is_empty() {
+                    rule.push(format!("tags {:?}", g.tags));
+                }
+                format!(
+                    "geography {} matches no region ({}), so it has no profiles until one of its regions is added; if one should match, check the country codes (ISO 3166 alpha-2, e.g. \"GB\" not \"UK\") and the regions' tags",
+                    g.name,
+                    rule.join(" and ")
+                )
+            })
+            .collect()
+    }
+
     /// The geographies a region belongs to, by name.
     pub fn geographies_of(&self, ix: RegionIx) -> Vec<&str> {
         match self.region(ix) {

@@ -209,3 +209,16 @@ fn client_connection_limits_default_and_are_checked() {
         "{e}"
     );
 }
+
+#[test]
+fn a_geography_that_matches_no_region_is_named() {
+    assert!(parse_config(DEMO).unwrap().empty_geographies().is_empty());
+    let config = format!("{DEMO}\n[[geography]]\nname = \"britain\"\ncountries = [\"UK\"]\n");
+    let empty = parse_config(&config).unwrap().empty_geographies();
+    assert_eq!(empty.len(), 1, "{empty:?}");
+    assert!(
+        empty[0].starts_with("geography britain matches no region (countries [\"UK\"])"),
+        "{empty:?}"
+    );
+    assert!(empty[0].contains("\"GB\" not \"UK\""), "{empty:?}");
+}

@@ -66,6 +66,9 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<()> {
     if let Some(note) = crate::audit::shared_store_note(&catalog) {
         f.note(&note);
     }
+    for note in catalog.empty_geographies() {
+        f.note(&note);
+    }
     for r in &args.regions {
         if catalog.region_ix(r).is_none() {
             f.problem(&format!(

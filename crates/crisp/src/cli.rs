@@ -749,6 +749,9 @@ async fn serve(config: &Path, region: &str, args: ServeArgs) -> anyhow::Result<(
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadReply>(1);
     let node = build_node(&setup, None).await?;
     open_file_limit(node.catalog.limits.max_connections, true);
+    for note in node.catalog.empty_geographies() {
+        tracing::warn!("{note}");
+    }
     let listeners = Listeners::bind_catalog(&node.catalog, region, setup.listen.as_deref()).await?;
     let mut running = start_node(&setup, node, listeners, reload_tx.clone())?;
     let mut retiring = tokio::task::JoinSet::new();

@@ -271,9 +271,11 @@ impl KeyIndex {
     /// The caller of an `Authorization` header value.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, KeyError> {
         let value = authorization.ok_or(KeyError::Missing)?;
+        // The scheme is case-insensitive (RFC 9110 section 11.1).
         let key = value
-            .strip_prefix("Bearer ")
-            .map(str::trim)
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
             .filter(|k| !k.is_empty())
             .ok_or(KeyError::Malformed)?;
         match self.by_hash.get(&hash_key(key)) {
@@ -309,8 +311,17 @@ mod tests {
                 key_id: entry.id.clone(),
             }
         );
+        // The scheme in any case, as RFC 9110 has it.
+        assert_eq!(
+            idx.authenticate(Some(&format!("bearer {key}")))
+                .unwrap()
+                .key_id,
+            entry.id
+        );
         assert_eq!(idx.authenticate(None), Err(KeyError::Missing));
         assert_eq!(idx.authenticate(Some("Basic x")), Err(KeyError::Malformed));
+        assert_eq!(idx.authenticate(Some("Bearer ")), Err(KeyError::Malformed));
+        assert_eq!(idx.authenticate(Some("Bearer")), Err(KeyError::Malformed));
         assert_eq!(
             idx.authenticate(Some("Bearer crisp-nope")),
             Err(KeyError::Unknown)

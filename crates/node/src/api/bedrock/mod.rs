@@ -372,20 +372,32 @@ struct InferenceConfig {
     stop_sequences: Vec<String>,
 }
 
+/// The refusal of an Anthropic Messages body, which crisp does not translate.
+fn anthropic_refused() -> PipelineError {
+    PipelineError::InvalidRequest(
+        "Anthropic Messages bodies (anthropic_version) are not supported; send the same conversation with Converse (boto3 `converse`), which works for every model, or a body of the Converse shape: {\"messages\": [{\"role\": \"user\", \"content\": [{\"text\": \"Hello\"}]}], \"inferenceConfig\": {\"maxTokens\": 256}}".into(),
+    )
+}
+
 fn to_pipeline(
     model_id: String,
     request_id: &str,
     body: &[u8],
 ) -> Result<InferRequest, PipelineError> {
     let req: ConverseRequest = serde_json::from_slice(body).map_err(|e| {
+        // An Anthropic Messages body (string `content` and `system`) does not parse as
+        // this shape: say what it is rather than what did not parse.
+        let anthropic = serde_json::from_slice::<serde_json::Map<String, Value>>(body)
+            .is_ok_and(|m| m.contains_key("anthropic_version"));
+        if anthropic {
+            return anthropic_refused();
+        }
         PipelineError::InvalidRequest(format!(
             "the request body is not valid: {e}. Send {{\"messages\": [{{\"role\": \"user\", \"content\": [{{\"text\": \"Hello\"}}]}}]}}"
         ))
     })?;
     if req.anthropic_version.is_some() {
-        return Err(PipelineError::InvalidRequest(
-            "Anthropic Messages bodies (anthropic_version) are not supported; send the same conversation with Converse (boto3 `converse`), which works for every model, or a body of the Converse shape: {\"messages\": [{\"role\": \"user\", \"content\": [{\"text\": \"Hello\"}]}], \"inferenceConfig\": {\"maxTokens\": 256}}".into(),
-        ));
+        return Err(anthropic_refused());
     }
     if req.messages.is_empty() {
         return Err(PipelineError::InvalidRequest(
