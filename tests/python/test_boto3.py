@@ -236,6 +236,20 @@ def test_control_plane_lists_and_gets_profiles(federation):
         bedrock.get_inference_profile(inferenceProfileIdentifier="eu.nope")
     models = bedrock.list_foundation_models()["modelSummaries"]
     assert any(m["modelId"] == "amazon.nova-lite-v1:0" for m in models)
+    # The filters: every model takes and gives text, none is customized or provisioned.
+    ids_of = lambda **f: {m["modelId"] for m in bedrock.list_foundation_models(**f)["modelSummaries"]}
+    assert "amazon.nova-lite-v1:0" in ids_of(byProvider="Amazon", byOutputModality="TEXT")
+    assert all(i.startswith("amazon.") for i in ids_of(byProvider="amazon"))
+    assert "amazon.nova-lite-v1:0" not in ids_of(byProvider="anthropic")
+    assert ids_of(byOutputModality="IMAGE") == set()
+    assert ids_of(byCustomizationType="FINE_TUNING") == set()
+    assert ids_of(byInferenceType="PROVISIONED") == set()
+    on_demand = ids_of(byInferenceType="ON_DEMAND")
+    assert on_demand <= {m["modelId"] for m in models}
+    assert all("ON_DEMAND" in m["inferenceTypesSupported"] for m in models if m["modelId"] in on_demand)
+    with pytest.raises(bedrock.exceptions.ValidationException) as e:
+        bedrock.list_foundation_models(byInferenceType="SOMETIMES")
+    assert "ON_DEMAND, PROVISIONED" in str(e.value)
     for identifier in ["amazon.nova-lite-v1:0",
                        "arn:aws:bedrock:eu-central-1::foundation-model/amazon.nova-lite-v1:0"]:
         details = bedrock.get_foundation_model(modelIdentifier=identifier)["modelDetails"]

@@ -1116,18 +1116,90 @@ async fn get_profile(
     }
 }
 
-async fn list_foundation_models(State(node): State<Arc<Node>>, req: Request) -> Response {
+/// ListFoundationModels' filters.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ModelFilters {
+    by_provider: Option<String>,
+    by_customization_type: Option<String>,
+    by_output_modality: Option<String>,
+    by_inference_type: Option<String>,
+}
+
+impl ModelFilters {
+    /// What is wrong with a filter, if anything. Every model of a deployment
+    /// takes and gives text, and none can be customized or provisioned.
+    fn check(&self) -> Result<(), String> {
+        let one_of = |name: &str, value: &Option<String>, allowed: &[&str]| match value {
+            Some(v) if !allowed.contains(&v.as_str()) => {
+                Err(format!("{name} {v:?} is not one of {}", allowed.join(", ")))
+            }
+            _ => Ok(()),
+        };
+        one_of(
+            "byCustomizationType",
+            &self.by_customization_type,
+            &["FINE_TUNING", "CONTINUED_PRE_TRAINING", "DISTILLATION"],
+        )?;
+        one_of(
+            "byOutputModality",
+            &self.by_output_modality,
+            &["TEXT", "IMAGE", "EMBEDDING"],
+        )?;
+        one_of(
+            "byInferenceType",
+            &self.by_inference_type,
+            &["ON_DEMAND", "PROVISIONED"],
+        )
+    }
+
+    fn pass(&self, node: &Node, m: &crisp_catalog::Model) -> bool {
+        self.by_provider
+            .as_deref()
+            .is_none_or(|p| provider_of(m).eq_ignore_ascii_case(p))
+            && self.by_customization_type.is_none()
+            && self
+                .by_output_modality
+                .as_deref()
+                .is_none_or(|o| o == "TEXT")
+            && match self.by_inference_type.as_deref() {
+                None => true,
+                Some("ON_DEMAND") => m.serves(node.region),
+                Some(_) => false,
+            }
+    }
+}
+
+async fn list_foundation_models(
+    State(node): State<Arc<Node>>,
+    Query(filters): Query<ModelFilters>,
+    req: Request,
+) -> Response {
     let request_id = new_request_id();
     if let Err(r) = read(&node, req, &request_id).await {
         return r;
+    }
+    if let Err(e) = filters.check() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            &e,
+            &request_id,
+        );
     }
     let summaries: Vec<Value> = node
         .catalog
         .models
         .iter()
+        .filter(|m| filters.pass(&node, m))
         .map(|m| foundation_model_json(&node, m))
         .collect();
     axum::Json(json!({ "modelSummaries": summaries })).into_response()
+}
+
+/// A model's provider: the first part of its ID (`amazon` of `amazon.nova-lite-v1:0`).
+fn provider_of(m: &crisp_catalog::Model) -> &str {
+    m.id.split('.').next().unwrap_or_default()
 }
 
 /// GetFoundationModel: one model of the catalog, by ID or ARN.
@@ -1164,7 +1236,7 @@ fn foundation_model_json(node: &Node, m: &crisp_catalog::Model) -> Value {
         "modelArn": format!("arn:aws:bedrock:{}::foundation-model/{}", node.region_code(), m.id),
         "modelId": m.id,
         "modelName": m.name,
-        "providerName": m.id.split('.').next().unwrap_or_default(),
+        "providerName": provider_of(m),
         "inputModalities": ["TEXT"],
         "outputModalities": ["TEXT"],
         "responseStreamingSupported": true,
