@@ -1,5 +1,8 @@
 """boto3, as Bedrock users already call it, pointed at a real `crisp up` with SigV4."""
 
+import json
+import re
+
 import botocore
 import boto3
 import pytest
@@ -16,7 +19,6 @@ NO_RETRY = Config(retries={"max_attempts": 1, "mode": "standard"})
 
 def trail_events(fed, region):
     """The events of `region`'s audit trail that are not sealed yet."""
-    import json, re
     trail = re.search(r"audit trails: (\S+)/<region>", fed["banner"]).group(1)
     with open(f"{trail}/{region}/open.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -86,7 +88,6 @@ def test_converse_stream(federation):
 
 
 def test_invoke_model_nova_native_body(federation):
-    import json
     rt = client(federation, "bedrock-runtime")
     body = {"messages": [{"role": "user", "content": [{"text": "Hello"}]}], "inferenceConfig": {"maxTokens": 5}}
     r = rt.invoke_model(modelId="us.amazon.nova-lite-v1:0", body=json.dumps(body))
@@ -175,10 +176,35 @@ def test_sdk_exceptions(federation):
         rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs,
                     inferenceConfig={"temperature": 1.5})
     assert "temperature must be between 0 and 1" in str(e.value)
+    for extra, refused in [({"additionalModelResponseFieldPaths": ["/stop_sequence"]},
+                            "additionalModelResponseFieldPaths is not supported"),
+                           ({"performanceConfig": {"latency": "optimized"}},
+                            "performanceConfig is not supported")]:
+        with pytest.raises(rt.exceptions.ValidationException) as e:
+            rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs, **extra)
+        assert refused in str(e.value)
     answer = rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=msgs,
                          additionalModelRequestFields={}, requestMetadata={"team": "search"},
+                         additionalModelResponseFieldPaths=[],
+                         performanceConfig={"latency": "standard"},
                          inferenceConfig={"maxTokens": 2})
     assert answer["usage"]["outputTokens"] <= 2
+    # Amazon Nova's native body, as its documentation spells it, is read whole; a field
+    # crisp does not know is named, never dropped.
+    nova = {"schemaVersion": "messages-v1", "messages": msgs,
+            "inferenceConfig": {"max_new_tokens": 2, "temperature": 0.5, "top_p": 0.9}}
+    body = json.loads(rt.invoke_model(modelId="eu.amazon.nova-lite-v1:0", body=json.dumps(nova))["body"].read())
+    assert body["usage"]["outputTokens"] <= 2
+    for config, refused in [({"top_k": 20}, "inferenceConfig.topK is not supported"),
+                            ({"max_new_token": 2}, "did you mean `max_new_tokens`?")]:
+        with pytest.raises(rt.exceptions.ValidationException) as e:
+            rt.invoke_model(modelId="eu.amazon.nova-lite-v1:0",
+                            body=json.dumps({"messages": msgs, "inferenceConfig": config}))
+        assert refused in str(e.value), e.value
+    with pytest.raises(rt.exceptions.ValidationException) as e:
+        rt.invoke_model(modelId="eu.amazon.nova-lite-v1:0",
+                        body=json.dumps({"prompt": "Hi", "max_gen_len": 5}))
+    assert "other providers' native InvokeModel bodies are not supported" in str(e.value)
     # An operation this node does not serve is named in an error the SDK can show.
     with pytest.raises(botocore.exceptions.ClientError) as e:
         rt.apply_guardrail(guardrailIdentifier="g", guardrailVersion="1", source="INPUT",
@@ -394,7 +420,6 @@ def test_bedrock_calls_are_authorized_per_principal(federation):
 
 
 def test_count_tokens_says_what_a_prompt_is_billed(federation):
-    import json
     rt = client(federation, "bedrock-runtime", EU_WEST_2)
     msgs = [{"role": "user", "content": [{"text": "How many tokens is this?"}]}]
     system = [{"text": "Be brief."}]

@@ -112,6 +112,51 @@ async fn bad_requests_are_explained() {
             "{e}"
         );
     }
+    // So are fields crisp does not know: a misspelt one is named with the one meant,
+    // rather than ignored (the answer would not be what was asked for).
+    let mut body = support::ask(&format!("eu.{NOVA}"));
+    body["max_token"] = serde_json::json!(5);
+    let (s, e) = error_of(f.chat("us-east-1", body).await).await;
+    assert_eq!(s, 400);
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("unknown field `max_token`; did you mean `max_tokens`?")
+            && message.contains("nothing was run"),
+        "{e}"
+    );
+    // A history with tool calls would reach the model without them.
+    let mut body = support::ask(&format!("eu.{NOVA}"));
+    body["messages"] = serde_json::json!([
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]);
+    let (s, e) = error_of(f.chat("us-east-1", body).await).await;
+    assert_eq!(s, 400);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("messages[1].tool_calls is not supported"),
+        "{e}"
+    );
+    for (field, value) in [
+        ("store", serde_json::json!(true)),
+        ("service_tier", serde_json::json!("flex")),
+        ("reasoning_effort", serde_json::json!("high")),
+    ] {
+        let mut body = support::ask(&format!("eu.{NOVA}"));
+        body[field] = value;
+        let (s, e) = error_of(f.chat("us-east-1", body).await).await;
+        assert_eq!(s, 400, "{field}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("`{field}` is not supported")),
+            "{e}"
+        );
+    }
     // Their "off" values, as SDKs send them, and the sampling settings crisp carries.
     let mut body = support::ask(&format!("eu.{NOVA}"));
     for (k, v) in [
@@ -124,6 +169,14 @@ async fn bad_requests_are_explained() {
         ("logit_bias", serde_json::json!({})),
         ("metadata", serde_json::json!({"team": "search"})),
         ("modalities", serde_json::json!(["text"])),
+        ("store", serde_json::json!(false)),
+        ("service_tier", serde_json::json!("auto")),
+        ("user", serde_json::json!("user-1234")),
+        ("parallel_tool_calls", serde_json::json!(true)),
+        (
+            "messages",
+            serde_json::json!([{"role": "user", "name": "ana", "content": "hi"}, {"role": "assistant", "content": "hello", "tool_calls": [], "refusal": null}, {"role": "user", "content": "bye"}]),
+        ),
     ] {
         body[k] = v;
     }

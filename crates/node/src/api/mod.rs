@@ -13,6 +13,7 @@ use crate::Node;
 use crate::error::PipelineError;
 
 pub mod bedrock;
+mod json;
 pub mod openai;
 pub mod ops;
 pub mod responses;

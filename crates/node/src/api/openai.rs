@@ -29,7 +29,10 @@ use crisp_policy::keys::{Caller, KeyError};
 
 // ---- request ----
 
+/// Every field of OpenAI's chat completion request is named here; any other is refused
+/// (see `json.rs`), so a misspelt one is not taken for a request without it.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ChatRequest {
     model: String,
     messages: Vec<ChatMessage>,
@@ -87,6 +90,25 @@ struct ChatRequest {
     /// Key-value pairs recorded with the invocation log's record (`requestMetadata`).
     #[serde(default)]
     metadata: Option<std::collections::BTreeMap<String, String>>,
+    /// Asks OpenAI to keep the completion; crisp keeps none, so only `false` is accepted.
+    #[serde(default)]
+    store: Option<bool>,
+    /// `auto` and `default` are what every crisp request gets; other tiers are refused.
+    #[serde(default)]
+    service_tier: Option<String>,
+    #[serde(default)]
+    reasoning_effort: Option<IgnoredAny>,
+    #[serde(default)]
+    verbosity: Option<IgnoredAny>,
+    // Identifiers and hints with no effect on the answer: accepted, not carried.
+    #[serde(default, rename = "user")]
+    _user: Option<IgnoredAny>,
+    #[serde(default, rename = "safety_identifier")]
+    _safety_identifier: Option<IgnoredAny>,
+    #[serde(default, rename = "prompt_cache_key")]
+    _prompt_cache_key: Option<IgnoredAny>,
+    #[serde(default, rename = "parallel_tool_calls")]
+    _parallel_tool_calls: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -124,6 +146,15 @@ impl ChatRequest {
                 self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()),
                 "logit_bias",
             ),
+            (self.store == Some(true), "store"),
+            (
+                self.service_tier
+                    .as_deref()
+                    .is_some_and(|t| t != "auto" && t != "default"),
+                "service_tier",
+            ),
+            (self.reasoning_effort.is_some(), "reasoning_effort"),
+            (self.verbosity.is_some(), "verbosity"),
         ]
         .into_iter()
         .find_map(|(asked, name)| asked.then_some(name))
@@ -144,10 +175,27 @@ enum Stop {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ChatMessage {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// A participant's name: accepted, not carried (engines take role and text).
+    #[serde(default, rename = "name")]
+    _name: Option<IgnoredAny>,
+    /// An assistant's refusal text, as OpenAI returned it: accepted, not carried.
+    #[serde(default, rename = "refusal")]
+    _refusal: Option<IgnoredAny>,
+    /// A tool message's call ID: accepted with the tool's output in `content`.
+    #[serde(default, rename = "tool_call_id")]
+    _tool_call_id: Option<IgnoredAny>,
+    // Tool calls and audio in the history: refused, as tools are (`[]` is accepted).
+    #[serde(default)]
+    tool_calls: Option<Vec<IgnoredAny>>,
+    #[serde(default)]
+    function_call: Option<IgnoredAny>,
+    #[serde(default)]
+    audio: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -205,6 +253,21 @@ impl ChatRequest {
                 return Err(format!(
                     "messages[{i}].role {:?} is not one of system, developer, user, assistant, tool",
                     m.role
+                ));
+            }
+            if let Some(field) = [
+                (
+                    m.tool_calls.as_ref().is_some_and(|c| !c.is_empty()),
+                    "tool_calls",
+                ),
+                (m.function_call.is_some(), "function_call"),
+                (m.audio.is_some(), "audio"),
+            ]
+            .into_iter()
+            .find_map(|(has, field)| has.then_some(field))
+            {
+                return Err(format!(
+                    "messages[{i}].{field} is not supported: crisp does not carry tools or audio to engines, so a history with them would reach the model without them; send the conversation as text and send the request again (nothing was run)"
                 ));
             }
             let content = match m.content {
@@ -536,7 +599,7 @@ async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Respo
     let request_id = String::from(&*call.request_id);
     let (principal, body) = begin(node, req, call).await?;
     let chat: ChatRequest = json_object(&body)
-        .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
+        .and_then(super::json::from_json)
         .map_err(|e| {
             (
                 PipelineError::InvalidRequest(format!(

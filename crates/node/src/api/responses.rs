@@ -30,7 +30,10 @@ pub async fn create(State(node): State<Arc<Node>>, req: Request) -> Response {
     openai::answer(node, req, Wire::Responses).await
 }
 
+/// Every field of OpenAI's create-response request is named here; any other is refused
+/// (see `json.rs`).
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ResponsesRequest {
     model: String,
     input: Input,
@@ -62,12 +65,43 @@ struct ResponsesRequest {
     prompt: Option<IgnoredAny>,
     #[serde(default)]
     top_logprobs: Option<u32>,
+    /// Extra output (encrypted reasoning, log probabilities): only `[]` is accepted.
+    #[serde(default)]
+    include: Option<Vec<IgnoredAny>>,
+    #[serde(default)]
+    reasoning: Option<IgnoredAny>,
+    /// crisp keeps no responses: only `false` is accepted.
+    #[serde(default)]
+    store: Option<bool>,
+    /// `auto` and `default` are what every crisp request gets; other tiers are refused.
+    #[serde(default)]
+    service_tier: Option<String>,
+    // Settings with no effect on a text answer, and identifiers: accepted, not carried.
+    #[serde(default, rename = "tool_choice")]
+    _tool_choice: Option<IgnoredAny>,
+    #[serde(default, rename = "parallel_tool_calls")]
+    _parallel_tool_calls: Option<IgnoredAny>,
+    #[serde(default, rename = "max_tool_calls")]
+    _max_tool_calls: Option<IgnoredAny>,
+    #[serde(default, rename = "truncation")]
+    _truncation: Option<IgnoredAny>,
+    #[serde(default, rename = "stream_options")]
+    _stream_options: Option<IgnoredAny>,
+    #[serde(default, rename = "user")]
+    _user: Option<IgnoredAny>,
+    #[serde(default, rename = "safety_identifier")]
+    _safety_identifier: Option<IgnoredAny>,
+    #[serde(default, rename = "prompt_cache_key")]
+    _prompt_cache_key: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TextConfig {
     #[serde(default)]
     format: Option<TextFormat>,
+    #[serde(default)]
+    verbosity: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -161,6 +195,39 @@ impl ResponsesRequest {
         }
         if self.top_logprobs.is_some_and(|n| n > 0) {
             return refuse("top_logprobs", "crisp does not carry log probabilities");
+        }
+        if self.include.as_ref().is_some_and(|i| !i.is_empty()) {
+            return refuse(
+                "include",
+                "crisp returns the answer's text only; remove `include` or send `[]`",
+            );
+        }
+        if self.reasoning.is_some() {
+            return refuse(
+                "reasoning",
+                "crisp does not carry reasoning settings to engines; remove `reasoning`",
+            );
+        }
+        if self.text.as_ref().is_some_and(|t| t.verbosity.is_some()) {
+            return refuse(
+                "text.verbosity",
+                "crisp does not carry it to engines; remove it",
+            );
+        }
+        if self.store == Some(true) {
+            return refuse("store", stateful);
+        }
+        if let Some(tier) = self
+            .service_tier
+            .as_deref()
+            .filter(|t| *t != "auto" && *t != "default")
+        {
+            return refuse(
+                "service_tier",
+                &format!(
+                    "every crisp request is served at one tier; remove {tier:?} or send \"auto\""
+                ),
+            );
         }
         None
     }
@@ -271,7 +338,7 @@ pub(super) async fn handle(
     let request_id = String::from(&*call.request_id);
     let (principal, body) = openai::begin(node, req, call).await?;
     let request: ResponsesRequest = openai::json_object(&body)
-        .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
+        .and_then(super::json::from_json)
         .map_err(|e| {
             (
                 PipelineError::InvalidRequest(format!(

@@ -17,6 +17,7 @@ use crisp_engine::{BackendError, Chunk, FinishReason, Message, Sampling, Usage};
 use crisp_policy::keys::Caller;
 use futures::StreamExt;
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 
 use super::{INFERENCE_REGION_HEADER, REQUEST_ID_HEADER};
@@ -316,8 +317,10 @@ async fn read_or_refuse(
 
 // ---- Converse ----
 
+/// A Converse request, also Amazon Nova's InvokeModel body. Every field of either is
+/// named here; any other is refused (see `api/json.rs`), never dropped.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ConverseRequest {
     #[serde(default)]
     messages: Vec<ConverseMessage>,
@@ -345,9 +348,35 @@ struct ConverseRequest {
     /// Key-value pairs recorded with the invocation log's record.
     #[serde(default)]
     request_metadata: Option<std::collections::BTreeMap<String, String>>,
+    /// Model-specific output fields: crisp returns none, so only `[]` is accepted.
+    #[serde(default)]
+    additional_model_response_field_paths: Option<Vec<IgnoredAny>>,
+    /// `{"latency": "standard"}` is what every request gets; `optimized` is refused.
+    #[serde(default)]
+    performance_config: Option<PerformanceConfig>,
+    /// `{"type": "default"}` is what every request gets; other tiers are refused.
+    #[serde(default)]
+    service_tier: Option<ServiceTier>,
+    /// Nova's native body names its schema: `messages-v1` is the one read here.
+    #[serde(default)]
+    schema_version: Option<String>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PerformanceConfig {
+    latency: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceTier {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ConverseMessage {
     role: String,
     content: Vec<ContentBlock>,
@@ -360,16 +389,20 @@ struct ContentBlock {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct InferenceConfig {
+    /// Nova's native body spells it `max_new_tokens`, and `top_p`, `top_k`.
     #[serde(default, alias = "max_new_tokens")]
     max_tokens: Option<u32>,
     #[serde(default)]
     temperature: Option<f32>,
-    #[serde(default)]
+    #[serde(default, alias = "top_p")]
     top_p: Option<f32>,
     #[serde(default)]
     stop_sequences: Vec<String>,
+    /// Not carried to engines: refused rather than answered without it.
+    #[serde(default, alias = "top_k")]
+    top_k: Option<IgnoredAny>,
 }
 
 /// The refusal of an Anthropic Messages body, which crisp does not translate.
@@ -384,18 +417,26 @@ fn to_pipeline(
     request_id: &str,
     body: &[u8],
 ) -> Result<InferRequest, PipelineError> {
-    let req: ConverseRequest = serde_json::from_slice(body).map_err(|e| {
-        // An Anthropic Messages body (string `content` and `system`) does not parse as
-        // this shape: say what it is rather than what did not parse.
-        let anthropic = serde_json::from_slice::<serde_json::Map<String, Value>>(body)
-            .is_ok_and(|m| m.contains_key("anthropic_version"));
-        if anthropic {
-            return anthropic_refused();
-        }
-        PipelineError::InvalidRequest(format!(
-            "the request body is not valid: {e}. Send {{\"messages\": [{{\"role\": \"user\", \"content\": [{{\"text\": \"Hello\"}}]}}]}}"
-        ))
-    })?;
+    let req: ConverseRequest = std::str::from_utf8(body)
+        .map_err(|e| format!("it is not UTF-8 ({e})"))
+        .and_then(super::json::from_json)
+        .map_err(|e| {
+            // Another provider's native body does not parse as this shape: say what it
+            // is rather than what did not parse.
+            let fields = serde_json::from_slice::<serde_json::Map<String, Value>>(body);
+            let has = |key: &str| fields.as_ref().is_ok_and(|m| m.contains_key(key));
+            if has("anthropic_version") {
+                return anthropic_refused();
+            }
+            if ["prompt", "inputText", "texts"].into_iter().any(has) {
+                return PipelineError::InvalidRequest(
+                    "this is not a Converse or Amazon Nova body: other providers' native InvokeModel bodies are not supported. Send the conversation with Converse (boto3 `converse`), which works for every model, or an InvokeModel body of the Converse shape: {\"messages\": [{\"role\": \"user\", \"content\": [{\"text\": \"Hello\"}]}]}".into(),
+                );
+            }
+            PipelineError::InvalidRequest(format!(
+                "the request body is not valid: {e}. Send {{\"messages\": [{{\"role\": \"user\", \"content\": [{{\"text\": \"Hello\"}}]}}]}}"
+            ))
+        })?;
     if req.anthropic_version.is_some() {
         return Err(anthropic_refused());
     }
@@ -476,6 +517,31 @@ fn to_pipeline(
             "additionalModelRequestFields",
         ),
         (req.prompt_variables.is_some(), "promptVariables"),
+        (
+            req.additional_model_response_field_paths
+                .as_ref()
+                .is_some_and(|p| !p.is_empty()),
+            "additionalModelResponseFieldPaths",
+        ),
+        (
+            req.performance_config
+                .as_ref()
+                .is_some_and(|p| p.latency != "standard"),
+            "performanceConfig",
+        ),
+        (
+            req.service_tier
+                .as_ref()
+                .is_some_and(|t| t.kind != "default"),
+            "serviceTier",
+        ),
+        (
+            req.schema_version
+                .as_deref()
+                .is_some_and(|v| v != "messages-v1"),
+            "schemaVersion",
+        ),
+        (config.top_k.is_some(), "inferenceConfig.topK"),
     ]
     .into_iter()
     .find_map(|(asked, name)| asked.then_some(name));
