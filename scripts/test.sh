@@ -6,6 +6,12 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+if [ -n "${CI:-}" ]; then
+  # A fresh checkout is built once: incremental state and pip's download cache would only
+  # take disk space.
+  export CARGO_INCREMENTAL=0 PIP_NO_CACHE_DIR=1
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
