@@ -81,9 +81,10 @@ fn demo_access(dir: &std::path::Path) -> anyhow::Result<AccessFiles> {
 
 #[derive(Args)]
 pub struct UpArgs {
-    /// Client port of the first region; the others follow it. Peer ports are 1000 above.
-    #[arg(long, default_value_t = DEMO_BASE_PORT)]
-    port: u16,
+    /// Client port of the first region; every other port (clients, peers, admin) keeps
+    /// its distance to it [default: 8080, or the configuration's own ports].
+    #[arg(long)]
+    port: Option<u16>,
     /// Run every region of this configuration instead of the embedded demo.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -112,8 +113,16 @@ fn load(args: &UpArgs) -> anyhow::Result<Catalog> {
     if let Some(dir) = args.config.as_deref().and_then(std::path::Path::parent) {
         catalog.resolve_files(dir);
     }
-    let offset = i32::from(args.port) - i32::from(DEMO_BASE_PORT);
-    if args.config.is_none() && offset != 0 {
+    let first = catalog
+        .regions
+        .first()
+        .and_then(|r| r.client_addr.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .unwrap_or(DEMO_BASE_PORT);
+    let offset = args
+        .port
+        .map_or(0, |port| i32::from(port) - i32::from(first));
+    if offset != 0 {
         for r in &mut catalog.regions {
             r.client_addr = shift(&r.client_addr, offset)?;
             r.peer_addr = shift(&r.peer_addr, offset)?;
@@ -220,7 +229,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         nodes.push(RunningNode::start(node, l, options)?);
     }
     wait_for_mesh(&nodes).await;
-    print_banner(&catalog, &lock, &audit_root);
+    let callers = match (&args.config, &access_files) {
+        (None, _) => Callers::Demo,
+        (Some(_), Some(files)) => Callers::Keys(files.keys.clone()),
+        (Some(_), None) => Callers::Open,
+    };
+    print_banner(&catalog, &lock, &audit_root, &callers);
 
     crate::cli::shutdown_signal().await;
     eprintln!("\nshutting down {} nodes...", nodes.len());
@@ -246,7 +260,17 @@ async fn wait_for_mesh(nodes: &[RunningNode]) {
     }
 }
 
-fn print_banner(catalog: &Catalog, lock: &Lock, audit_root: &std::path::Path) {
+/// Who may call the nodes `crisp up` runs, for its banner.
+enum Callers {
+    /// The embedded demo's well-known keys and SigV4 credentials.
+    Demo,
+    /// The keys of the configuration's `[access]` section, in this file.
+    Keys(PathBuf),
+    /// A configuration without `[access]`: anyone.
+    Open,
+}
+
+fn print_banner(catalog: &Catalog, lock: &Lock, audit_root: &std::path::Path, callers: &Callers) {
     let profiles = Profiles::build(catalog, lock);
     println!(
         "crisp: {} regions up on loopback (deployment {:?}), linked by mutual TLS\n",
@@ -292,6 +316,68 @@ fn print_banner(catalog: &Catalog, lock: &Lock, audit_root: &std::path::Path) {
         .regions
         .first()
         .map_or("127.0.0.1:8080", |r| r.client_addr.as_str());
+    let region = catalog.regions.first().map_or("?", |r| r.code.as_str());
+    match callers {
+        Callers::Demo => print_demo_calls(first, region),
+        Callers::Keys(_) | Callers::Open => {
+            // A profile of this configuration that is not superseded, geographic first.
+            let example = profiles
+                .iter()
+                .filter(|p| p.superseded_by.is_none())
+                .min_by_key(|p| p.id.starts_with("global."))
+                .map_or("<profile>", |p| p.id.as_str());
+            let auth = match callers {
+                Callers::Keys(keys) => {
+                    println!(
+                        "\naccess control: the keys in {} (`crisp keys create` issues one); set CRISP_API_KEY to one",
+                        keys.display()
+                    );
+                    " -H \"authorization: Bearer $CRISP_API_KEY\""
+                }
+                _ => {
+                    println!(
+                        "\naccess control: none (the configuration has no [access] section): any caller on loopback may call"
+                    );
+                    ""
+                }
+            };
+            println!(
+                r#"
+try it (the answer's x-crisp-inference-region header says where it ran):
+
+  curl -si http://{first}/v1/chat/completions -H 'content-type: application/json'{auth} \
+    -d '{{"model": "{example}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  curl -s http://{first}/crisp/v1/fleet{auth}   # this node's view of every region"#
+            );
+        }
+    }
+    println!(
+        r#"{metrics}
+
+audit trails: {audit}/<region>
+  crisp audit lookup --dir {audit}/{region}
+  crisp audit verify --dir {audit}/{region} --ca {audit}/ca.pem --deployment {deployment} --region {region}
+
+Ctrl-C stops every node."#,
+        audit = audit_root.display(),
+        deployment = catalog.deployment.name,
+        metrics = match catalog
+            .regions
+            .first()
+            .and_then(|r| r.admin_addr.as_deref())
+        {
+            Some(admin) => format!(
+                "  curl -s http://{admin}/metrics          # Prometheus metrics (every node of this process)"
+            ),
+            None => "  (no metrics: give the first region an `admin` address to serve /metrics)"
+                .to_owned(),
+        },
+    );
+}
+
+/// The embedded demo's credentials and calls that use them.
+fn print_demo_calls(first: &str, region: &str) {
     println!(
         r#"
 API keys (loopback only): {demo_key} (team platform)
@@ -319,31 +405,10 @@ r = rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=[{{"role": "user", 
 print(r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"], r["output"]["message"]["content"][0]["text"])'
 
   curl -s http://{first}/crisp/v1/fleet -H 'authorization: Bearer {demo_key}'   # this node's view of every region
-  curl -s http://{first}/v1/models -H 'authorization: Bearer {demo_key}'        # what this key may call
-{metrics}
-
-audit trails: {audit}/<region>
-  crisp audit lookup --dir {audit}/{region}
-  crisp audit verify --dir {audit}/{region} --ca {audit}/ca.pem --deployment {deployment} --region {region}
-
-Ctrl-C stops every node."#,
-        audit = audit_root.display(),
-        deployment = catalog.deployment.name,
-        region = catalog.regions.first().map_or("?", |r| r.code.as_str()),
+  curl -s http://{first}/v1/models -H 'authorization: Bearer {demo_key}'        # what this key may call"#,
         akid = DEMO_ACCESS_KEY,
         demo_key = DEMO_API_KEY,
         eu_key = EU_API_KEY,
         secret = DEMO_SECRET_KEY,
-        metrics = match catalog
-            .regions
-            .first()
-            .and_then(|r| r.admin_addr.as_deref())
-        {
-            Some(admin) => format!(
-                "  curl -s http://{admin}/metrics          # Prometheus metrics (every node of this process)"
-            ),
-            None => "  (no metrics: give the first region an `admin` address to serve /metrics)"
-                .to_owned(),
-        },
     );
 }

@@ -1019,3 +1019,65 @@ fn a_kept_alive_connection_gets_its_next_answer_across_a_reload() {
     let head = keep_alive_chat(&mut s);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
+
+/// Three consecutive free ports, for a deployment whose ports keep their distances.
+fn port_block() -> u16 {
+    loop {
+        let first = port();
+        if first < u16::MAX - 2
+            && (1..3).all(|i| TcpListener::bind(("127.0.0.1", first + i)).is_ok())
+        {
+            return first;
+        }
+    }
+}
+
+#[test]
+fn crisp_up_runs_a_given_configuration_where_told_and_offers_no_demo_credentials() {
+    let d = tempfile::tempdir().unwrap();
+    // Ports 9, 10 and 11 are where the file puts them; --port moves them all.
+    std::fs::write(d.path().join("crisp.toml"), config(9, 10, 11, false)).unwrap();
+    let base = port_block();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crisp"))
+        .args(["up", "--config", "crisp.toml", "--port", &base.to_string()])
+        .current_dir(d.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let node = Node(child);
+    let banner = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut text = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let done = line.contains("Ctrl-C stops every node");
+            text.push_str(&line);
+            text.push('\n');
+            if done {
+                break;
+            }
+        }
+        text
+    })
+    .join()
+    .unwrap();
+    assert!(
+        banner.contains(&format!("http://127.0.0.1:{base}")),
+        "{banner}"
+    );
+    assert!(banner.contains(&format!(":{}", base + 1)), "{banner}");
+    assert!(
+        banner.contains(&format!("http://127.0.0.1:{}/metrics", base + 2)),
+        "{banner}"
+    );
+    assert!(banner.contains("access control: none"), "{banner}");
+    assert!(!banner.contains("crisp-demo"), "{banner}");
+    assert!(!banner.contains("AKIA"), "{banner}");
+    assert!(banner.contains(r#""model": "eu.m1""#), "{banner}");
+    assert_eq!(chat(base, "eu.m1"), 200);
+    let (status, metrics) = http(base + 2, "GET", "/metrics", "");
+    assert_eq!(status, 200, "{metrics}");
+    drop(node);
+}
