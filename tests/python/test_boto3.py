@@ -8,6 +8,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from test_openai_sdk import client as openai_client
 from test_openai_sdk import CRISP, EU, EU_CENTRAL_1, EU_KEY, EU_WEST_2, US_EAST_1, federation, region_port  # noqa: F401
 
 AKID = "AKIACRISPDEMO0000001"
@@ -327,6 +328,11 @@ def test_application_profiles_route_like_their_source_and_are_shared(federation)
             assert time.time() < deadline, "the profile never became visible on eu-west-2"
             time.sleep(0.3)
     assert r["ResponseMetadata"]["HTTPHeaders"]["x-crisp-inference-region"] in EU
+    # The OpenAI API takes the ARN as a model too, and describes it.
+    model = openai_client(federation, EU_WEST_2).models.retrieve(arn)
+    assert model.id == arn
+    assert model.crisp["kind"] == "application_profile" and model.crisp["name"] == "search-team-eu"
+    assert sorted(model.crisp["destinations"]) == sorted(EU)
     # The ARN must name this deployment's account, like a system profile's.
     foreign = arn.replace(":000000000000:", ":999999999999:")
     with pytest.raises(rt.exceptions.ValidationException) as e:

@@ -171,6 +171,9 @@ def test_models_list_shows_profiles(federation):
     assert eu.id == "eu.amazon.nova-lite-v1:0" and eu.owned_by == "crisp"
     with pytest.raises(openai.NotFoundError):
         client(federation).models.retrieve("eu.amazon.nova-lite")
+    # An ARN, as chat completions take one, names the same entry.
+    arn = "arn:aws:bedrock:us-east-1:000000000000:inference-profile/eu.amazon.nova-lite-v1:0"
+    assert client(federation).models.retrieve(arn).id == "eu.amazon.nova-lite-v1:0"
     # Listing needs a key too, and shows each caller what it may use.
     with pytest.raises(openai.AuthenticationError):
         client(federation, key="crisp-wrong").models.list()

@@ -29,7 +29,7 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::list_models))
-        .route("/v1/models/{id}", get(openai::retrieve_model))
+        .route("/v1/models/{*id}", get(openai::retrieve_model))
         .route("/v1/responses", post(responses::create))
         .route("/healthz", get(ops::healthz))
         .route("/crisp/v1/fleet", get(ops::fleet))

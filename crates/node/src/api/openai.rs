@@ -794,25 +794,74 @@ pub async fn retrieve_model(
         Err(e) => return error_response(&e, &request_id),
     };
     let entry = model_entries(&node).find(|(known, _)| *known == id);
-    let Some((_, entry)) = entry else {
-        let e = PipelineError::Resolve(ResolveError::Unknown {
-            requested: id,
-            suggestion: None,
-        });
-        return error_response(&e, &request_id);
+    let (entry, checked) = match entry {
+        Some((_, entry)) => (entry, id),
+        // An ARN, as chat completions take one: a system profile's, a foundation model's
+        // or an application profile's.
+        None if id.starts_with("arn:") => match arn_entry(&node, &id) {
+            Ok(found) => found,
+            Err(e) => return error_response(&e, &request_id),
+        },
+        None => {
+            let e = PipelineError::Resolve(ResolveError::Unknown {
+                requested: id,
+                suggestion: None,
+            });
+            return error_response(&e, &request_id);
+        }
     };
     let action = crisp_policy::Action::GetInferenceProfile;
     if let crisp_policy::Verdict::Deny(reason) =
-        node.verdict(principal.as_deref(), action, &id, None)
+        node.verdict(principal.as_deref(), action, &checked, None)
     {
         let e = PipelineError::Denied {
-            profile: id,
+            profile: checked,
             reason: reason.category(),
             allowed: Vec::new(),
         };
         return error_response(&e, &request_id);
     }
     Json(entry).into_response()
+}
+
+/// The `/v1/models` entry an ARN names, and the ID access is checked against: the
+/// profile's or model's own entry, or for an application profile one of its own (its
+/// ARN, the model and boundary of what it copies).
+fn arn_entry(node: &Node, arn: &str) -> Result<(serde_json::Value, String), PipelineError> {
+    let (target, application) = pipeline::resolve(node, arn)?;
+    let id = target.id().to_owned();
+    let Some(app) = application else {
+        let entry = model_entries(node)
+            .find(|(known, _)| *known == id)
+            .map(|(_, entry)| entry)
+            .ok_or_else(|| {
+                PipelineError::Resolve(ResolveError::Unknown {
+                    requested: arn.to_owned(),
+                    suggestion: None,
+                })
+            })?;
+        return Ok((entry, id));
+    };
+    let destinations: Vec<&str> = target
+        .destinations()
+        .iter()
+        .map(|&r| node.catalog.region_code(r))
+        .collect();
+    let entry = json!({
+        "id": arn,
+        "object": "model",
+        "created": 0,
+        "owned_by": "crisp",
+        "crisp": {
+            "kind": "application_profile",
+            "name": app.name,
+            "copies": app.copy_from,
+            "model": target.model.id,
+            "destinations": destinations,
+            "superseded_by": null,
+        },
+    });
+    Ok((entry, id))
 }
 
 /// Every ID a client of this region can call, with its `/v1/models` entry: the profiles,
