@@ -573,7 +573,7 @@ impl Profiles {
                 }
                 continue;
             }
-            let d = edit_distance(id, c);
+            let d = strsim::levenshtein(id, c);
             if d <= 3.max(id.len() / 8) && best.is_none_or(|(bd, _)| d < bd) {
                 best = Some((d, c));
             }
@@ -676,20 +676,6 @@ fn check_region(
     })
 }
 
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, ca) in a.chars().enumerate() {
-        cur[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    prev[b.len()]
-}
 
 /// The ARN of a system-defined profile as seen from `source`.
 pub fn profile_arn(catalog: &Catalog, source: RegionIx, id: &str) -> String {
