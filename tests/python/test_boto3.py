@@ -377,6 +377,10 @@ def test_application_profiles_route_like_their_source_and_are_shared(federation)
     assert rows[0].split()[:3] == ["TIME", "REQUEST", "CALL"], rows
     assert [r.split()[2:4] for r in rows[1:]] == [["DeleteInferenceProfile", "demo"]] * 2, rows
     assert [r.split()[-2:] for r in rows[1:]] == [["-", "ok"], ["-", "ValidationException"]], rows
+    # Columns line up under their headings, however long an ID or ARN is.
+    for heading in ["PROFILE", "RAN IN", "RESULT"]:
+        at = rows[0].index(heading)
+        assert all(r[at - 1] == " " and r[at] != " " for r in rows[1:]), rows
 
 
 def test_an_application_profile_of_a_model_runs_in_its_region_only(federation):

@@ -676,7 +676,6 @@ fn check_region(
     })
 }
 
-
 /// The ARN of a system-defined profile as seen from `source`.
 pub fn profile_arn(catalog: &Catalog, source: RegionIx, id: &str) -> String {
     format!(

@@ -15,8 +15,10 @@ pub enum KeysCommand {
     /// Create an API key (or, with --sigv4, an access key ID and secret) for a principal.
     /// The key is printed once and stored only as a hash.
     Create {
+        /// The deployment's configuration file (its [access] section names the files).
         #[arg(long, short)]
         config: PathBuf,
+        /// The principal the key signs in as (an entry of the principals file).
         #[arg(long)]
         principal: String,
         /// Create SigV4 credentials for the Bedrock API instead of a bearer key.
@@ -25,13 +27,16 @@ pub enum KeysCommand {
     },
     /// List keys (IDs, principals, state; never the keys).
     List {
+        /// The deployment's configuration file (its [access] section names the files).
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Revoke a key by its ID (k-...) or a SigV4 access key ID.
     Revoke {
+        /// The deployment's configuration file (its [access] section names the files).
         #[arg(long, short)]
         config: PathBuf,
+        /// The key's ID (k-...) or access key ID (AKIA...), as `crisp keys list` shows.
         id: String,
     },
 }

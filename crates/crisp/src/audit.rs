@@ -25,6 +25,7 @@ pub enum AuditCommand {
         /// The deployment CA certificate (ca.pem).
         #[arg(long)]
         ca: PathBuf,
+        /// The deployment name, as in the configuration's [deployment] name.
         #[arg(long)]
         deployment: String,
         /// The region whose trail this is (its key must have signed the digests).
@@ -33,15 +34,19 @@ pub enum AuditCommand {
     },
     /// Find events by time, principal, profile, call, inference region or error code.
     Lookup {
+        /// The region's audit directory.
         #[arg(long)]
         dir: PathBuf,
+        /// Events of this principal (the name its key signs in as).
         #[arg(long)]
         principal: Option<String>,
         /// Events of this call: `Converse`, `ChatCompletion`, `CreateInferenceProfile`, ...
         #[arg(long)]
         event_name: Option<String>,
+        /// Events of this profile or model ID.
         #[arg(long)]
         profile: Option<String>,
+        /// Events whose model ran in this region.
         #[arg(long)]
         inference_region: Option<String>,
         /// Events with this error: either API's code (`ThrottlingException`,
@@ -213,17 +218,15 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                     })
                     && in_window(&e.event_time, since, until)
             };
-            let mut matched = events.iter().filter(|e| keep(e)).peekable();
-            if !json && matched.peek().is_some() {
-                println!(
-                    "{:<25} {:<34} {:<22} {:<12} {:<40} {:<15} {:>11} RESULT",
-                    "TIME", "REQUEST", "CALL", "PRINCIPAL", "PROFILE", "RAN IN", "TOKENS I/O"
-                );
-            }
-            for e in matched {
-                if json {
+            let matched = events.iter().filter(|e| keep(e));
+            if json {
+                for e in matched {
                     println!("{}", serde_json::to_string(e)?);
-                } else {
+                }
+                return Ok(());
+            }
+            let rows: Vec<[String; 8]> = matched
+                .map(|e| {
                     let d = &e.additional_event_data;
                     // A management call ran no model: it has no tokens to show.
                     let tokens = if e.management_event {
@@ -231,32 +234,93 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                     } else {
                         format!("{}/{}", d.input_tokens, d.output_tokens)
                     };
-                    println!(
-                        "{:<25} {:<34} {:<22} {:<12} {:<40} {:<15} {:>11} {}",
-                        e.event_time,
-                        e.request_id,
-                        e.event_name,
-                        e.user_identity.principal_id,
-                        e.request_parameters.model_id,
-                        d.inference_region.as_deref().unwrap_or("-"),
+                    [
+                        e.event_time.clone(),
+                        e.request_id.clone(),
+                        e.event_name.clone(),
+                        e.user_identity.principal_id.clone(),
+                        e.request_parameters.model_id.clone(),
+                        d.inference_region.clone().unwrap_or_else(|| "-".into()),
                         tokens,
-                        e.error_code.as_deref().unwrap_or("ok")
-                    );
-                }
-            }
+                        e.error_code.clone().unwrap_or_else(|| "ok".into()),
+                    ]
+                })
+                .collect();
+            print_table(
+                [
+                    "TIME",
+                    "REQUEST",
+                    "CALL",
+                    "PRINCIPAL",
+                    "PROFILE",
+                    "RAN IN",
+                    "TOKENS I/O",
+                    "RESULT",
+                ],
+                &rows,
+            );
             Ok(())
         }
+    }
+}
+
+/// Columns as wide as their widest cell, so long IDs and ARNs do not push the rest out
+/// of line; the tokens column is right-aligned.
+fn print_table<const N: usize>(heading: [&str; N], rows: &[[String; N]]) {
+    if rows.is_empty() {
+        return;
+    }
+    let mut widths = heading.map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; N]| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                out.push_str(cell);
+            } else if heading[i].starts_with("TOKENS") {
+                out.push_str(&format!("{cell:>w$} "));
+            } else {
+                out.push_str(&format!("{cell:<w$} "));
+            }
+        }
+        println!("{out}");
+    };
+    line(heading);
+    for row in rows {
+        line(row.each_ref().map(String::as_str));
     }
 }
 
 /// How `crisp usage` groups.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum GroupBy {
+    /// The principal that called.
     Principal,
+    /// The application inference profile called through.
     Application,
+    /// Each tag (key=value) of that application profile.
     Tag,
+    /// The profile or model called.
     Profile,
+    /// The region that ran the model.
     InferenceRegion,
+}
+
+impl GroupBy {
+    /// The usage table's first column heading.
+    fn heading(self) -> &'static str {
+        match self {
+            GroupBy::Principal => "principal",
+            GroupBy::Application => "application profile",
+            GroupBy::Tag => "tag",
+            GroupBy::Profile => "profile",
+            GroupBy::InferenceRegion => "inference region",
+        }
+    }
 }
 
 /// Prints what verification of one copy of a trail found; returns how many problems.
@@ -453,7 +517,7 @@ pub fn usage(
     } else {
         println!(
             "{:<44} {:>9} {:>12} {:>12} {:>12}",
-            format!("{by:?}").to_lowercase(),
+            by.heading(),
             "requests",
             "input tok",
             "output tok",

@@ -15,6 +15,7 @@ pub enum CertsCommand {
         /// The deployment name, as in the configuration's [deployment] name.
         #[arg(long)]
         deployment: String,
+        /// The certificates directory.
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
         /// Validity in days (at least 1).
@@ -23,10 +24,13 @@ pub enum CertsCommand {
     },
     /// Issue a region's node certificate (<region>.pem, <region>.key) from the CA in DIR.
     Issue {
+        /// The deployment name, as given to `crisp certs init`.
         #[arg(long)]
         deployment: String,
+        /// The region code the certificate names (as in the configuration).
         #[arg(long)]
         region: String,
+        /// The certificates directory.
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
         /// Validity in days (at least 1).

@@ -125,6 +125,7 @@ enum Command {
         /// Audit directories (one per region whose usage counts).
         #[arg(long = "dir", required = true)]
         dirs: Vec<PathBuf>,
+        /// What to group the totals by.
         #[arg(long, value_enum, default_value = "principal")]
         by: crate::audit::GroupBy,
         /// Events at or after this time (RFC 3339, e.g. 2026-11-28T10:00:00Z).
@@ -133,6 +134,7 @@ enum Command {
         /// Events at or before this time (RFC 3339).
         #[arg(long, value_parser = crate::audit::parse_time)]
         until: Option<time::OffsetDateTime>,
+        /// One JSON object per group instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -161,6 +163,7 @@ enum Command {
     /// (every problem at once), the lock file, the access files, the certificates and the
     /// addresses.
     Check {
+        /// The deployment's configuration file.
         #[arg(long, short)]
         config: PathBuf,
         /// The profile lock file [default: crisp.lock next to the configuration].
@@ -180,13 +183,16 @@ enum Command {
 enum PolicyCommand {
     /// Would PRINCIPAL be allowed ACTION through PROFILE from SOURCE?
     Check {
+        /// The deployment's configuration file (its [access] section names the policies).
         #[arg(long, short)]
         config: PathBuf,
+        /// The principal asking (an entry of the principals file).
         #[arg(long)]
         principal: String,
         /// InvokeModel, InvokeModelWithResponseStream, GetInferenceProfile, ...
         #[arg(long, default_value = "InvokeModel")]
         action: String,
+        /// The profile or model ID called.
         #[arg(long)]
         profile: String,
         /// The region the request arrives in [default: the first region].
@@ -199,22 +205,28 @@ enum PolicyCommand {
 enum ProfilesCommand {
     /// Show what the lock file would gain: new profiles and new versions.
     Plan {
+        /// The deployment's configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// The profile lock file [default: crisp.lock next to the configuration].
         #[arg(long)]
         lock: Option<PathBuf>,
     },
     /// Write the lock file with the planned changes (old IDs keep their sets).
     Lock {
+        /// The deployment's configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// The profile lock file [default: crisp.lock next to the configuration].
         #[arg(long)]
         lock: Option<PathBuf>,
     },
     /// List the profiles a client can call, with their destination regions.
     List {
+        /// The deployment's configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// The profile lock file [default: crisp.lock next to the configuration].
         #[arg(long)]
         lock: Option<PathBuf>,
     },

@@ -245,6 +245,8 @@ pub struct BenchArgs {
     /// API key for the nodes.
     #[arg(long, env = "CRISP_API_KEY", default_value = crate::up::DEMO_API_KEY)]
     api_key: String,
+    /// Seed of the replayed trace [default: the scenario's]; the same seed sends the
+    /// same requests at the same times.
     #[arg(long)]
     seed: Option<u64>,
     /// Print the results as JSON.

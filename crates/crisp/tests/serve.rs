@@ -487,6 +487,20 @@ fn usage_reports_tokens_and_cost_from_the_audit_trail() {
         .unwrap();
     assert_eq!(requests_since(&in_paris), 3, "{in_paris}");
     assert_eq!(requests_since("2999-01-01T00:00:00Z"), 0);
+    // The table names what it groups by, as the option is spelt in words.
+    let out = crisp(
+        &[
+            "usage",
+            "--dir",
+            "audit/eu-west-1",
+            "--by",
+            "inference-region",
+        ],
+        d,
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("inference region "), "{table}");
+    assert!(table.contains("eu-west-1 "), "{table}");
     let out = crisp(
         &["usage", "--dir", "audit/eu-west-1", "--since", "yesterday"],
         d,
