@@ -316,6 +316,8 @@ async fn bad_requests_are_explained() {
         .await
         .unwrap();
     assert_eq!(r.headers()["allow"], "POST");
+    // Like every answer, it carries a request ID to quote.
+    assert!(r.headers().contains_key("x-crisp-request-id"));
     let (s, e) = error_of(r).await;
     assert_eq!(s, 405);
     assert_eq!(e["code"], "method_not_allowed");

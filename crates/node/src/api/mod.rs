@@ -71,7 +71,7 @@ async fn not_found(req: Request) -> Response {
         );
     }
     let message = format!("no route for {method} {path}; this node serves {OPENAI_ROUTES}");
-    openai::error_body(StatusCode::NOT_FOUND, "unknown_url", &message)
+    openai::error_body(StatusCode::NOT_FOUND, "unknown_url", &message, &request_id)
 }
 
 /// The answer to a known path called with the wrong method, in the caller's dialect. The
@@ -93,8 +93,8 @@ async fn method_not_allowed(req: Request) -> Response {
         "{path} does not take {}; send it with {allowed}",
         req.method()
     );
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
     if is_bedrock(&req) {
-        let request_id = uuid::Uuid::new_v4().simple().to_string();
         return bedrock::error(
             StatusCode::METHOD_NOT_ALLOWED,
             "UnknownOperationException",
@@ -106,6 +106,7 @@ async fn method_not_allowed(req: Request) -> Response {
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         &message,
+        &request_id,
     )
 }
 

@@ -468,14 +468,18 @@ pub(super) fn from_backend(e: BackendError) -> PipelineError {
 }
 
 /// An OpenAI error body for a request that reached no handler.
-pub fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
+pub fn error_body(status: StatusCode, code: &str, message: &str, request_id: &str) -> Response {
     let body = json!({"error": {
         "message": message,
         "type": "invalid_request_error",
         "param": null,
         "code": code,
     }});
-    (status, Json(body)).into_response()
+    let mut response = (status, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    response
 }
 
 // ---- handlers ----
