@@ -1095,3 +1095,128 @@ fn crisp_up_runs_a_given_configuration_where_told_and_offers_no_demo_credentials
     assert_eq!(status, 200, "{metrics}");
     drop(node);
 }
+
+/// A small tmpfs mounted on a directory, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// `None` where this process may not mount (not root); CI runs as root and must.
+    fn mount(at: &Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok || std::env::var_os("CI").is_none(),
+            "CI runs as root: mounting a tmpfs must work there"
+        );
+        ok.then(|| SmallDisk(at.to_owned()))
+    }
+
+    /// Writes a file until the disk is full.
+    fn fill(&self) -> std::path::PathBuf {
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![b'x'; 4096];
+        while f.write_all(&block).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_audit_disk_stops_answers_until_there_is_room_and_loses_no_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let Some(disk) = SmallDisk::mount(&d.join("audit"), "1m") else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let (client, peer, admin) = (port(), port(), port());
+    std::fs::write(d.join("crisp.toml"), config(client, peer, admin, false)).unwrap();
+    issue_certs(d);
+    let node = serve(d, client, &[]);
+    let ask = || {
+        http(
+            client,
+            "POST",
+            "/v1/chat/completions",
+            r#"{"model": "eu.m1", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}"#,
+        )
+    };
+    let request_id = |out: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("x-crisp-request-id: "))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let mut answered = Vec::new();
+    let (status, out) = ask();
+    assert_eq!(status, 200, "{out}");
+    answered.push(request_id(&out));
+    // The disk fills. What still fits in the log's last page is recorded and answered;
+    // then nothing is answered that the trail could not record, and the caller is told
+    // why and that a retry later may work.
+    let filler = disk.fill();
+    let mut refused = 0;
+    for _ in 0..100 {
+        let (status, out) = ask();
+        match status {
+            200 if refused == 0 => answered.push(request_id(&out)),
+            503 => {
+                assert!(out.contains("audit_unavailable"), "{out}");
+                refused += 1;
+                if refused == 3 {
+                    break;
+                }
+            }
+            _ => panic!("{out}"),
+        }
+    }
+    assert_eq!(refused, 3, "a full disk never stopped answers");
+    let (_, metrics) = http(admin, "GET", "/metrics", "");
+    assert!(metrics.contains("crisp_audit_failures_total"), "{metrics}");
+    // Room again: the node answers without a restart.
+    std::fs::remove_file(filler).unwrap();
+    eventually("answers resume", || {
+        http(
+            client,
+            "POST",
+            "/v1/chat/completions",
+            r#"{"model": "eu.m1", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}"#,
+        )
+        .0 == 200
+    });
+    let (status, out) = ask();
+    assert_eq!(status, 200, "{out}");
+    answered.push(request_id(&out));
+    // Stopped, its trail holds every answered request and verifies.
+    signal(&node, "-TERM");
+    eventually("the node stops", || {
+        TcpStream::connect(("127.0.0.1", client)).is_err()
+    });
+    let events = crisp_audit::events(&d.join("audit/eu-west-1")).unwrap();
+    for id in &answered {
+        assert!(
+            events.iter().any(|e| &e.request_id == id),
+            "answered request {id} is not in the trail"
+        );
+    }
+    let out = verify_trail(d);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(node);
+}
