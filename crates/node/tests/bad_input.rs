@@ -14,6 +14,13 @@ async fn error_of(r: reqwest::Response) -> (u16, serde_json::Value) {
     (status, body["error"].clone())
 }
 
+/// The message of the 400 a chat completion request gets.
+async fn refused(f: &Federation, body: serde_json::Value) -> String {
+    let (s, e) = error_of(f.chat("us-east-1", body).await).await;
+    assert_eq!(s, 400, "{e}");
+    e["message"].as_str().unwrap().to_owned()
+}
+
 async fn post_raw(f: &Federation, body: &'static str) -> reqwest::Response {
     f.http
         .post(f.url("us-east-1", "/v1/chat/completions"))
@@ -116,13 +123,11 @@ async fn bad_requests_are_explained() {
     // rather than ignored (the answer would not be what was asked for).
     let mut body = support::ask(&format!("eu.{NOVA}"));
     body["max_token"] = serde_json::json!(5);
-    let (s, e) = error_of(f.chat("us-east-1", body).await).await;
-    assert_eq!(s, 400);
-    let message = e["message"].as_str().unwrap();
+    let message = refused(&f, body).await;
     assert!(
         message.contains("unknown field `max_token`; did you mean `max_tokens`?")
             && message.contains("nothing was run"),
-        "{e}"
+        "{message}"
     );
     // A history with tool calls would reach the model without them.
     let mut body = support::ask(&format!("eu.{NOVA}"));
@@ -131,14 +136,10 @@ async fn bad_requests_are_explained() {
         {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
     ]);
-    let (s, e) = error_of(f.chat("us-east-1", body).await).await;
-    assert_eq!(s, 400);
+    let message = refused(&f, body).await;
     assert!(
-        e["message"]
-            .as_str()
-            .unwrap()
-            .contains("messages[1].tool_calls is not supported"),
-        "{e}"
+        message.contains("messages[1].tool_calls is not supported"),
+        "{message}"
     );
     for (field, value) in [
         ("store", serde_json::json!(true)),
@@ -147,14 +148,10 @@ async fn bad_requests_are_explained() {
     ] {
         let mut body = support::ask(&format!("eu.{NOVA}"));
         body[field] = value;
-        let (s, e) = error_of(f.chat("us-east-1", body).await).await;
-        assert_eq!(s, 400, "{field}");
+        let message = refused(&f, body).await;
         assert!(
-            e["message"]
-                .as_str()
-                .unwrap()
-                .contains(&format!("`{field}` is not supported")),
-            "{e}"
+            message.contains(&format!("`{field}` is not supported")),
+            "{message}"
         );
     }
     // Their "off" values, as SDKs send them, and the sampling settings crisp carries.
@@ -181,30 +178,28 @@ async fn bad_requests_are_explained() {
         body[k] = v;
     }
     assert_eq!(f.chat("us-east-1", body).await.status(), 200);
-    let mut body = support::ask(&format!("eu.{NOVA}"));
-    body["top_p"] = serde_json::json!(0);
-    let (s, e) = error_of(f.chat("us-east-1", body).await).await;
-    assert_eq!(s, 400);
-    assert!(e["message"].as_str().unwrap().contains("top_p"), "{e}");
-    let mut body = support::ask(&format!("eu.{NOVA}"));
-    body["temperature"] = serde_json::json!(2.5);
-    let (s, e) = error_of(f.chat("us-east-1", body).await).await;
-    assert_eq!(s, 400);
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap()
-            .contains("`temperature` must be between 0 and 2"),
-        "{e}"
-    );
-    let mut body = support::ask(&format!("eu.{NOVA}"));
-    body["frequency_penalty"] = serde_json::json!(3);
-    let (s, e) = error_of(f.chat("us-east-1", body).await).await;
-    assert_eq!(s, 400);
-    assert!(
-        e["message"].as_str().unwrap().contains("between -2 and 2"),
-        "{e}"
-    );
+    for (field, value, says) in [
+        (
+            "top_p",
+            serde_json::json!(0),
+            "`top_p` must be greater than 0",
+        ),
+        (
+            "temperature",
+            serde_json::json!(2.5),
+            "`temperature` must be between 0 and 2",
+        ),
+        (
+            "frequency_penalty",
+            serde_json::json!(3),
+            "`frequency_penalty` must be between -2 and 2",
+        ),
+    ] {
+        let mut body = support::ask(&format!("eu.{NOVA}"));
+        body[field] = value;
+        let message = refused(&f, body).await;
+        assert!(message.contains(says), "{message}");
+    }
 
     // A prompt the model refuses, run in another region: the refusal comes back over the
     // backbone as the model's, said once.
