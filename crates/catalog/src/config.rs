@@ -1,8 +1,10 @@
 //! The configuration file format (TOML, `version = 1`) and its validation.
 //!
-//! Parsing stops at the first syntax or type error (the file cannot be read further), but
-//! validation of a well-formed file reports every problem at once, each with its line and
-//! column, so that a user with three mistakes sees three messages.
+//! Every problem is reported at once, each with its line and column, so that a user with
+//! three mistakes sees three messages: a TOML syntax error stops the reading (the file
+//! cannot be read further), a type error is reported for each section and each
+//! `[[region]]`, `[[model]]`, ... that has one, and validation of a well-formed file
+//! reports everything it finds.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -256,6 +258,81 @@ impl Problems<'_> {
     }
 }
 
+fn located(src: &str, span: Option<std::ops::Range<usize>>, message: &str) -> ConfigError {
+    let (line, column) = match span {
+        Some(span) => {
+            let (l, c) = line_col(src, span.start);
+            (Some(l), Some(c))
+        }
+        None => (None, None),
+    };
+    ConfigError {
+        line,
+        column,
+        message: message.trim().to_owned(),
+    }
+}
+
+/// The type errors of a file that is valid TOML, read section by section and element by
+/// element: the whole-file read stops at the first, and two regions with a mistake each
+/// should show both. Empty when the file is not valid TOML.
+fn type_errors(src: &str) -> Vec<ConfigError> {
+    use serde::de::IntoDeserializer;
+
+    fn check<T: serde::de::DeserializeOwned>(
+        src: &str,
+        at: Option<std::ops::Range<usize>>,
+        item: &toml_edit::Item,
+        found: &mut Vec<ConfigError>,
+    ) {
+        let Ok(value) = item.clone().into_value() else {
+            return;
+        };
+        if let Err(e) = T::deserialize(value.into_deserializer()) {
+            // An error of the table itself (a missing field) has no span of its own.
+            found.push(located(src, e.span().or(at), e.message()));
+        }
+    }
+    fn each<T: serde::de::DeserializeOwned>(
+        src: &str,
+        item: &toml_edit::Item,
+        found: &mut Vec<ConfigError>,
+    ) {
+        match item.as_array_of_tables() {
+            Some(tables) => {
+                for table in tables {
+                    let item = toml_edit::Item::Table(table.clone());
+                    check::<T>(src, table.span(), &item, found);
+                }
+            }
+            None => check::<Vec<T>>(src, item.span(), item, found),
+        }
+    }
+
+    let Ok(doc) = toml_edit::ImDocument::parse(src) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for (key, item) in doc.as_table().iter() {
+        let at = item.span();
+        match key {
+            "version" => check::<Spanned<u32>>(src, at, item, &mut found),
+            "deployment" => check::<RawDeployment>(src, at, item, &mut found),
+            "routing" => check::<RawRouting>(src, at, item, &mut found),
+            "limits" => check::<RawLimits>(src, at, item, &mut found),
+            "access" => check::<RawAccess>(src, at, item, &mut found),
+            "audit" => check::<RawAudit>(src, at, item, &mut found),
+            "invocation_log" => each::<RawInvocationLog>(src, item, &mut found),
+            "region" => each::<RawRegion>(src, item, &mut found),
+            "geography" => each::<RawGeography>(src, item, &mut found),
+            "model" => each::<RawModel>(src, item, &mut found),
+            // The whole-file read names it, with the sections there are.
+            _ => {}
+        }
+    }
+    found
+}
+
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let before = src.get(..offset).unwrap_or(src);
     let line = before.matches('\n').count() + 1;
@@ -269,18 +346,13 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
 /// Parses and validates a configuration file's text.
 pub fn parse_config(src: &str) -> Result<Catalog, ConfigErrors> {
     let raw: RawConfig = toml::from_str(src).map_err(|e| {
-        let (line, column) = match e.span() {
-            Some(span) => {
-                let (l, c) = line_col(src, span.start);
-                (Some(l), Some(c))
-            }
-            None => (None, None),
-        };
-        ConfigErrors(vec![ConfigError {
-            line,
-            column,
-            message: e.message().trim().to_owned(),
-        }])
+        let first = located(src, e.span(), e.message());
+        let mut all = type_errors(src);
+        // The whole-file read names what the sections alone cannot (a missing section).
+        if !all.contains(&first) {
+            all.insert(0, first);
+        }
+        ConfigErrors(all)
     })?;
     let mut p = Problems {
         src,

@@ -90,6 +90,30 @@ fn unknown_fields_and_syntax_errors_name_their_place() {
 }
 
 #[test]
+fn type_errors_in_several_sections_are_all_reported() {
+    // Two regions and the routing section each with a value of the wrong type.
+    let src = DEMO
+        .replacen("lat = 38.9", "lat = \"38.9\"", 1)
+        .replacen("lon = 8.7", "lon = true", 1)
+        .replacen("max_attempts = 4 ", "max_attempts = \"three\" ", 1);
+    let errs = parse_config(&src).unwrap_err();
+    assert_eq!(errs.0.len(), 3, "{errs}");
+    let line_of = |needle: &str| src.lines().position(|l| l == needle).unwrap() + 1;
+    for (line, what) in [
+        (12, "string \"three\""),
+        (line_of("lat = \"38.9\""), "string \"38.9\""),
+        (line_of("lon = true"), "boolean `true`"),
+    ] {
+        assert!(
+            errs.0
+                .iter()
+                .any(|e| e.line == Some(line) && e.message.contains(what)),
+            "line {line} {what}: {errs}"
+        );
+    }
+}
+
+#[test]
 fn a_newer_config_version_is_refused() {
     let src = DEMO.replacen("version = 1", "version = 7", 1);
     let errs = parse_config(&src).unwrap_err();
