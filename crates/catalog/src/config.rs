@@ -148,6 +148,7 @@ struct RawAccess {
 struct RawLimits {
     max_body_bytes: Option<Spanned<usize>>,
     max_connections: Option<Spanned<usize>>,
+    max_connections_per_client: Option<Spanned<usize>>,
     header_read_timeout_ms: Option<Spanned<u64>>,
     body_read_timeout_ms: Option<Spanned<u64>>,
     idle_timeout_ms: Option<Spanned<u64>>,
@@ -585,6 +586,15 @@ fn validate_limits(raw: RawLimits, p: &mut Problems<'_>) -> Limits {
             p.at(v.span(), "limits.max_connections must be at least 1".into());
         }
         l.max_connections = v.into_inner();
+    }
+    if let Some(v) = raw.max_connections_per_client {
+        if *v.get_ref() == 0 {
+            p.at(
+                v.span(),
+                "limits.max_connections_per_client must be at least 1 (leave it out for no limit per client)".into(),
+            );
+        }
+        l.max_connections_per_client = Some(v.into_inner());
     }
     let timeouts = [
         (

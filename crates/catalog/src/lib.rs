@@ -284,6 +284,10 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Client connections open at once; more wait in the listen queue until one closes.
     pub max_connections: usize,
+    /// Client connections one address may hold open at once; more are closed as they
+    /// arrive. `None` (the default): no limit of its own, as behind a load balancer,
+    /// whose few addresses carry every client.
+    pub max_connections_per_client: Option<usize>,
     /// How long a client may take to send a request head, and a kept-alive HTTP/1
     /// connection may wait for its next one.
     pub header_read_timeout: Duration,
@@ -299,6 +303,7 @@ impl Default for Limits {
         Limits {
             max_body_bytes: 1 << 20,
             max_connections: 10_000,
+            max_connections_per_client: None,
             header_read_timeout: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),

@@ -212,6 +212,11 @@ fn client_connection_limits_default_and_are_checked() {
     assert_eq!(l.header_read_timeout, Duration::from_secs(30));
     assert_eq!(l.body_read_timeout, Duration::from_secs(30));
     assert_eq!(l.idle_timeout, Duration::from_secs(120));
+    assert_eq!(l.max_connections_per_client, None);
+    let l = parse_config(&with("max_connections_per_client = 64"))
+        .unwrap()
+        .limits;
+    assert_eq!(l.max_connections_per_client, Some(64));
     let l = parse_config(&with(
         "max_connections = 50\nheader_read_timeout_ms = 5000\nbody_read_timeout_ms = 7000\nidle_timeout_ms = 60000",
     ))
@@ -221,15 +226,21 @@ fn client_connection_limits_default_and_are_checked() {
     assert_eq!(l.header_read_timeout, Duration::from_secs(5));
     assert_eq!(l.body_read_timeout, Duration::from_secs(7));
     assert_eq!(l.idle_timeout, Duration::from_secs(60));
-    let e = parse_config(&with("max_connections = 0\nbody_read_timeout_ms = 0"))
-        .unwrap_err()
-        .to_string();
+    let e = parse_config(&with(
+        "max_connections = 0\nbody_read_timeout_ms = 0\nmax_connections_per_client = 0",
+    ))
+    .unwrap_err()
+    .to_string();
     assert!(
         e.contains("limits.max_connections must be at least 1"),
         "{e}"
     );
     assert!(
         e.contains("limits.body_read_timeout_ms must be between 100 (0.1 s) and 3600000"),
+        "{e}"
+    );
+    assert!(
+        e.contains("limits.max_connections_per_client must be at least 1"),
         "{e}"
     );
 }

@@ -2,7 +2,8 @@
 //! shutdown that drains: stop accepting, let open requests finish up to a grace period,
 //! then close whatever is left. Connections are owned here, so nothing outlives the node.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -34,6 +35,8 @@ pub struct ConnectionLimits {
     /// Connections served at once; further ones wait in the kernel's listen queue until
     /// one closes.
     pub max_connections: usize,
+    /// Connections one address may hold at once; more are closed as they arrive.
+    pub per_client: Option<usize>,
     /// How long a client may take to send a request head (and a kept-alive HTTP/1
     /// connection may wait for its next one).
     pub header_read_timeout: Duration,
@@ -48,6 +51,7 @@ impl ConnectionLimits {
         ConnectionLimits {
             listener: "client",
             max_connections: limits.max_connections,
+            per_client: limits.max_connections_per_client,
             header_read_timeout: limits.header_read_timeout,
             idle_timeout: Some(limits.idle_timeout),
         }
@@ -59,6 +63,7 @@ impl ConnectionLimits {
         ConnectionLimits {
             listener: "peer",
             max_connections: 4096,
+            per_client: None,
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: None,
         }
@@ -69,6 +74,7 @@ impl ConnectionLimits {
         ConnectionLimits {
             listener: "admin",
             max_connections: 256,
+            per_client: None,
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: Some(Duration::from_secs(120)),
         }
@@ -167,6 +173,7 @@ pub async fn serve(
 ) {
     let mut connections = JoinSet::new();
     let open = metrics::gauge!("crisp_open_connections", "listener" => limits.listener);
+    let mut per_client = PerClient::new(limits);
     loop {
         open.set(connections.len() as f64);
         let room = connections.len() < limits.max_connections;
@@ -192,17 +199,26 @@ pub async fn serve(
                         continue;
                     }
                 };
-                Accepted::new(remote, &app, &security, &stop, limits)
-                    .start(stream, workers.as_deref(), &mut connections);
+                if !per_client.admit(remote.ip()) {
+                    drop(stream);
+                    continue;
+                }
+                if let Some(task) = Accepted::new(remote, &app, &security, &stop, limits)
+                    .start(stream, workers.as_deref(), &mut connections)
+                {
+                    per_client.opened(task, remote.ip());
+                }
             }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(ended) = connections.join_next_with_id(), if !connections.is_empty() => {
+                per_client.closed(ended.map_or_else(|e| e.id(), |(id, ())| id));
+            }
             () = stopped(&mut stop) => break,
         }
     }
     // Connections the kernel has already queued would be reset with the listener: serve
     // them too (a reloaded node's replacement takes the new ones on the same port).
     while let Some(Ok((stream, remote))) = listener.accept().now_or_never() {
-        Accepted::new(remote, &app, &security, &stop, limits).start(
+        let _ = Accepted::new(remote, &app, &security, &stop, limits).start(
             stream,
             workers.as_deref(),
             &mut connections,
@@ -222,6 +238,68 @@ pub async fn serve(
     connections.abort_all();
     open.set(0.0);
 }
+
+/// The connections each client address holds, where a listener limits them.
+struct PerClient {
+    limits: ConnectionLimits,
+    open: HashMap<IpAddr, usize>,
+    tasks: HashMap<tokio::task::Id, IpAddr>,
+}
+
+impl PerClient {
+    fn new(limits: ConnectionLimits) -> PerClient {
+        PerClient {
+            limits,
+            open: HashMap::new(),
+            tasks: HashMap::new(),
+        }
+    }
+
+    /// Whether `ip` may open one more connection; a refusal is counted and logged.
+    fn admit(&self, ip: IpAddr) -> bool {
+        let Some(max) = self.limits.per_client else {
+            return true;
+        };
+        if self.open.get(&ip).copied().unwrap_or(0) < max {
+            return true;
+        }
+        metrics::counter!("crisp_connections_refused_total", "listener" => self.limits.listener, "reason" => "per_client")
+            .increment(1);
+        if let Some(also) = PER_CLIENT_LOG.admit(self.limits.listener, std::time::Instant::now()) {
+            tracing::warn!(
+                listener = self.limits.listener,
+                client = %ip,
+                max_connections_per_client = max,
+                similar_not_logged = also,
+                "a client reached its connection limit; its new connections are closed (raise [limits] max_connections_per_client, or remove it behind a load balancer)"
+            );
+        }
+        false
+    }
+
+    fn opened(&mut self, task: tokio::task::Id, ip: IpAddr) {
+        if self.limits.per_client.is_some() {
+            *self.open.entry(ip).or_default() += 1;
+            self.tasks.insert(task, ip);
+        }
+    }
+
+    fn closed(&mut self, task: tokio::task::Id) {
+        let Some(ip) = self.tasks.remove(&task) else {
+            return;
+        };
+        if let Some(n) = self.open.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.open.remove(&ip);
+            }
+        }
+    }
+}
+
+/// "A client reached its connection limit" logged at most once a minute per listener.
+static PER_CLIENT_LOG: crate::observe::LogThrottle =
+    crate::observe::LogThrottle::new(Duration::from_secs(60));
 
 /// "Connection limit reached" logged at most once a minute per listener.
 static FULL_LOG: crate::observe::LogThrottle =
@@ -356,13 +434,17 @@ impl Accepted {
     }
 
     /// Serves the connection on the next of `workers`, or on the caller's runtime.
-    fn start(self, stream: TcpStream, workers: Option<&Workers>, tasks: &mut JoinSet<()>) {
+    /// Returns the connection's task, if it started.
+    fn start(
+        self,
+        stream: TcpStream,
+        workers: Option<&Workers>,
+        tasks: &mut JoinSet<()>,
+    ) -> Option<tokio::task::Id> {
         let _ = stream.set_nodelay(true);
         match workers.and_then(Workers::next) {
             Some(runtime) => self.spawn_on(tasks, stream, runtime),
-            None => {
-                tasks.spawn(self.serve(stream));
-            }
+            None => Some(tasks.spawn(self.serve(stream)).id()),
         }
     }
 
@@ -376,16 +458,16 @@ impl Accepted {
         tasks: &mut JoinSet<()>,
         stream: TcpStream,
         runtime: &tokio::runtime::Handle,
-    ) {
+    ) -> Option<tokio::task::Id> {
         let remote = self.remote;
         let stream = match stream.into_std() {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(%remote, error = %e, "cannot hand the connection to a client thread");
-                return;
+                return None;
             }
         };
-        tasks.spawn_on(
+        let task = tasks.spawn_on(
             async move {
                 match TcpStream::from_std(stream) {
                     Ok(stream) => self.serve(Touching(stream)).await,
@@ -396,6 +478,7 @@ impl Accepted {
             },
             runtime,
         );
+        Some(task.id())
     }
 }
 
@@ -657,6 +740,7 @@ mod tests {
         ConnectionLimits {
             listener: "test",
             max_connections,
+            per_client: None,
             header_read_timeout: Duration::from_millis(header),
             idle_timeout: Some(Duration::from_millis(idle)),
         }
@@ -725,6 +809,46 @@ mod tests {
             text.starts_with("HTTP/1.1 200") && text.ends_with("ok"),
             "{text}"
         );
+    }
+
+    /// A request on a new connection from `from`: the answer, or `None` when the
+    /// connection was closed unanswered.
+    async fn ask_from(from: &str, addr: SocketAddr) -> Option<String> {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let mut conn = socket.connect(addr).await.unwrap();
+        // A closed connection may refuse the write or the read: both say "not served".
+        conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut all))
+            .await
+            .expect("no answer and no close")
+            .ok()?;
+        (!all.is_empty()).then(|| String::from_utf8_lossy(&all).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_client_address_beyond_its_connection_limit_is_closed_and_others_are_served() {
+        let limits = ConnectionLimits {
+            per_client: Some(2),
+            ..limits(100, 60_000, 60_000)
+        };
+        let (addr, _stop) = limited(limits).await;
+        // 127.0.0.1 holds its two places with connections that send nothing.
+        let first = TcpStream::connect(addr).await.unwrap();
+        let _second = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(ask_from("127.0.0.1", addr).await, None);
+        // Another address is served as usual.
+        let other = ask_from("127.0.0.2", addr).await.unwrap();
+        assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+        // Once one of its connections closes, 127.0.0.1 has a place again.
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let again = ask_from("127.0.0.1", addr).await.unwrap();
+        assert!(again.starts_with("HTTP/1.1 200"), "{again}");
     }
 
     #[tokio::test]
