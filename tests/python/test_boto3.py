@@ -190,6 +190,16 @@ def test_sdk_exceptions(federation):
                          performanceConfig={"latency": "standard"},
                          inferenceConfig={"maxTokens": 2})
     assert answer["usage"]["outputTokens"] <= 2
+    # A prompt-caching checkpoint changes no answer: accepted; an image is refused.
+    cached = rt.converse(modelId="eu.amazon.nova-lite-v1:0",
+                         system=[{"text": "Be brief."}, {"cachePoint": {"type": "default"}}],
+                         messages=[{"role": "user", "content": [{"text": "Hi"}, {"cachePoint": {"type": "default"}}]}],
+                         inferenceConfig={"maxTokens": 2})
+    assert cached["usage"]["outputTokens"] <= 2
+    with pytest.raises(rt.exceptions.ValidationException) as e:
+        rt.converse(modelId="eu.amazon.nova-lite-v1:0", messages=[{"role": "user", "content": [
+            {"text": "What is this?"}, {"image": {"format": "png", "source": {"bytes": b"x"}}}]}])
+    assert "messages[0].content[1] is not a text block" in str(e.value)
     # Amazon Nova's native body, as its documentation spells it, is read whole; a field
     # crisp does not know is named, never dropped.
     nova = {"schemaVersion": "messages-v1", "messages": msgs,

@@ -386,6 +386,10 @@ struct ConverseMessage {
 struct ContentBlock {
     #[serde(default)]
     text: Option<String>,
+    /// A prompt-caching checkpoint: a hint that does not change the answer, accepted
+    /// and not carried.
+    #[serde(default, rename = "cachePoint")]
+    cache_point: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize, Default)]
@@ -448,11 +452,12 @@ fn to_pipeline(
     let text = |blocks: Vec<ContentBlock>, at: &str| -> Result<String, PipelineError> {
         let mut out = String::new();
         for (i, b) in blocks.into_iter().enumerate() {
-            match b.text {
-                Some(t) => out.push_str(&t),
-                None => {
+            match (b.text, b.cache_point) {
+                (Some(t), None) => out.push_str(&t),
+                (None, Some(_)) => {}
+                _ => {
                     return Err(PipelineError::InvalidRequest(format!(
-                        "{at}.content[{i}] is not a text block; only text content is supported"
+                        "{at}[{i}] is not a text block; only text content (and cachePoint) is supported"
                     )));
                 }
             }
@@ -484,7 +489,7 @@ fn to_pipeline(
             )));
         }
         messages.push(Message {
-            content: text(m.content, &format!("messages[{i}]"))?,
+            content: text(m.content, &format!("messages[{i}].content"))?,
             role: m.role,
         });
     }
