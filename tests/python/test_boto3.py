@@ -203,10 +203,10 @@ def test_sdk_exceptions(federation):
     # Amazon Nova's native body, as its documentation spells it, is read whole; a field
     # crisp does not know is named, never dropped.
     nova = {"schemaVersion": "messages-v1", "messages": msgs,
-            "inferenceConfig": {"max_new_tokens": 2, "temperature": 0.5, "top_p": 0.9}}
+            "inferenceConfig": {"max_new_tokens": 2, "temperature": 0.5, "top_p": 0.9, "top_k": 20}}
     body = json.loads(rt.invoke_model(modelId="eu.amazon.nova-lite-v1:0", body=json.dumps(nova))["body"].read())
     assert body["usage"]["outputTokens"] <= 2
-    for config, refused in [({"top_k": 20}, "inferenceConfig.topK is not supported"),
+    for config, refused in [({"top_k": -1}, "inferenceConfig.top_k"),
                             ({"max_new_token": 2}, "did you mean `max_new_tokens`?")]:
         with pytest.raises(rt.exceptions.ValidationException) as e:
             rt.invoke_model(modelId="eu.amazon.nova-lite-v1:0",

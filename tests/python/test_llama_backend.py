@@ -141,6 +141,12 @@ def test_a_request_runs_on_the_real_engine(deployment):
     c = raw.parse()
     assert c.usage.completion_tokens >= 1 and c.usage.prompt_tokens > 0
     assert c.choices[0].finish_reason in ("length", "stop")
+    # Sampling settings reach the engine, top_k (llama.cpp's extension) included.
+    sampled = client(deployment["us"]).chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "hello"}], max_tokens=3,
+        temperature=0.7, top_p=0.9, seed=7, extra_body={"top_k": 5},
+    )
+    assert sampled.usage.completion_tokens >= 1
 
 
 def test_streaming_through_crisp_from_the_real_engine(deployment):

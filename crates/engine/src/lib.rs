@@ -105,6 +105,9 @@ pub struct Sampling {
     pub temperature: Option<f32>,
     /// Nucleus sampling: only the tokens within this probability mass (0 < top_p <= 1).
     pub top_p: Option<f32>,
+    /// Only the `top_k` likeliest tokens (vLLM, SGLang and llama.cpp take it; 0 means no
+    /// limit there).
+    pub top_k: Option<u32>,
     /// Asks the engine for repeatable sampling (engines that support it).
     pub seed: Option<i64>,
     /// Penalties (-2..2) for tokens already present, and by how often they occur.

@@ -366,6 +366,8 @@ struct UpstreamRequest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     presence_penalty: Option<f32>,
@@ -608,6 +610,7 @@ impl Backend for OpenAiBackend {
                 max_tokens: req.max_tokens,
                 temperature: req.sampling.temperature,
                 top_p: req.sampling.top_p,
+                top_k: req.sampling.top_k,
                 seed: req.sampling.seed,
                 presence_penalty: req.sampling.presence_penalty,
                 frequency_penalty: req.sampling.frequency_penalty,

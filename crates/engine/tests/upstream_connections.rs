@@ -213,11 +213,12 @@ async fn connections_are_kept_alive_and_reused() {
     // Sampling settings go upstream only when the client set them.
     let body = seen.last_body.lock().unwrap().clone();
     assert!(
-        body.get("top_p").is_none() && body.get("seed").is_none(),
+        body.get("top_p").is_none() && body.get("top_k").is_none() && body.get("seed").is_none(),
         "{body}"
     );
     let mut sampled = request();
     sampled.sampling.top_p = Some(0.5);
+    sampled.sampling.top_k = Some(20);
     sampled.sampling.seed = Some(42);
     sampled.sampling.frequency_penalty = Some(0.25);
     let mut stream = b.generate(sampled).await.unwrap();
@@ -226,10 +227,11 @@ async fn connections_are_kept_alive_and_reused() {
     assert_eq!(
         (
             body["top_p"].as_f64(),
+            body["top_k"].as_u64(),
             body["seed"].as_i64(),
             body["frequency_penalty"].as_f64()
         ),
-        (Some(0.5), Some(42), Some(0.25))
+        (Some(0.5), Some(20), Some(42), Some(0.25))
     );
     assert!(body.get("presence_penalty").is_none(), "{body}");
     // Concurrent answers each get a connection, and those are kept for later.

@@ -502,6 +502,7 @@ async fn try_region(
         max_tokens: req.max_tokens,
         temperature: req.sampling.temperature,
         top_p: req.sampling.top_p,
+        top_k: req.sampling.top_k,
         seed: req.sampling.seed,
         presence_penalty: req.sampling.presence_penalty,
         frequency_penalty: req.sampling.frequency_penalty,

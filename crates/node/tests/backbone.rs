@@ -208,6 +208,7 @@ fn forward(request_id: &str, source: &str, profile: &str) -> wire::GenerateReque
         max_tokens: Some(3),
         temperature: None,
         top_p: None,
+        top_k: None,
         seed: None,
         presence_penalty: None,
         frequency_penalty: None,

@@ -161,6 +161,7 @@ async fn bad_requests_are_explained() {
         ("logprobs", serde_json::json!(false)),
         ("response_format", serde_json::json!({"type": "text"})),
         ("top_p", serde_json::json!(0.9)),
+        ("top_k", serde_json::json!(40)),
         ("seed", serde_json::json!(7)),
         ("presence_penalty", serde_json::json!(0.5)),
         ("logit_bias", serde_json::json!({})),

@@ -52,6 +52,10 @@ struct ChatRequest {
     n: Option<u32>,
     #[serde(default)]
     top_p: Option<f32>,
+    /// Not OpenAI's, but vLLM's, SGLang's and llama.cpp's, which clients of open models
+    /// send: carried to the engine.
+    #[serde(default)]
+    top_k: Option<u32>,
     #[serde(default)]
     seed: Option<i64>,
     #[serde(default)]
@@ -232,7 +236,7 @@ impl ChatRequest {
         }
         if let Some(feature) = self.unsupported() {
             return Err(format!(
-                "`{feature}` is not supported: crisp routes text chat completions (messages, max_tokens, temperature, top_p, seed, presence and frequency penalties, stop, stream); remove `{feature}` and send the request again (nothing was run)"
+                "`{feature}` is not supported: crisp routes text chat completions (messages, max_tokens, temperature, top_p, top_k, seed, presence and frequency penalties, stop, stream); remove `{feature}` and send the request again (nothing was run)"
             ));
         }
         check_sampling(self.temperature, self.top_p)?;
@@ -322,6 +326,7 @@ impl ChatRequest {
                 sampling: Sampling {
                     temperature: self.temperature,
                     top_p: self.top_p,
+                    top_k: self.top_k,
                     seed: self.seed,
                     presence_penalty: self.presence_penalty,
                     frequency_penalty: self.frequency_penalty,

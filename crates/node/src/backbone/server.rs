@@ -175,6 +175,7 @@ async fn run_forwarded(
         sampling: Sampling {
             temperature: req.temperature,
             top_p: req.top_p,
+            top_k: req.top_k,
             seed: req.seed,
             presence_penalty: req.presence_penalty,
             frequency_penalty: req.frequency_penalty,

@@ -404,9 +404,8 @@ struct InferenceConfig {
     top_p: Option<f32>,
     #[serde(default)]
     stop_sequences: Vec<String>,
-    /// Not carried to engines: refused rather than answered without it.
     #[serde(default, alias = "top_k")]
-    top_k: Option<IgnoredAny>,
+    top_k: Option<u32>,
 }
 
 /// The refusal of an Anthropic Messages body, which crisp does not translate.
@@ -546,7 +545,6 @@ fn to_pipeline(
                 .is_some_and(|v| v != "messages-v1"),
             "schemaVersion",
         ),
-        (config.top_k.is_some(), "inferenceConfig.topK"),
     ]
     .into_iter()
     .find_map(|(asked, name)| asked.then_some(name));
@@ -566,6 +564,7 @@ fn to_pipeline(
         sampling: Sampling {
             temperature: config.temperature,
             top_p: config.top_p,
+            top_k: config.top_k,
             ..Sampling::default()
         },
         stop: config.stop_sequences,
