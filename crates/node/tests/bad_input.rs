@@ -129,6 +129,22 @@ async fn bad_requests_are_explained() {
             && message.contains("nothing was run"),
         "{message}"
     );
+    // Inside a message's parts too; an image part is named as what it is.
+    for (part, says) in [
+        (
+            serde_json::json!({"type": "text", "text": "hi", "colour": "red"}),
+            "unknown field `messages[0].content[0].colour`",
+        ),
+        (
+            serde_json::json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}),
+            "messages[0].content[0] has type \"image_url\"; only \"text\" parts are supported",
+        ),
+    ] {
+        let mut body = support::ask(&format!("eu.{NOVA}"));
+        body["messages"] = serde_json::json!([{"role": "user", "content": [part]}]);
+        let message = refused(&f, body).await;
+        assert!(message.contains(says), "{message}");
+    }
     // A history with tool calls would reach the model without them.
     let mut body = support::ask(&format!("eu.{NOVA}"));
     body["messages"] = serde_json::json!([
@@ -282,6 +298,10 @@ async fn bad_requests_are_explained() {
         (
             serde_json::json!({"model": format!("eu.{NOVA}"), "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}),
             "only \"input_text\" parts",
+        ),
+        (
+            serde_json::json!({"model": format!("eu.{NOVA}"), "input": [{"role": "user", "content": [{"type": "input_text", "text": "x", "colour": "red"}]}]}),
+            "unknown field `input[0].content[0].colour`",
         ),
         (
             serde_json::json!({"model": format!("eu.{NOVA}"), "input": "x", "background": true}),

@@ -4,7 +4,11 @@
 //! without it. When a body does not fit its type, it is read once more to say where
 //! (`messages[0].content`) and, for an unknown field, which one was probably meant.
 
+use std::fmt;
+use std::marker::PhantomData;
+
 use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
 /// A request of type `T` read from `text`; the error says what was wrong and where.
 pub(crate) fn from_json<'de, T: Deserialize<'de>>(text: &'de str) -> Result<T, String> {
@@ -72,6 +76,53 @@ fn nearest<'a>(field: &str, known: &[&'a str]) -> Option<&'a str> {
         .map(|(_, k)| k)
 }
 
+/// What a list of `Self` is for, in the error of a value that is neither a string nor
+/// such a list.
+pub(crate) trait Listed {
+    /// "a string, or a list of ... like ...".
+    const EXPECTING: &'static str;
+}
+
+/// A string, or a list of `T`: OpenAI's `content` and `input`. Read by the JSON type it
+/// finds, so an error inside the list is reported as itself, with its place, rather than
+/// as "matched no variant" (and nothing is buffered to try a second variant).
+pub(crate) enum TextOr<T> {
+    Text(String),
+    List(Vec<T>),
+}
+
+impl<'de, T: Deserialize<'de> + Listed> Deserialize<'de> for TextOr<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Either<T>(PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de> + Listed> Visitor<'de> for Either<T> {
+            type Value = TextOr<T>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(T::EXPECTING)
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<TextOr<T>, E> {
+                Ok(TextOr::Text(text.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, text: String) -> Result<TextOr<T>, E> {
+                Ok(TextOr::Text(text))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TextOr<T>, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(TextOr::List(items))
+            }
+        }
+
+        deserializer.deserialize_any(Either(PhantomData))
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -137,6 +188,43 @@ mod tests {
         );
         let e = from_json::<Outer>(r#"{"max_tokens": 5}"#).unwrap_err();
         assert!(e.starts_with("missing field `messages`"), "{e}");
+    }
+
+    #[derive(Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Part {
+        text: String,
+    }
+
+    impl Listed for Part {
+        const EXPECTING: &'static str = "a string, or a list of parts";
+    }
+
+    #[derive(Deserialize)]
+    struct WithContent {
+        content: TextOr<Part>,
+    }
+
+    #[test]
+    fn text_or_a_list_reads_both_and_says_what_is_wrong_inside_the_list() {
+        let read = |body: &str| from_json::<WithContent>(body).map(|w| w.content);
+        assert!(matches!(read(r#"{"content": "hi"}"#), Ok(TextOr::Text(t)) if t == "hi"));
+        assert!(matches!(
+            read(r#"{"content": [{"text": "a"}, {"text": "b"}]}"#),
+            Ok(TextOr::List(parts)) if parts.len() == 2
+        ));
+        let e = read(r#"{"content": 5}"#).err().unwrap();
+        assert!(
+            e.starts_with(
+                "`content`: invalid type: integer `5`, expected a string, or a list of parts"
+            ),
+            "{e}"
+        );
+        let e = read(r#"{"content": [{"text": "a"}, {"text": "b", "colour": 1}]}"#)
+            .err()
+            .unwrap();
+        assert!(e.starts_with("unknown field `content[1].colour`"), "{e}");
     }
 
     #[test]

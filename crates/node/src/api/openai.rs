@@ -202,22 +202,33 @@ struct ChatMessage {
     audio: Option<IgnoredAny>,
 }
 
-#[derive(Deserialize)]
-#[serde(
-    untagged,
-    expecting = r#"a string, or a list of parts like {"type": "text", "text": "Hello"}"#
-)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
+type Content = super::json::TextOr<Part>;
 
+/// A content part. Only text is carried; the other kinds OpenAI defines are read so that
+/// their refusal names them.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Part {
     #[serde(rename = "type")]
     kind: String,
     #[serde(default)]
     text: Option<String>,
+    #[serde(default, rename = "image_url")]
+    _image_url: Option<IgnoredAny>,
+    #[serde(default, rename = "input_audio")]
+    _input_audio: Option<IgnoredAny>,
+    #[serde(default, rename = "file")]
+    _file: Option<IgnoredAny>,
+    #[serde(default, rename = "refusal")]
+    _refusal: Option<IgnoredAny>,
+    /// A prompt-caching hint some clients add: accepted, not carried.
+    #[serde(default, rename = "cache_control")]
+    _cache_control: Option<IgnoredAny>,
+}
+
+impl super::json::Listed for Part {
+    const EXPECTING: &'static str =
+        r#"a string, or a list of parts like {"type": "text", "text": "Hello"}"#;
 }
 
 const EXAMPLE: &str =
@@ -277,7 +288,7 @@ impl ChatRequest {
             let content = match m.content {
                 None => String::new(),
                 Some(Content::Text(t)) => t,
-                Some(Content::Parts(parts)) => {
+                Some(Content::List(parts)) => {
                     let mut text = String::new();
                     for (j, p) in parts.into_iter().enumerate() {
                         match (p.kind.as_str(), p.text) {

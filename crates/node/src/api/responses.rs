@@ -110,14 +110,11 @@ struct TextFormat {
     kind: String,
 }
 
-#[derive(Deserialize)]
-#[serde(
-    untagged,
-    expecting = r#"a string, or a list of messages like {"role": "user", "content": "Hello"}"#
-)]
-enum Input {
-    Text(String),
-    Items(Vec<InputItem>),
+type Input = super::json::TextOr<InputItem>;
+
+impl super::json::Listed for InputItem {
+    const EXPECTING: &'static str =
+        r#"a string, or a list of messages like {"role": "user", "content": "Hello"}"#;
 }
 
 #[derive(Deserialize)]
@@ -132,22 +129,41 @@ struct InputItem {
     content: Option<ItemContent>,
 }
 
-#[derive(Deserialize)]
-#[serde(
-    untagged,
-    expecting = r#"a string, or a list of parts like {"type": "input_text", "text": "Hello"}"#
-)]
-enum ItemContent {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
+type ItemContent = super::json::TextOr<ContentPart>;
 
+/// A content part. Only text is carried; the other kinds OpenAI defines are read so that
+/// their refusal names them.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ContentPart {
     #[serde(rename = "type")]
     kind: String,
     #[serde(default)]
     text: Option<String>,
+    /// Of an earlier answer's `output_text`: accepted, not carried.
+    #[serde(default, rename = "annotations")]
+    _annotations: Option<IgnoredAny>,
+    #[serde(default, rename = "logprobs")]
+    _logprobs: Option<IgnoredAny>,
+    #[serde(default, rename = "image_url")]
+    _image_url: Option<IgnoredAny>,
+    #[serde(default, rename = "file_id")]
+    _file_id: Option<IgnoredAny>,
+    #[serde(default, rename = "file_data")]
+    _file_data: Option<IgnoredAny>,
+    #[serde(default, rename = "file_url")]
+    _file_url: Option<IgnoredAny>,
+    #[serde(default, rename = "filename")]
+    _filename: Option<IgnoredAny>,
+    #[serde(default, rename = "detail")]
+    _detail: Option<IgnoredAny>,
+    #[serde(default, rename = "refusal")]
+    _refusal: Option<IgnoredAny>,
+}
+
+impl super::json::Listed for ContentPart {
+    const EXPECTING: &'static str =
+        r#"a string, or a list of parts like {"type": "input_text", "text": "Hello"}"#;
 }
 
 const EXAMPLE: &str = r#"{"model": "eu.amazon.nova-lite-v1:0", "input": "Hello"}"#;
@@ -260,7 +276,7 @@ impl ResponsesRequest {
                 role: "user".into(),
                 content: text,
             }),
-            Input::Items(items) => {
+            Input::List(items) => {
                 for (i, item) in items.into_iter().enumerate() {
                     messages.push(item_message(i, item)?);
                 }
@@ -312,7 +328,7 @@ fn item_message(i: usize, item: InputItem) -> Result<Message, String> {
     let content = match item.content {
         None => return Err(format!("input[{i}] has no `content`")),
         Some(ItemContent::Text(t)) => t,
-        Some(ItemContent::Parts(parts)) => {
+        Some(ItemContent::List(parts)) => {
             let mut text = String::new();
             for (j, part) in parts.into_iter().enumerate() {
                 match (part.kind.as_str(), part.text) {
