@@ -63,8 +63,10 @@ def llama_server(d, *extra):
 
 @contextlib.contextmanager
 def crisp_up(config, client_port, **popen):
-    """`crisp up --config config`, once its client port listens; stopped with Ctrl-C."""
-    crisp = subprocess.Popen([CRISP, "up", "--config", str(config)], **popen)
+    """`crisp up --config config`, once its client port listens; stopped with Ctrl-C. Its
+    temporary files, and the audit trails it keeps, go next to the configuration."""
+    env = {**os.environ, "TMPDIR": str(config.parent)}
+    crisp = subprocess.Popen([CRISP, "up", "--config", str(config)], env=env, **popen)
     try:
         wait_port(client_port, crisp)
         time.sleep(0.5)

@@ -5,6 +5,8 @@ The crisp binary is started by the fixture on a free port range and stopped at t
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,6 +72,15 @@ def federation():
         raise
     assert proc.returncode == 0, out
     assert "stopped" in out
+    remove_audit_trails("".join(banner))
+
+
+def remove_audit_trails(banner):
+    """`crisp up` keeps its audit trails after it stops, for a person to inspect; a test
+    that has checked them removes them."""
+    m = re.search(r"audit trails: (\S+)/<region>", banner)
+    if m and os.path.basename(m.group(1)).startswith("crisp-up-audit-"):
+        shutil.rmtree(m.group(1), ignore_errors=True)
 
 
 def region_port(fed, index):

@@ -1094,6 +1094,15 @@ fn crisp_up_runs_a_given_configuration_where_told_and_offers_no_demo_credentials
     let (status, metrics) = http(base + 2, "GET", "/metrics", "");
     assert_eq!(status, 200, "{metrics}");
     drop(node);
+    // The trail `crisp up` keeps for a person to inspect, once this test is done with it.
+    if let Some(trails) = banner
+        .lines()
+        .find_map(|l| l.strip_prefix("audit trails: "))
+        .and_then(|t| t.strip_suffix("/<region>"))
+        .filter(|t| t.contains("crisp-up-audit-"))
+    {
+        let _ = std::fs::remove_dir_all(trails);
+    }
 }
 
 /// A small tmpfs mounted on a directory, unmounted when dropped.
