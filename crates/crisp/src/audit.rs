@@ -246,30 +246,37 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                     ]
                 })
                 .collect();
-            print_table(
-                [
-                    "TIME",
-                    "REQUEST",
-                    "CALL",
-                    "PRINCIPAL",
-                    "PROFILE",
-                    "RAN IN",
-                    "TOKENS I/O",
-                    "RESULT",
-                ],
-                &rows,
-            );
+            if !rows.is_empty() {
+                print_table(
+                    [
+                        ("TIME", Align::Left),
+                        ("REQUEST", Align::Left),
+                        ("CALL", Align::Left),
+                        ("PRINCIPAL", Align::Left),
+                        ("PROFILE", Align::Left),
+                        ("RAN IN", Align::Left),
+                        ("TOKENS I/O", Align::Right),
+                        ("RESULT", Align::Left),
+                    ],
+                    &rows,
+                );
+            }
             Ok(())
         }
     }
 }
 
+/// How a table column's cells line up: text to the left, numbers to the right.
+#[derive(Clone, Copy, PartialEq)]
+enum Align {
+    Left,
+    Right,
+}
+
 /// Columns as wide as their widest cell, so long IDs and ARNs do not push the rest out
-/// of line; the tokens column is right-aligned.
-fn print_table<const N: usize>(heading: [&str; N], rows: &[[String; N]]) {
-    if rows.is_empty() {
-        return;
-    }
+/// of line.
+fn print_table<const N: usize>(columns: [(&str, Align); N], rows: &[[String; N]]) {
+    let heading = columns.map(|(h, _)| h);
     let mut widths = heading.map(|h| h.chars().count());
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -278,16 +285,13 @@ fn print_table<const N: usize>(heading: [&str; N], rows: &[[String; N]]) {
     }
     let line = |cells: [&str; N]| {
         let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == N {
-                out.push_str(cell);
-            } else if heading[i].starts_with("TOKENS") {
-                out.push_str(&format!("{cell:>w$} "));
-            } else {
-                out.push_str(&format!("{cell:<w$} "));
+        for ((cell, w), (_, align)) in cells.iter().zip(widths).zip(columns) {
+            match align {
+                Align::Left => out.push_str(&format!("{cell:<w$} ")),
+                Align::Right => out.push_str(&format!("{cell:>w$} ")),
             }
         }
-        println!("{out}");
+        println!("{}", out.trim_end());
     };
     line(heading);
     for row in rows {
@@ -515,20 +519,28 @@ pub fn usage(
             );
         }
     } else {
-        println!(
-            "{:<44} {:>9} {:>12} {:>12} {:>12}",
-            by.heading(),
-            "requests",
-            "input tok",
-            "output tok",
-            "cost USD"
+        let cells: Vec<[String; 5]> = rows
+            .iter()
+            .map(|(k, r)| {
+                [
+                    k.to_string(),
+                    r.requests.to_string(),
+                    r.input_tokens.to_string(),
+                    r.output_tokens.to_string(),
+                    format!("{:.6}", r.cost_usd),
+                ]
+            })
+            .collect();
+        print_table(
+            [
+                (by.heading(), Align::Left),
+                ("requests", Align::Right),
+                ("input tok", Align::Right),
+                ("output tok", Align::Right),
+                ("cost USD", Align::Right),
+            ],
+            &cells,
         );
-        for (k, r) in &rows {
-            println!(
-                "{:<44} {:>9} {:>12} {:>12} {:>12.6}",
-                k, r.requests, r.input_tokens, r.output_tokens, r.cost_usd
-            );
-        }
     }
     if repeated > 0 {
         eprintln!(
