@@ -143,10 +143,12 @@ def test_a_request_runs_on_the_real_engine(deployment):
     c = raw.parse()
     assert c.usage.completion_tokens >= 1 and c.usage.prompt_tokens > 0
     assert c.choices[0].finish_reason in ("length", "stop")
-    # Sampling settings reach the engine, top_k (llama.cpp's extension) included.
+    # Sampling settings reach the engine, llama.cpp's extensions included (top_k, min_p,
+    # and repeat_penalty, which crisp also reads and sends as vLLM's repetition_penalty).
     sampled = client(deployment["us"]).chat.completions.create(
         model="tiny-llama", messages=[{"role": "user", "content": "hello"}], max_tokens=3,
-        temperature=0.7, top_p=0.9, seed=7, extra_body={"top_k": 5},
+        temperature=0.7, top_p=0.9, seed=7,
+        extra_body={"top_k": 5, "min_p": 0.05, "repeat_penalty": 1.1},
     )
     assert sampled.usage.completion_tokens >= 1
 

@@ -108,6 +108,12 @@ pub struct Sampling {
     /// Only the `top_k` likeliest tokens (vLLM, SGLang and llama.cpp take it; 0 means no
     /// limit there).
     pub top_k: Option<u32>,
+    /// Only tokens at least this likely relative to the likeliest one (0..=1; vLLM, SGLang
+    /// and llama.cpp take it).
+    pub min_p: Option<f32>,
+    /// Multiplicative penalty for tokens already in the prompt or the answer (> 0, 1 means
+    /// none; vLLM and SGLang call it `repetition_penalty`, llama.cpp `repeat_penalty`).
+    pub repetition_penalty: Option<f32>,
     /// Asks the engine for repeatable sampling (engines that support it).
     pub seed: Option<i64>,
     /// Penalties (-2..2) for tokens already present, and by how often they occur.

@@ -368,6 +368,14 @@ struct UpstreamRequest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     top_k: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    min_p: Option<f32>,
+    /// Sent under both engines' names: vLLM and SGLang read `repetition_penalty`, llama.cpp
+    /// `repeat_penalty`, and each ignores the other's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repetition_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repeat_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     presence_penalty: Option<f32>,
@@ -611,6 +619,9 @@ impl Backend for OpenAiBackend {
                 temperature: req.sampling.temperature,
                 top_p: req.sampling.top_p,
                 top_k: req.sampling.top_k,
+                min_p: req.sampling.min_p,
+                repetition_penalty: req.sampling.repetition_penalty,
+                repeat_penalty: req.sampling.repetition_penalty,
                 seed: req.sampling.seed,
                 presence_penalty: req.sampling.presence_penalty,
                 frequency_penalty: req.sampling.frequency_penalty,

@@ -213,12 +213,18 @@ async fn connections_are_kept_alive_and_reused() {
     // Sampling settings go upstream only when the client set them.
     let body = seen.last_body.lock().unwrap().clone();
     assert!(
-        body.get("top_p").is_none() && body.get("top_k").is_none() && body.get("seed").is_none(),
+        body.get("top_p").is_none()
+            && body.get("top_k").is_none()
+            && body.get("min_p").is_none()
+            && body.get("repeat_penalty").is_none()
+            && body.get("seed").is_none(),
         "{body}"
     );
     let mut sampled = request();
     sampled.sampling.top_p = Some(0.5);
     sampled.sampling.top_k = Some(20);
+    sampled.sampling.min_p = Some(0.05);
+    sampled.sampling.repetition_penalty = Some(1.25);
     sampled.sampling.seed = Some(42);
     sampled.sampling.frequency_penalty = Some(0.25);
     let mut stream = b.generate(sampled).await.unwrap();
@@ -229,9 +235,20 @@ async fn connections_are_kept_alive_and_reused() {
             body["top_p"].as_f64(),
             body["top_k"].as_u64(),
             body["seed"].as_i64(),
-            body["frequency_penalty"].as_f64()
+            body["frequency_penalty"].as_f64(),
+            body["min_p"].as_f64().map(|p| p as f32),
+            body["repetition_penalty"].as_f64(),
+            body["repeat_penalty"].as_f64(),
         ),
-        (Some(0.5), Some(20), Some(42), Some(0.25))
+        (
+            Some(0.5),
+            Some(20),
+            Some(42),
+            Some(0.25),
+            Some(0.05),
+            Some(1.25),
+            Some(1.25)
+        )
     );
     assert!(body.get("presence_penalty").is_none(), "{body}");
     // Concurrent answers each get a connection, and those are kept for later.

@@ -503,6 +503,8 @@ async fn try_region(
         temperature: req.sampling.temperature,
         top_p: req.sampling.top_p,
         top_k: req.sampling.top_k,
+        min_p: req.sampling.min_p,
+        repetition_penalty: req.sampling.repetition_penalty,
         seed: req.sampling.seed,
         presence_penalty: req.sampling.presence_penalty,
         frequency_penalty: req.sampling.frequency_penalty,

@@ -209,6 +209,8 @@ fn forward(request_id: &str, source: &str, profile: &str) -> wire::GenerateReque
         temperature: None,
         top_p: None,
         top_k: None,
+        min_p: None,
+        repetition_penalty: None,
         seed: None,
         presence_penalty: None,
         frequency_penalty: None,

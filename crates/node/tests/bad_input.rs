@@ -178,6 +178,8 @@ async fn bad_requests_are_explained() {
         ("response_format", serde_json::json!({"type": "text"})),
         ("top_p", serde_json::json!(0.9)),
         ("top_k", serde_json::json!(40)),
+        ("min_p", serde_json::json!(0.05)),
+        ("repetition_penalty", serde_json::json!(1.1)),
         ("seed", serde_json::json!(7)),
         ("presence_penalty", serde_json::json!(0.5)),
         ("logit_bias", serde_json::json!({})),
@@ -210,6 +212,16 @@ async fn bad_requests_are_explained() {
             "frequency_penalty",
             serde_json::json!(3),
             "`frequency_penalty` must be between -2 and 2",
+        ),
+        (
+            "min_p",
+            serde_json::json!(1.5),
+            "`min_p` must be between 0 and 1",
+        ),
+        (
+            "repeat_penalty",
+            serde_json::json!(0),
+            "`repetition_penalty` must be greater than 0",
         ),
     ] {
         let mut body = support::ask(&format!("eu.{NOVA}"));

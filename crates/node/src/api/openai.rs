@@ -56,6 +56,12 @@ struct ChatRequest {
     /// send: carried to the engine.
     #[serde(default)]
     top_k: Option<u32>,
+    /// vLLM's, SGLang's and llama.cpp's too.
+    #[serde(default)]
+    min_p: Option<f32>,
+    /// vLLM's and SGLang's name; llama.cpp's `repeat_penalty` is read as the same.
+    #[serde(default, alias = "repeat_penalty")]
+    repetition_penalty: Option<f32>,
     #[serde(default)]
     seed: Option<i64>,
     #[serde(default)]
@@ -247,7 +253,7 @@ impl ChatRequest {
         }
         if let Some(feature) = self.unsupported() {
             return Err(format!(
-                "`{feature}` is not supported: crisp routes text chat completions (messages, max_tokens, temperature, top_p, top_k, seed, presence and frequency penalties, stop, stream); remove `{feature}` and send the request again (nothing was run)"
+                "`{feature}` is not supported: crisp routes text chat completions (messages, max_tokens, temperature, top_p, top_k, min_p, seed, presence, frequency and repetition penalties, stop, stream); remove `{feature}` and send the request again (nothing was run)"
             ));
         }
         check_sampling(self.temperature, self.top_p)?;
@@ -258,6 +264,15 @@ impl ChatRequest {
             if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
                 return Err(format!("`{name}` must be between -2 and 2"));
             }
+        }
+        if self.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+            return Err("`min_p` must be between 0 and 1".into());
+        }
+        if self
+            .repetition_penalty
+            .is_some_and(|p| !(p > 0.0 && p.is_finite()))
+        {
+            return Err("`repetition_penalty` must be greater than 0 (1 means no penalty)".into());
         }
         let mut messages = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.into_iter().enumerate() {
@@ -338,6 +353,8 @@ impl ChatRequest {
                     temperature: self.temperature,
                     top_p: self.top_p,
                     top_k: self.top_k,
+                    min_p: self.min_p,
+                    repetition_penalty: self.repetition_penalty,
                     seed: self.seed,
                     presence_penalty: self.presence_penalty,
                     frequency_penalty: self.frequency_penalty,

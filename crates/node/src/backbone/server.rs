@@ -176,6 +176,8 @@ async fn run_forwarded(
             temperature: req.temperature,
             top_p: req.top_p,
             top_k: req.top_k,
+            min_p: req.min_p,
+            repetition_penalty: req.repetition_penalty,
             seed: req.seed,
             presence_penalty: req.presence_penalty,
             frequency_penalty: req.frequency_penalty,
