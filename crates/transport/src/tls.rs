@@ -74,6 +74,42 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 pub struct CaVerifier {
     deployment: String,
     verifier: Arc<dyn ClientCertVerifier>,
+    accepted: Arc<Mutex<Accepted>>,
+}
+
+/// Certificates this verifier has accepted, each with the second it was checked at.
+/// Checking a chain is a function of the certificate, the roots and the time to the
+/// second (webpki reads no finer), and costs a signature verification; a source node
+/// checks the receipt of every forwarded answer, signed by the same few certificates
+/// again and again. So an identical question is answered from here: same certificate
+/// bytes, same second, same verifier (its roots never change; a new CA makes a new
+/// verifier). Refusals are not kept, and so are never answered from here.
+#[derive(Debug, Default)]
+struct Accepted {
+    entries: Vec<(u64, Vec<u8>, RegionIdentity)>,
+}
+
+impl Accepted {
+    /// A few regions sign at a time; each keeps one entry per second in use.
+    const MAX: usize = 32;
+
+    fn get(&self, cert: &[u8], at: u64) -> Option<RegionIdentity> {
+        self.entries
+            .iter()
+            .find(|(t, c, _)| *t == at && c.as_slice() == cert)
+            .map(|(_, _, id)| id.clone())
+    }
+
+    fn insert(&mut self, cert: &[u8], at: u64, id: &RegionIdentity) {
+        if self.entries.len() >= Self::MAX {
+            // Receipts arrive in time order: the oldest second is the least likely asked
+            // again.
+            if let Some(oldest) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].0) {
+                self.entries.swap_remove(oldest);
+            }
+        }
+        self.entries.push((at, cert.to_vec(), id.clone()));
+    }
 }
 
 impl CaVerifier {
@@ -85,6 +121,7 @@ impl CaVerifier {
         Ok(CaVerifier {
             deployment: deployment.to_owned(),
             verifier,
+            accepted: Arc::default(),
         })
     }
 
@@ -94,6 +131,20 @@ impl CaVerifier {
 
     /// Checks the chain at `at_unix_secs` and returns the certificate's region identity.
     pub fn verify(&self, cert: &[u8], at_unix_secs: u64) -> Result<RegionIdentity, String> {
+        if let Some(id) = self.accepted().get(cert, at_unix_secs) {
+            return Ok(id);
+        }
+        let id = self.check(cert, at_unix_secs)?;
+        self.accepted().insert(cert, at_unix_secs, &id);
+        Ok(id)
+    }
+
+    fn accepted(&self) -> std::sync::MutexGuard<'_, Accepted> {
+        // The list is valid after any panic in its short methods; keep using it.
+        self.accepted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check(&self, cert: &[u8], at_unix_secs: u64) -> Result<RegionIdentity, String> {
         let der = CertificateDer::from(cert.to_vec());
         self.verifier
             .verify_client_cert(
@@ -365,5 +416,24 @@ impl TlsStore {
         self.current.store(Arc::new(material));
         *last = Some(bytes);
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_certificates_are_bounded_and_the_oldest_second_goes_first() {
+        let id = RegionIdentity::new("demo", "eu-west-1");
+        let mut a = Accepted::default();
+        for at in 0..100 {
+            a.insert(b"cert", at, &id);
+            assert!(a.entries.len() <= Accepted::MAX);
+        }
+        assert_eq!(a.get(b"cert", 99), Some(id.clone()));
+        assert_eq!(a.get(b"cert", 100 - Accepted::MAX as u64), Some(id.clone()));
+        assert_eq!(a.get(b"cert", 99 - Accepted::MAX as u64), None);
+        assert_eq!(a.get(b"other", 99), None);
     }
 }

@@ -203,3 +203,107 @@ fn the_store_reloads_changed_files_and_keeps_the_old_on_errors() {
     assert!(store.reload(secs(now())).is_err());
     assert_eq!(store.current().cert_der(), current.cert_der());
 }
+
+mod accepted_chains {
+    use super::*;
+    use crisp_transport::tls::CaVerifier;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    struct World {
+        ca_pem: String,
+        /// DER of: a valid region certificate, one that expired, one not yet valid, one
+        /// from another CA of the same name, one from another deployment.
+        certs: Vec<Vec<u8>>,
+        start: u64,
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    }
+
+    fn world() -> &'static World {
+        static W: OnceLock<World> = OnceLock::new();
+        W.get_or_init(|| {
+            let t = now();
+            let ca = Ca::generate("demo", t - Duration::days(10), 365).unwrap();
+            let other = Ca::generate("demo", t - Duration::days(10), 365).unwrap();
+            let elsewhere = Ca::generate("prod", t - Duration::days(10), 365).unwrap();
+            let issue = |ca: &Ca, region: &str, from: Duration, to: Duration| {
+                der(&ca.issue_region(region, t + from, t + to).unwrap().cert_pem)
+            };
+            World {
+                ca_pem: ca.cert_pem().to_owned(),
+                certs: vec![
+                    issue(&ca, "eu-west-1", -Duration::days(1), Duration::days(1)),
+                    issue(&ca, "us-east-1", -Duration::days(3), -Duration::days(2)),
+                    issue(&ca, "eu-central-1", Duration::days(2), Duration::days(3)),
+                    issue(&other, "eu-west-1", -Duration::days(1), Duration::days(1)),
+                    issue(
+                        &elsewhere,
+                        "eu-west-1",
+                        -Duration::days(1),
+                        Duration::days(1),
+                    ),
+                ],
+                start: secs(t - Duration::days(4)),
+            }
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// A verifier that remembers what it accepted answers every question, in any
+        /// order, exactly as a verifier that has never seen the certificate before.
+        #[test]
+        fn remembering_changes_no_answer(
+            asks in proptest::collection::vec((0usize..5, 0u64..8 * 86_400), 1..40)
+        ) {
+            let w = world();
+            let remembering = CaVerifier::from_ca_pem("demo", w.ca_pem.as_bytes()).unwrap();
+            for (cert, offset) in asks {
+                let at = w.start + offset;
+                let fresh = CaVerifier::from_ca_pem("demo", w.ca_pem.as_bytes()).unwrap();
+                prop_assert_eq!(
+                    remembering.verify(&w.certs[cert], at),
+                    fresh.verify(&w.certs[cert], at)
+                );
+                // Asked again at once: the remembered answer.
+                prop_assert_eq!(
+                    remembering.verify(&w.certs[cert], at),
+                    fresh.verify(&w.certs[cert], at)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn each_kind_of_certificate_gets_its_answer() {
+        let w = world();
+        let v = CaVerifier::from_ca_pem("demo", w.ca_pem.as_bytes()).unwrap();
+        let at = w.start + 4 * 86_400;
+        for _ in 0..2 {
+            assert_eq!(
+                v.verify(&w.certs[0], at).unwrap(),
+                RegionIdentity::new("demo", "eu-west-1")
+            );
+            for (i, why) in [
+                (1, "expired"),
+                (2, "not valid yet"),
+                (3, "not trusted"),
+                (4, "not trusted"),
+            ] {
+                let e = v.verify(&w.certs[i], at).unwrap_err().to_lowercase();
+                assert!(
+                    e.contains(why) || e.contains(&why.replace(' ', "")),
+                    "{i}: {e}"
+                );
+            }
+        }
+    }
+}
