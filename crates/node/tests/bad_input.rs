@@ -316,6 +316,10 @@ async fn bad_requests_are_explained() {
             "unknown field `input[0].content[0].colour`",
         ),
         (
+            serde_json::json!({"model": format!("eu.{NOVA}"), "input": [{"role": "user", "contents": "x"}]}),
+            "unknown field `input[0].contents`; did you mean `content`?",
+        ),
+        (
             serde_json::json!({"model": format!("eu.{NOVA}"), "input": "x", "background": true}),
             "`background` is not supported",
         ),
@@ -334,6 +338,42 @@ async fn bad_requests_are_explained() {
         let (s, e) = error_of(r).await;
         assert_eq!(s, 400, "{body}: {e}");
         assert!(e["message"].as_str().unwrap().contains(says), "{body}: {e}");
+    }
+    // A field given twice in an input item is refused, not read as either; an earlier
+    // answer's message item, sent back with its `id` and `status`, is a message.
+    for (body, status) in [
+        (
+            format!(
+                r#"{{"model": "eu.{NOVA}", "input": [{{"role": "user", "content": "x", "content": "y"}}]}}"#
+            ),
+            400,
+        ),
+        (
+            format!(
+                r#"{{"model": "eu.{NOVA}", "input": [{{"type": "message", "id": "msg_1", "status": "completed", "role": "assistant", "content": [{{"type": "output_text", "text": "hi", "annotations": []}}]}}, {{"role": "user", "content": "more"}}]}}"#
+            ),
+            200,
+        ),
+    ] {
+        let r = f
+            .http
+            .post(f.url("us-east-1", "/v1/responses"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{body}");
+        if status == 400 {
+            let (_, e) = error_of(r).await;
+            assert!(
+                e["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("duplicate field `content`"),
+                "{e}"
+            );
+        }
     }
 
     // A known path with the wrong method says which one it takes.

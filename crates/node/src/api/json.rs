@@ -38,19 +38,25 @@ fn explain(path: &str, err: &serde_json::Error) -> String {
     };
     // serde lists what it expected in backquotes: ", expected one of `a`, `b` at line ..."
     let known: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
-    let hint = match nearest(field, &known) {
-        Some(meant) => format!("did you mean `{meant}`?"),
-        None if known.is_empty() => "nothing else is allowed there.".to_owned(),
-        None if known.len() <= 16 => format!("the fields there are `{}`.", known.join("`, `")),
-        None => "see the README for what crisp carries to a model.".to_owned(),
-    };
     // The path ends with the unknown field itself.
     let full = match path {
         "" | "." => field,
         p => p,
     };
+    unknown_field(full, field, &known)
+}
+
+/// The refusal of the unknown field `field`, at `path` (which ends with it), where the
+/// fields `known` are allowed.
+pub(crate) fn unknown_field(path: &str, field: &str, known: &[&str]) -> String {
+    let hint = match nearest(field, known) {
+        Some(meant) => format!("did you mean `{meant}`?"),
+        None if known.is_empty() => "nothing else is allowed there.".to_owned(),
+        None if known.len() <= 16 => format!("the fields there are `{}`.", known.join("`, `")),
+        None => "see the README for what crisp carries to a model.".to_owned(),
+    };
     format!(
-        "unknown field `{full}`; {hint} crisp refuses a field it does not carry rather than drop it: correct or remove it and send the request again (nothing was run)"
+        "unknown field `{path}`; {hint} crisp refuses a field it does not carry rather than drop it: correct or remove it and send the request again (nothing was run)"
     )
 }
 

@@ -117,16 +117,66 @@ impl super::json::Listed for InputItem {
         r#"a string, or a list of messages like {"role": "user", "content": "Hello"}"#;
 }
 
-#[derive(Deserialize)]
+/// One item of `input`. Read by hand rather than derived: an item of another type (a tool
+/// call, its output, reasoning) has fields of its own, and its refusal should name its
+/// type, not the first of those fields; so a field a message does not have is kept aside
+/// here and refused only once the item is known to be a message.
+#[derive(Default)]
 struct InputItem {
-    /// `message` when given; other item types (tool calls and their outputs, reasoning)
-    /// are refused.
-    #[serde(default, rename = "type")]
+    /// `message` when given; other item types are refused.
     kind: Option<String>,
-    #[serde(default)]
     role: Option<String>,
-    #[serde(default)]
     content: Option<ItemContent>,
+    /// The first field a message item does not have.
+    unknown: Option<String>,
+}
+
+impl InputItem {
+    /// A message item's fields. `id` and `status` come with the output items of an
+    /// earlier answer that clients send back: accepted, not carried.
+    const FIELDS: &[&str] = &["type", "role", "content", "id", "status"];
+}
+
+impl<'de> Deserialize<'de> for InputItem {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = InputItem;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"a message like {"role": "user", "content": "Hello"}"#)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<InputItem, A::Error> {
+                use serde::de::Error;
+                let mut item = InputItem::default();
+                let mut seen = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if seen.contains(&key) {
+                        return Err(A::Error::custom(format_args!("duplicate field `{key}`")));
+                    }
+                    match key.as_str() {
+                        "type" => item.kind = map.next_value()?,
+                        "role" => item.role = map.next_value()?,
+                        "content" => item.content = map.next_value()?,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            if !InputItem::FIELDS.contains(&key.as_str()) && item.unknown.is_none()
+                            {
+                                item.unknown = Some(key.clone());
+                            }
+                        }
+                    }
+                    seen.push(key);
+                }
+                Ok(item)
+            }
+        }
+        d.deserialize_map(Fields)
+    }
 }
 
 type ItemContent = super::json::TextOr<ContentPart>;
@@ -315,6 +365,13 @@ fn item_message(i: usize, item: InputItem) -> Result<Message, String> {
     if let Some(kind) = item.kind.as_deref().filter(|k| *k != "message") {
         return Err(format!(
             "input[{i}] has type {kind:?}; only messages are supported (tool calls and their outputs are not)"
+        ));
+    }
+    if let Some(field) = &item.unknown {
+        return Err(super::json::unknown_field(
+            &format!("input[{i}].{field}"),
+            field,
+            InputItem::FIELDS,
         ));
     }
     let role = item
