@@ -276,22 +276,56 @@ fn located(src: &str, span: Option<std::ops::Range<usize>>, message: &str) -> Co
 
 /// The type errors of a file that is valid TOML, read section by section and element by
 /// element: the whole-file read stops at the first, and two regions with a mistake each
-/// should show both. Empty when the file is not valid TOML.
+/// should show both. Within a section, the key the error is in is left out and the rest
+/// read again, so two mistakes of one region show as two as well. Empty when the file is
+/// not valid TOML.
 fn type_errors(src: &str) -> Vec<ConfigError> {
     use serde::de::IntoDeserializer;
 
+    /// The key of `table` whose value (or name) the span `at` lies in.
+    fn key_at(table: &toml_edit::InlineTable, at: &std::ops::Range<usize>) -> Option<String> {
+        let within = |s: Option<std::ops::Range<usize>>| {
+            s.is_some_and(|s| s.start <= at.start && at.end <= s.end)
+        };
+        table.iter().find_map(|(key, value)| {
+            let named = table.key(key).is_some_and(|k| within(k.span()));
+            (named || within(value.span())).then(|| key.to_owned())
+        })
+    }
     fn check<T: serde::de::DeserializeOwned>(
         src: &str,
         at: Option<std::ops::Range<usize>>,
         item: &toml_edit::Item,
         found: &mut Vec<ConfigError>,
     ) {
-        let Ok(value) = item.clone().into_value() else {
+        let Ok(mut value) = item.clone().into_value() else {
             return;
         };
-        if let Err(e) = T::deserialize(value.into_deserializer()) {
-            // An error of the table itself (a missing field) has no span of its own.
-            found.push(located(src, e.span().or(at), e.message()));
+        let mut left_out: Vec<String> = Vec::new();
+        loop {
+            let Err(e) = T::deserialize(value.clone().into_deserializer()) else {
+                return;
+            };
+            let culprit = e
+                .span()
+                .and_then(|s| value.as_inline_table().and_then(|t| key_at(t, &s)));
+            // An error outside the keys that names a key left out ("missing field `lat`")
+            // is that key's absence, already reported as its mistake.
+            let consequence = culprit.is_none()
+                && left_out
+                    .iter()
+                    .any(|k| e.message().contains(&format!("`{k}`")));
+            if !consequence {
+                // An error of the table itself (a missing field) has no span of its own.
+                found.push(located(src, e.span().or(at.clone()), e.message()));
+            }
+            match (culprit, value.as_inline_table_mut()) {
+                (Some(key), Some(table)) if !left_out.contains(&key) => {
+                    table.remove(&key);
+                    left_out.push(key);
+                }
+                _ => return,
+            }
         }
     }
     fn each<T: serde::de::DeserializeOwned>(

@@ -95,14 +95,17 @@ fn type_errors_in_several_sections_are_all_reported() {
     let src = DEMO
         .replacen("lat = 38.9", "lat = \"38.9\"", 1)
         .replacen("lon = 8.7", "lon = true", 1)
-        .replacen("max_attempts = 4 ", "max_attempts = \"three\" ", 1);
+        .replacen("max_attempts = 4 ", "max_attempts = \"three\" ", 1)
+        // and a second mistake in the region that has one already.
+        .replacen("lat = 50.1", "lat = [50.1]", 1);
     let errs = parse_config(&src).unwrap_err();
-    assert_eq!(errs.0.len(), 3, "{errs}");
+    assert_eq!(errs.0.len(), 4, "{errs}");
     let line_of = |needle: &str| src.lines().position(|l| l == needle).unwrap() + 1;
     for (line, what) in [
         (12, "string \"three\""),
         (line_of("lat = \"38.9\""), "string \"38.9\""),
         (line_of("lon = true"), "boolean `true`"),
+        (line_of("lat = [50.1]"), "sequence"),
     ] {
         assert!(
             errs.0
@@ -111,6 +114,22 @@ fn type_errors_in_several_sections_are_all_reported() {
             "line {line} {what}: {errs}"
         );
     }
+}
+
+#[test]
+fn a_missing_field_is_reported_beside_a_wrong_one_but_not_for_a_wrong_one() {
+    // A required field of the wrong type is one mistake, not also a missing field.
+    let wrong = DEMO.replacen("lat = 50.1", "lat = \"50.1\"", 1);
+    let errs = parse_config(&wrong).unwrap_err().to_string();
+    assert!(errs.contains("string \"50.1\""), "{errs}");
+    assert!(!errs.contains("missing field `lat`"), "{errs}");
+    // A field missing from the same region is another.
+    let also = wrong.replacen("country = \"DE\"\n", "", 1);
+    let errs = parse_config(&also).unwrap_err();
+    assert_eq!(errs.0.len(), 2, "{errs}");
+    let text = errs.to_string();
+    assert!(text.contains("missing field `country`"), "{text}");
+    assert!(text.contains("string \"50.1\""), "{text}");
 }
 
 #[test]
