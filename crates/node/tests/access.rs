@@ -124,6 +124,31 @@ async fn keys_guardrails_revocation_and_reload() {
     // The bare model in Frankfurt is inside the EU: allowed.
     let (s, _) = call(&f, "eu-central-1", Some(&keys.eu), NOVA).await;
     assert_eq!(s, 200);
+    // A body refused as invalid is audited with the model it named; a refused caller
+    // is not, because crisp reads no body from a caller it has not signed in.
+    for path in ["/v1/chat/completions", "/v1/responses"] {
+        let mut body = ask("eu.amazon.nova-lite-v1:0");
+        body["max_token"] = 3.into();
+        let r = f
+            .http
+            .post(f.url("eu-central-1", path))
+            .bearer_auth(&keys.eu)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+    }
+    let invalid: Vec<String> = crisp_audit::events(&trail)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.error_code.as_deref() == Some("invalid_request"))
+        .map(|e| e.request_parameters.model_id)
+        .collect();
+    assert_eq!(
+        invalid,
+        ["eu.amazon.nova-lite-v1:0", "eu.amazon.nova-lite-v1:0"]
+    );
 
     // Revoking a key takes effect without a restart.
     let mut store = KeyStore::parse(&std::fs::read_to_string(&files.keys).unwrap()).unwrap();

@@ -377,6 +377,22 @@ pub(super) fn json_object(body: &[u8]) -> Result<&str, String> {
     Ok(text)
 }
 
+/// The `model` a body names, read leniently, for the audit event of a request refused
+/// as invalid: what the caller asked for, where the body says it (at most 256 bytes; an
+/// audit event does not carry more of a body it refused).
+pub(super) fn model_named(body: &[u8]) -> Arc<str> {
+    #[derive(Deserialize)]
+    struct Named {
+        #[serde(default)]
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Named>(body)
+        .ok()
+        .and_then(|n| n.model)
+        .filter(|m| m.len() <= 256)
+        .map_or_else(|| Arc::from(""), Arc::from)
+}
+
 /// OpenAI's ranges for the sampling settings both wire formats take.
 pub(super) fn check_sampling(temperature: Option<f32>, top_p: Option<f32>) -> Result<(), String> {
     if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
@@ -638,6 +654,7 @@ async fn handle(node: &Arc<Node>, req: Request, call: &mut Call) -> Result<Respo
     let chat: ChatRequest = json_object(&body)
         .and_then(super::json::from_json)
         .map_err(|e| {
+            call.requested = model_named(&body);
             (
                 PipelineError::InvalidRequest(format!(
                     "the request body is not a valid chat completion request: {e}. Send JSON like {EXAMPLE}"

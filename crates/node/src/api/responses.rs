@@ -413,6 +413,7 @@ pub(super) async fn handle(
     let request: ResponsesRequest = openai::json_object(&body)
         .and_then(super::json::from_json)
         .map_err(|e| {
+            call.requested = openai::model_named(&body);
             (
                 PipelineError::InvalidRequest(format!(
                     "the request body is not a valid Responses request: {e}. Send JSON like {EXAMPLE}"
