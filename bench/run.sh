@@ -7,6 +7,8 @@
 #   bench/run.sh streams    crisp's peak RSS with BENCH_STREAMS (1000) SSE streams open
 #   bench/run.sh profile    where crisp's time goes: perf at 64 connections, and crisp
 #                           measured again with durability "write" and on tmpfs
+#   bench/run.sh count      crisp's user-space instructions and heap allocations per
+#                           request, counted under valgrind's callgrind (deterministic)
 #   bench/run.sh all        compare, soak, profile and streams in turn
 #
 # Settings (environment): BENCH_SECONDS (10) per run, BENCH_ROUNDS (3), BENCH_CONCURRENCY
@@ -19,15 +21,16 @@
 # stream from the upstream). Profile: BENCH_PROFILE_SECONDS (10 s under perf),
 # BENCH_PROFILE_ROUNDS (3), BENCH_PROFILE_TARGET (the node under perf: crisp, crisp-w,
 # crisp-tmpfs, crisp-loops or crisp-p). Target names: direct, nginx, litellm, portkey, crisp,
-# crisp-w, crisp-p, crisp-x.
+# crisp-w, crisp-p, crisp-x. Count: BENCH_COUNT_SECONDS (8 s counted),
+# BENCH_COUNT_CONNECTIONS (4).
 # Everything listens on 127.0.0.1 only and every process started here is stopped on exit.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$ROOT/bench
 MODE=${1:-compare}
-case $MODE in compare | soak | streams | profile | all) ;; *)
-    echo "usage: bench/run.sh [compare|soak|streams|profile|all]" >&2
+case $MODE in compare | soak | streams | profile | count | all) ;; *)
+    echo "usage: bench/run.sh [compare|soak|streams|profile|count|all]" >&2
     exit 2
     ;;
 esac
@@ -108,6 +111,9 @@ command -v node >/dev/null || need_apt+=(nodejs npm)
 "$PY" -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [[ $MODE == profile || $MODE == all ]] && ! command -v perf >/dev/null; then
     need_apt+=(linux-perf)
+fi
+if [[ $MODE == count ]] && ! command -v callgrind_control >/dev/null; then
+    need_apt+=(valgrind)
 fi
 if ((${#need_apt[@]})); then
     note "apt-get install ${need_apt[*]}"
@@ -257,6 +263,10 @@ crisp_files() { # dir config-template regions... (the key is left in DIR/api-key
     "$CRISP" profiles lock --config "$dir/crisp.toml" >/dev/null
 }
 
+# What crisp runs under (count mode: valgrind), and how long it may take to listen.
+CRISP_WRAP=()
+CRISP_START_SECONDS=20
+AUDIT_EXTRA="" # more [audit] settings for the in-region node
 start_crisp_in_region() { # upstream-port max-concurrency [client-port name audit-dir durability client-threads busy-poll-us]
     local port=${3:-$CRISP_IN} name=${4:-crisp-in} audit=${5:-audit/{region\}} durability=${6:-fsync}
     local threads=()
@@ -269,12 +279,12 @@ start_crisp_in_region() { # upstream-port max-concurrency [client-port name audi
     mkdir -p "$dir"
     render "$BENCH/conf/crisp-in-region.toml" "$dir/crisp.toml" CLIENT_PORT="$port" \
         PEER_PORT=$((port + 100)) ADMIN_PORT=$((port + 200)) UPSTREAM_PORT="$1" \
-        MAX_CONCURRENCY="$2" AUDIT_DIR="$audit" DURABILITY="$durability"
+        MAX_CONCURRENCY="$2" AUDIT_DIR="$audit" DURABILITY="$durability" AUDIT_EXTRA="$AUDIT_EXTRA"
     crisp_files "$dir" eu-central-1
-    start "$name" "$dir" "$CRISP" serve --config crisp.toml --region eu-central-1 "${threads[@]}"
+    start "$name" "$dir" "${CRISP_WRAP[@]}" "$CRISP" serve --config crisp.toml --region eu-central-1 "${threads[@]}"
     CRISP_IN_PID=$LAST_PID
     CRISP_KEY=$(cat "$dir/api-key")
-    wait_port "$port" 20 || die "crisp did not start: $(tail -n 20 "$RUN/$name.log")"
+    wait_port "$port" "$CRISP_START_SECONDS" || die "crisp did not start: $(tail -n 20 "$RUN/$name.log")"
 }
 
 start_crisp_cross_region() {
@@ -558,8 +568,41 @@ run_profile() {
     report profile "$RUN/profile.json" --perf "$RUN/perf-shares.md"
 }
 
+run_count() {
+    start_upstream
+    # One client event loop: every request's work on one thread, the node's own threads
+    # (the audit log's, the log writer's) counted too.
+    CRISP_WRAP=(valgrind --tool=callgrind --instr-atstart=no
+        "--callgrind-out-file=$RUN/callgrind.out")
+    CRISP_START_SECONDS=120
+    # No seal while counting: a seal (every 8 MiB of events by default) reads the file
+    # back and hashes it once, on a thread of its own; whether one falls in the counted
+    # seconds or not would move the count by more than most changes to the request path.
+    AUDIT_EXTRA="seal_bytes = 1073741824"
+    start_crisp_in_region $UP_SSE 256 $CRISP_WRITE crisp-w audit/{region} write 1
+    CRISP_WRAP=()
+    AUDIT_EXTRA=""
+    retry_check 60 "http://127.0.0.1:$CRISP_WRITE/v1/chat/completions" "$(body_for bench)" \
+        'Hello from the bench' "authorization: Bearer $CRISP_KEY" || die "crisp under callgrind: $CHECK_ERR"
+    "$PY" - "$RUN/count-target.json" "$CRISP_WRITE" "$(body_for bench)" "$CRISP_IN_PID" \
+        "authorization: Bearer $CRISP_KEY" "$RUN/callgrind.out" <<'EOF'
+import json, sys
+port, body, pid, auth, out = sys.argv[2:]
+json.dump({"name": "crisp-w",
+           "label": 'crisp in-region (API key, Cedar policy, audit trail with durability "write", '
+                    '`--client-threads 1`)',
+           "url": f"http://127.0.0.1:{port}/v1/chat/completions", "body": body,
+           "pids": [int(pid)], "headers": [auth], "callgrind_out": out}, open(sys.argv[1], "w"))
+EOF
+    step "Counting: crisp under callgrind, ${BENCH_COUNT_CONNECTIONS:-4} connections for ${BENCH_COUNT_SECONDS:-8} s"
+    "$PY" "$BENCH/lib/bench.py" count "$RUN/count-target.json" "$RUN/count.json"
+    [[ -f $RUN/meta.json ]] || versions
+    report count "$RUN/count.json"
+}
+
 case $MODE in
 compare) run_compare ;;
+count) run_count ;;
 soak) run_soak ;;
 streams) run_streams ;;
 profile) run_profile ;;

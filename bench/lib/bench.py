@@ -6,6 +6,8 @@
   bench.py soak TARGET.json OUT.json       one target under steady load, RSS sampled
   bench.py streams TARGET.json OUT.json    peak RSS while N SSE streams are open at once
   bench.py load TARGETS.json NAME:CONNS:SECONDS   load only (for a profiler to watch)
+  bench.py count TARGET.json OUT.json      user-space instructions and heap allocations per
+                                            request of a node running under callgrind
 
 A target is {"name", "label", "url", "headers": [...], "body", "pids": [...]} where pids
 are the root processes whose whole process tree is the target (nginx master and workers,
@@ -18,6 +20,7 @@ bench/lib/wrk.lua, which prints one JSON line of counts and latency percentiles.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -332,8 +335,95 @@ def load(targets_path, spec):
     return 0
 
 
+def malloc_calls(path):
+    """Calls to malloc in a callgrind dump, by every caller. Function names are compressed
+    in the format (`(id) name` the first time, `(id)` after), so the names are collected
+    as they are defined."""
+    names, mallocs, callee = {}, 0, None
+    with open(path) as f:
+        for line in f:
+            if line.startswith(("fn=", "cfn=")):
+                ref = line.split("=", 1)[1].strip()
+                num, _, name = ref.partition(" ")
+                if name:
+                    names[num] = name
+                if line.startswith("cfn="):
+                    callee = names.get(num)
+            elif line.startswith("calls=") and callee == "malloc":
+                mallocs += int(line.split("=", 1)[1].split()[0])
+    return mallocs
+
+
+def self_costs(path, top):
+    """All instructions, and the functions with the most of their own, from
+    callgrind_annotate."""
+    out = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", "--auto=no", path],
+                         capture_output=True, text=True, timeout=300).stdout
+    # One function's instructions are listed per source file they come from (its own and
+    # what was inlined into it): summed by function.
+    costs, total = {}, 0
+    for line in out.splitlines():
+        m = re.match(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.*)$", line)
+        if m and "PROGRAM TOTALS" in line:
+            total = int(m.group(1).replace(",", ""))
+        if not m or "PROGRAM TOTALS" in line:
+            continue
+        # "file:function [object]": the function, without its file and object.
+        where = re.sub(r"\s+\[[^\]]*\]$", "", m.group(2))
+        func = re.sub(r"^(?:\S*?\.(?:rs|c|S|h)|\?\?\?):", "", where)
+        costs[func] = costs.get(func, 0) + int(m.group(1).replace(",", ""))
+    return total, sorted(((n, f) for f, n in costs.items()), reverse=True)[:top]
+
+
+def count(target_path, out_path):
+    """Instructions and allocations per request of the node in TARGET.json, which runs under
+    `valgrind --tool=callgrind --instr-atstart=no`: instrumented only while wrk measures
+    (after a warm-up), so start-up and warm-up do not count. Deterministic where wall-clock
+    runs on a shared machine move by 10-30%."""
+    with open(target_path) as f:
+        target = json.load(f)
+    pid, dump = target["pids"][0], target["callgrind_out"]
+    seconds = int(os.environ.get("BENCH_COUNT_SECONDS") or 8)
+    connections = int(os.environ.get("BENCH_COUNT_CONNECTIONS") or 4)
+    log(f"warm-up: {connections} connections for 3 s (not counted)")
+    wrk(target, connections, 3, threads=1)
+
+    def control(*args):
+        subprocess.run(["callgrind_control", *args, str(pid)], check=True,
+                       capture_output=True, timeout=120)
+
+    control("-i", "on")
+    r = wrk(target, connections, seconds, threads=1)
+    control("-i", "off")
+    control("-d")
+    dumps = sorted((p for p in os.listdir(os.path.dirname(dump))
+                    if p.startswith(os.path.basename(dump) + ".")),
+                   key=lambda p: int(p.rsplit(".", 1)[1]))
+    if not dumps:
+        raise RuntimeError("callgrind wrote no dump")
+    path = os.path.join(os.path.dirname(dump), dumps[-1])
+    mallocs = malloc_calls(path)
+    total, top = self_costs(path, 15)
+    e = r["errors"]
+    failed = e["status"] + e["connect"] + e["read"] + e["write"] + e["timeout"]
+    requests = r["requests"]
+    result = {
+        "target": target["name"], "label": target["label"], "connections": connections,
+        "seconds": r["duration_us"] / 1e6, "requests": requests, "failed": failed,
+        "instructions": total, "mallocs": mallocs,
+        "instructions_per_request": total / requests if requests else 0,
+        "mallocs_per_request": mallocs / requests if requests else 0,
+        "top": [{"instructions": n, "function": fn} for n, fn in top],
+    }
+    log(f"count: {requests} requests, {result['instructions_per_request']:,.0f} instructions "
+        f"and {result['mallocs_per_request']:.1f} allocations per request")
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
+    return 0 if requests and not failed else 1
+
+
 def main(argv):
-    modes = {"compare": compare, "soak": soak, "streams": streams, "load": load}
+    modes = {"compare": compare, "soak": soak, "streams": streams, "load": load, "count": count}
     if len(argv) != 4 or argv[1] not in modes:
         print(__doc__, file=sys.stderr)
         return 2

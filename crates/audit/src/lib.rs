@@ -251,6 +251,33 @@ fn identity(file: &File) -> std::io::Result<(u64, u64)> {
     Ok((m.dev(), m.ino()))
 }
 
+/// Says so, loudly, when the file just sealed at `path` is not what its writer wrote
+/// (`written`, the digest of the appended bytes): something else changed it while it was
+/// open. Its digest signs what was written, so verification reports the file as modified
+/// either way; this is the early warning. Read back on a thread of its own: reading and
+/// hashing a sealed file of 8 MiB takes milliseconds, and the seal happens under the
+/// writer's lock, which every event being recorded waits for.
+fn check_unchanged(path: PathBuf, written: String) {
+    let check = move || match sha256_file(&path) {
+        Ok(found) if found == written => {}
+        Ok(_) => tracing::error!(
+            file = %path.display(),
+            "the audit file was changed by something other than this node before it was sealed; its digest signs what the node wrote, so `crisp audit verify` reports it as modified"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            file = %path.display(),
+            "cannot read back the sealed audit file"
+        ),
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("audit-check".into())
+        .spawn(check)
+    {
+        tracing::warn!(error = %e, "cannot start the read-back check of a sealed audit file");
+    }
+}
+
 fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
 }
@@ -518,7 +545,7 @@ impl Writer {
             Some(why) => (sha256_file(&self.dir.join(&name))?, Some(why)),
             None => {
                 let sha = hex::encode(self.written.clone().finalize());
-                self.check_unchanged(&name, &sha);
+                check_unchanged(self.dir.join(&name), sha.clone());
                 (sha, None)
             }
         };
@@ -535,22 +562,6 @@ impl Writer {
         self.events = 0;
         self.opened = Instant::now();
         Ok(())
-    }
-
-    /// Says so, loudly, when the file being sealed is not what this writer wrote: something
-    /// else changed it while it was open. Its digest signs what was written, so
-    /// verification reports the file as modified.
-    fn check_unchanged(&self, name: &str, written: &str) {
-        match sha256_file(&self.dir.join(name)) {
-            Ok(found) if found == written => {}
-            Ok(_) => tracing::error!(
-                file = %self.dir.join(name).display(),
-                "the audit file was changed by something other than this node before it was sealed; its digest signs what the node wrote, so `crisp audit verify` reports it as modified"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, file = name, "cannot read back the sealed audit file")
-            }
-        }
     }
 
     /// Writes the digest of the sealed file `name`, hashed as it is on disk, saying why.
