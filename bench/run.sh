@@ -5,8 +5,9 @@
 #   bench/run.sh            compare every target (writes docs/performance.md and .svg)
 #   bench/run.sh soak       crisp's RSS under steady load (BENCH_SOAK_SECONDS, 600)
 #   bench/run.sh streams    crisp's peak RSS with BENCH_STREAMS (1000) SSE streams open
-#   bench/run.sh profile    where crisp's time goes: perf at 64 connections, and crisp
-#                           measured again with durability "write" and on tmpfs
+#   bench/run.sh profile    where crisp's time goes: perf at 64 connections (shares and a
+#                           flame graph, docs/performance-flame.svg), and crisp measured
+#                           again with durability "write", on tmpfs and on event loops
 #   bench/run.sh count      crisp's user-space instructions and heap allocations per
 #                           request, counted under valgrind's callgrind (deterministic)
 #   bench/run.sh all        compare, soak, profile and streams in turn
@@ -38,6 +39,7 @@ esac
 # Pinned versions of what crisp is compared with.
 LITELLM_VERSION=1.106.12
 PORTKEY_VERSION=1.15.2
+INFERNO_VERSION=0.12.8 # flame graphs in profile mode
 
 CACHE=${BENCH_CACHE:-$HOME/.cache/crisp}
 VENV=$CACHE/bench-venv
@@ -137,6 +139,12 @@ if [[ $MODE == compare || $MODE == all ]]; then
         (cd "$NPM_DIR" && { [[ -f package.json ]] || echo '{"private": true}' >package.json; } &&
             npm install --no-audit --no-fund --silent "@portkey-ai/gateway@$PORTKEY_VERSION")
     fi
+fi
+FLAMEGRAPH=$CACHE/inferno-$INFERNO_VERSION/bin/inferno-flamegraph
+if [[ $MODE == profile || $MODE == all ]] && [[ ! -x $FLAMEGRAPH ]]; then
+    note "inferno $INFERNO_VERSION (flame graphs) into $CACHE/inferno-$INFERNO_VERSION"
+    cargo install -q --locked --no-default-features --features cli --version "$INFERNO_VERSION" \
+        --root "$CACHE/inferno-$INFERNO_VERSION" inferno 2>&1 | tail -n 2
 fi
 if [[ -z ${BENCH_CRISP:-} ]]; then
     step "Building crisp (cargo build --release -p crisp)"
@@ -556,8 +564,19 @@ run_profile() {
             -- sleep "$seconds" >/dev/null 2>&1 || note "perf record failed"
         wait "$load"
         perf script -i "$RUN/perf.data" -F comm,period,ip,sym 2>/dev/null |
-            "$PY" "$BENCH/lib/perf_shares.py" >"$RUN/perf-shares.md" || true
+            "$PY" "$BENCH/lib/perf_shares.py" --folded "$RUN/perf.folded" >"$RUN/perf-shares.md" || true
         cat "$RUN/perf-shares.md"
+        if [[ -s $RUN/perf.folded && -x $FLAMEGRAPH ]]; then
+            # Samples are weighted by their period, in the unit of the event perf used
+            # (cycles where the machine counts them, nanoseconds of cpu-clock where not).
+            local event
+            event=$(perf evlist -i "$RUN/perf.data" 2>/dev/null | head -n 1)
+            [[ $event == cpu-clock* ]] && event="ns of CPU"
+            "$FLAMEGRAPH" --title "crisp in-region ($profiled) at 64 connections" \
+                --subtitle "perf record, DWARF call graphs; width is CPU time, frames below 0.2% left out" \
+                --countname "${event:-samples}" --minwidth 0.2 --width 1400 --deterministic \
+                "$RUN/perf.folded" >"$RUN/flame.svg" || rm -f "$RUN/flame.svg"
+        fi
     else
         note "perf cannot count here (perf stat -e instructions true fails): no call-graph profile"
     fi
@@ -565,7 +584,9 @@ run_profile() {
     BENCH_CONCURRENCY=1,64 BENCH_ROUNDS=${BENCH_PROFILE_ROUNDS:-3} BENCH_WARMUP_SECONDS=2 \
         "$PY" "$BENCH/lib/bench.py" compare "$RUN/profile-targets.json" "$RUN/profile.json"
     [[ -f $RUN/meta.json ]] || versions
-    report profile "$RUN/profile.json" --perf "$RUN/perf-shares.md"
+    local flame=()
+    [[ -s $RUN/flame.svg ]] && flame=(--flame "$RUN/flame.svg")
+    report profile "$RUN/profile.json" --perf "$RUN/perf-shares.md" "${flame[@]}"
 }
 
 run_count() {

@@ -4,7 +4,10 @@
 Each sample is charged to the component of its innermost frame that names one (walking
 from the leaf towards the thread's root), so the time spent in malloc, memcpy, serde_json
 or the kernel is charged to the component that called it. Prints the shares by component
-and the top functions by self time, as Markdown (or JSON with --json).
+and the top functions by self time, as Markdown (or JSON with --json). With --folded PATH
+it also writes the stacks in the folded format a flame graph is drawn from
+(`thread;outermost;...;innermost weight` per line), each frame without its generic
+parameters.
 """
 
 import json
@@ -60,8 +63,21 @@ def samples(lines):
         yield header, frames
 
 
+def folded_frames(thread, frames):
+    """One sample's stack as folded text: the thread, then its frames outermost first."""
+    names = [thread]
+    for ip, sym in reversed(frames):
+        name = short(sym) if sym != "[unknown]" else f"[unknown {ip}]"
+        if ip.startswith("ffffffff"):
+            name = f"[kernel] {name}"
+        names.append(name.replace(";", ":"))
+    return ";".join(names)
+
+
 def main(argv):
     as_json = "--json" in argv
+    folded_path = argv[argv.index("--folded") + 1] if "--folded" in argv else None
+    folded = {}
     by_component, by_leaf, total, kernel = {}, {}, 0, 0
     by_thread = {}
     for header, frames in samples(sys.stdin):
@@ -74,6 +90,9 @@ def main(argv):
         total += period
         thread = "audit thread" if comm.startswith("audit") else comm
         by_thread[thread] = by_thread.get(thread, 0) + period
+        if folded_path is not None:
+            stack = folded_frames(thread, frames)
+            folded[stack] = folded.get(stack, 0) + period
         component = None
         for _, sym in frames:
             for name, rx in COMPILED:
@@ -95,6 +114,10 @@ def main(argv):
     if not total:
         print("no samples", file=sys.stderr)
         return 1
+    if folded_path is not None:
+        with open(folded_path, "w") as f:
+            for stack, weight in sorted(folded.items()):
+                f.write(f"{stack} {weight}\n")
     comps = sorted(by_component.items(), key=lambda kv: -kv[1])
     leaves = sorted(by_leaf.items(), key=lambda kv: -kv[1])[:15]
     if as_json:

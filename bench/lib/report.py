@@ -4,7 +4,7 @@
   report.py compare RESULTS.json META.json [--doc docs/performance.md]
   report.py soak SOAK.json META.json [--doc ...]
   report.py streams STREAMS.json META.json [--doc ...]
-  report.py profile PROFILE.json META.json --perf SHARES.md [--doc ...]
+  report.py profile PROFILE.json META.json --perf SHARES.md [--flame FLAME.svg] [--doc ...]
   report.py count COUNT.json META.json [--doc ...]
 
 With --doc, the section between `<!-- bench:KIND:start -->` and `<!-- bench:KIND:end -->`
@@ -15,6 +15,7 @@ next to it; the text outside the markers is left alone. Standard library only.
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 from html import escape
@@ -295,13 +296,17 @@ def streams_md(st, meta):
     return "\n".join(lines) + "\n"
 
 
-def profile_md(results, rows, meta, perf_md):
+def profile_md(results, rows, meta, perf_md, flame_name=None):
     lines = [f"Measured in the run started {meta['date']}, on {machine_line(meta)}; crisp {meta['crisp']}.", ""]
     if perf_md.strip():
         lines += ["crisp in-region at 64 connections under `perf record` (DWARF call graphs). "
                   "Each sample is charged to the innermost component on its stack, so "
                   "allocator, library and kernel time count where they are caused:", "",
                   perf_md.strip(), ""]
+    if flame_name:
+        lines += ["The same samples as a flame graph (each frame's width is its share of the "
+                  "CPU time, callers below callees; open the SVG on its own to zoom and search):", "",
+                  f"![Flame graph of crisp in-region at 64 connections]({flame_name})", ""]
     variants = sum(1 for t in results["targets"] if t["name"] not in ("direct", "crisp"))
     lines += [f"The same node measured again beside {variants} variants (each a separate node with "
               "the API key, the Cedar policy and the audit trail; "
@@ -390,9 +395,13 @@ def main(argv):
     elif kind == "profile":
         perf = argv[argv.index("--perf") + 1] if "--perf" in argv else None
         perf_md = open(perf).read() if perf and os.path.exists(perf) else ""
-        md = profile_md(data, aggregate(data), meta, perf_md)
+        flame = argv[argv.index("--flame") + 1] if "--flame" in argv else None
+        flame_name = "performance-flame.svg" if flame and doc else None
+        md = profile_md(data, aggregate(data), meta, perf_md, flame_name)
         print(md)
         if doc:
+            if flame_name:
+                shutil.copyfile(flame, os.path.join(docs_dir, flame_name))
             replace_section(doc, "profile", md)
     elif kind == "streams":
         md = streams_md(data, meta)
