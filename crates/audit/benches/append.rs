@@ -22,7 +22,7 @@ impl Signer for NoKey {
 }
 
 /// An event as a completed in-region chat completion writes it.
-fn event() -> AuditEvent {
+fn event() -> AuditEvent<'static> {
     AuditEvent {
         event_version: "1.0".into(),
         event_id: "7a0c3f0e-9d53-4a53-a3c6-2f51b8cf1d2e".into(),

@@ -6,6 +6,7 @@
 //!
 //! Only this crate decides the record bytes.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -24,46 +25,54 @@ use sha2::{Digest as _, Sha256};
 /// The record format version (a stability promise).
 pub const EVENT_VERSION: &str = "1.0";
 
+/// An event's text: borrowed from what the node already holds when it writes one (no
+/// copy per field and request), owned when it is read back from a file.
+pub type Text<'a> = Cow<'a, str>;
+
+fn is_empty(text: &Text<'_>) -> bool {
+    text.is_empty()
+}
+
 /// Who called.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct UserIdentity {
+pub struct UserIdentity<'a> {
     #[serde(rename = "type")]
-    pub kind: String,
-    pub principal_id: String,
-    pub account_id: String,
+    pub kind: Text<'a>,
+    pub principal_id: Text<'a>,
+    pub account_id: Text<'a>,
     /// The credential the caller signed in with: an API key's ID (`k-...`) or a SigV4
     /// access key ID. A caller refused at sign-in is `Anonymous`, with the key it presented
     /// when that is known: a revoked API key's ID, or the access key ID a signature that
     /// does not hold names. Absent otherwise, and in events written before it was.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub access_key_id: String,
+    #[serde(default, skip_serializing_if = "is_empty")]
+    pub access_key_id: Text<'a>,
 }
 
 /// One runtime call, as kept in the source region. Never contains prompt text.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct AuditEvent {
-    pub event_version: String,
-    pub event_id: String,
-    pub event_time: String,
-    pub event_source: String,
+pub struct AuditEvent<'a> {
+    pub event_version: Text<'a>,
+    pub event_id: Text<'a>,
+    pub event_time: Text<'a>,
+    pub event_source: Text<'a>,
     /// `ChatCompletion` (OpenAI API), `Converse`, `ConverseStream`, `InvokeModel`, ...
-    pub event_name: String,
+    pub event_name: Text<'a>,
     /// The source region.
-    pub aws_region: String,
-    pub user_identity: UserIdentity,
+    pub aws_region: Text<'a>,
+    pub user_identity: UserIdentity<'a>,
     #[serde(rename = "sourceIPAddress")]
-    pub source_ip_address: String,
-    pub user_agent: String,
+    pub source_ip_address: Text<'a>,
+    pub user_agent: Text<'a>,
     #[serde(rename = "requestID")]
-    pub request_id: String,
-    pub request_parameters: RequestParameters,
-    pub additional_event_data: AdditionalEventData,
+    pub request_id: Text<'a>,
+    pub request_parameters: RequestParameters<'a>,
+    pub additional_event_data: AdditionalEventData<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error_code: Option<String>,
+    pub error_code: Option<Text<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error_message: Option<String>,
+    pub error_message: Option<Text<'a>>,
     /// A management call (`CreateInferenceProfile`, `DeleteInferenceProfile`): it ran no
     /// model, so it has no inference region, tokens or cost.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -72,25 +81,25 @@ pub struct AuditEvent {
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct RequestParameters {
+pub struct RequestParameters<'a> {
     /// The model or profile ID as the client sent it; empty for an OpenAI-API call
     /// refused at sign-in, whose body (where it names the model) is not read from a
     /// caller that did not sign in.
-    pub model_id: String,
+    pub model_id: Text<'a>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct AdditionalEventData {
+pub struct AdditionalEventData<'a> {
     /// Where the model ran; always set when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub inference_region: Option<String>,
+    pub inference_region: Option<Text<'a>>,
     /// The profile (or model) the request resolved to.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub profile_id: Option<String>,
+    pub profile_id: Option<Text<'a>>,
     /// Regions that refused before the one that ran it.
     #[serde(default)]
-    pub regions_tried: Vec<String>,
+    pub regions_tried: Vec<Text<'a>>,
     #[serde(default)]
     pub input_tokens: u32,
     #[serde(default)]
@@ -111,12 +120,12 @@ pub struct AdditionalEventData {
     /// (`capacity_exhausted` where `errorCode` says `ThrottlingException` or
     /// `capacity_exhausted`); absent for calls that completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_kind: Option<String>,
+    pub error_kind: Option<Text<'a>>,
     /// The application profile it came through, with its tags.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub application_profile: Option<String>,
+    pub application_profile: Option<Text<'a>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tags: Vec<(String, String)>,
+    pub tags: Vec<(Text<'a>, Text<'a>)>,
     /// The destination's signed statement of where it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub receipt: Option<SignedReceipt>,
@@ -705,7 +714,7 @@ impl AuditLog {
     }
 
     /// Appends an event; resolves once it is recorded (see [`Durability`]).
-    pub async fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
+    pub async fn record(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
         // Sized for a typical event (about 600 bytes) so it is written without regrowing.
         let mut line = Vec::with_capacity(1024);
         serde_json::to_writer(&mut line, event).map_err(|e| AuditError::Io(e.to_string()))?;
@@ -1164,7 +1173,7 @@ fn check_events(
         {
             report.findings.push(Finding::BadReceipt {
                 file: name.into(),
-                request_id: event.request_id.clone(),
+                request_id: event.request_id.to_string(),
                 why: format!(
                     "the event says it ran in {region}, not in {}, but carries no receipt",
                     event.aws_region
@@ -1184,7 +1193,7 @@ fn check_events(
                         // A receipt taken from another event.
                         report.findings.push(Finding::BadReceipt {
                             file: name.into(),
-                            request_id: event.request_id.clone(),
+                            request_id: event.request_id.to_string(),
                             why: format!(
                                 "the receipt is for request {}, not this one",
                                 receipt.request_id
@@ -1193,7 +1202,7 @@ fn check_events(
                     } else if receipt.inference_region != claimed {
                         report.findings.push(Finding::BadReceipt {
                             file: name.into(),
-                            request_id: event.request_id.clone(),
+                            request_id: event.request_id.to_string(),
                             why: format!(
                                 "the receipt says it ran in {}, the event says {}",
                                 receipt.inference_region,
@@ -1211,7 +1220,7 @@ fn check_events(
                         // attested.
                         report.findings.push(Finding::BadReceipt {
                             file: name.into(),
-                            request_id: event.request_id.clone(),
+                            request_id: event.request_id.to_string(),
                             why: format!(
                                 "the receipt attests {} input and {} output tokens, the event records {} and {}",
                                 receipt.input_tokens,
@@ -1224,7 +1233,7 @@ fn check_events(
                 }
                 Err(e) => report.findings.push(Finding::BadReceipt {
                     file: name.into(),
-                    request_id: event.request_id.clone(),
+                    request_id: event.request_id.to_string(),
                     why: e.to_string(),
                 }),
             }
@@ -1234,7 +1243,7 @@ fn check_events(
 }
 
 /// Every event in `dir` (sealed files in order, then the open one).
-pub fn events(dir: &Path) -> std::io::Result<Vec<AuditEvent>> {
+pub fn events(dir: &Path) -> std::io::Result<Vec<AuditEvent<'static>>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {

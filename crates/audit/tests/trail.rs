@@ -266,7 +266,7 @@ async fn with_write_durability_events_are_in_the_file_when_recorded_and_sealed_i
         let ids: Vec<String> = crisp_audit::events(dir.path())
             .unwrap()
             .into_iter()
-            .map(|e| e.request_id)
+            .map(|e| e.request_id.into_owned())
             .collect();
         assert!(ids.contains(&format!("r{i}")), "{ids:?}");
     }
@@ -354,7 +354,7 @@ async fn a_crash_between_sealing_and_the_digest_loses_nothing() {
     let mut ids: Vec<String> = crisp_audit::events(dir.path())
         .unwrap()
         .into_iter()
-        .map(|e| e.request_id)
+        .map(|e| e.request_id.into_owned())
         .collect();
     ids.sort();
     assert_eq!(ids, ["r0", "r1", "r2"]);

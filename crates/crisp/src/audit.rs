@@ -200,21 +200,23 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
         } => {
             let events = crisp_audit::events(&dir)
                 .with_context(|| format!("cannot read {}", dir.display()))?;
-            let keep = |e: &crisp_audit::AuditEvent| {
+            let keep = |e: &crisp_audit::AuditEvent<'_>| {
                 let d = &e.additional_event_data;
                 principal
                     .as_ref()
                     .is_none_or(|p| &e.user_identity.principal_id == p)
                     && event_name.as_ref().is_none_or(|n| &e.event_name == n)
                     && profile.as_ref().is_none_or(|p| {
-                        d.profile_id.as_ref() == Some(p) || &e.request_parameters.model_id == p
+                        d.profile_id.as_deref() == Some(p.as_str())
+                            || e.request_parameters.model_id == p.as_str()
                     })
                     && inference_region
                         .as_ref()
-                        .is_none_or(|r| d.inference_region.as_ref() == Some(r))
+                        .is_none_or(|r| d.inference_region.as_deref() == Some(r.as_str()))
                     // Either dialect's code, or the kind that is the same in both.
                     && error_code.as_ref().is_none_or(|c| {
-                        e.error_code.as_ref() == Some(c) || d.error_kind.as_ref() == Some(c)
+                        e.error_code.as_deref() == Some(c.as_str())
+                            || d.error_kind.as_deref() == Some(c.as_str())
                     })
                     && in_window(&e.event_time, since, until)
             };
@@ -235,14 +237,14 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                         format!("{}/{}", d.input_tokens, d.output_tokens)
                     };
                     [
-                        e.event_time.clone(),
-                        e.request_id.clone(),
-                        e.event_name.clone(),
-                        e.user_identity.principal_id.clone(),
-                        e.request_parameters.model_id.clone(),
-                        d.inference_region.clone().unwrap_or_else(|| "-".into()),
+                        e.event_time.to_string(),
+                        e.request_id.to_string(),
+                        e.event_name.to_string(),
+                        e.user_identity.principal_id.to_string(),
+                        e.request_parameters.model_id.to_string(),
+                        d.inference_region.as_deref().unwrap_or("-").to_owned(),
                         tokens,
-                        e.error_code.clone().unwrap_or_else(|| "ok".into()),
+                        e.error_code.as_deref().unwrap_or("ok").to_owned(),
                     ]
                 })
                 .collect();
@@ -482,9 +484,9 @@ pub fn usage(
             }
             let d = &e.additional_event_data;
             let keys: Vec<String> = match by {
-                GroupBy::Principal => vec![e.user_identity.principal_id.clone()],
+                GroupBy::Principal => vec![e.user_identity.principal_id.to_string()],
                 GroupBy::Application => {
-                    vec![d.application_profile.clone().unwrap_or_else(|| "-".into())]
+                    vec![d.application_profile.as_deref().unwrap_or("-").to_owned()]
                 }
                 GroupBy::Tag => {
                     if d.tags.is_empty() {
@@ -495,11 +497,12 @@ pub fn usage(
                 }
                 GroupBy::Profile => vec![
                     d.profile_id
-                        .clone()
-                        .unwrap_or_else(|| e.request_parameters.model_id.clone()),
+                        .as_deref()
+                        .unwrap_or(&e.request_parameters.model_id)
+                        .to_owned(),
                 ],
                 GroupBy::InferenceRegion => {
-                    vec![d.inference_region.clone().unwrap_or_else(|| "-".into())]
+                    vec![d.inference_region.as_deref().unwrap_or("-").to_owned()]
                 }
             };
             for k in keys {

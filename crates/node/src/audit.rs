@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::connect_info::ConnectInfo;
-use crisp_audit::{AdditionalEventData, AuditEvent, RequestParameters, Signer, UserIdentity};
+use crisp_audit::{AdditionalEventData, AuditEvent, RequestParameters, Signer, Text, UserIdentity};
 use crisp_engine::Usage;
 use crisp_routing::Scope;
 use crisp_transport::TlsStore;
@@ -55,7 +55,7 @@ impl Audit {
         self.refuse_on_failure && unix_ms() < self.broken_until_ms.load(Ordering::Relaxed)
     }
 
-    async fn write(&self, event: &AuditEvent) -> Result<(), PipelineError> {
+    async fn write(&self, event: &AuditEvent<'_>) -> Result<(), PipelineError> {
         match self.log.record(event).await {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -92,8 +92,8 @@ pub struct Call {
 impl Call {
     /// Records who signed in.
     pub fn signed_in(&mut self, caller: Option<&crisp_policy::keys::Caller>) {
-        self.principal = caller.map(|c| c.principal.as_str().into());
-        self.access_key_id = caller.map(|c| c.key_id.as_str().into());
+        self.principal = caller.map(|c| c.principal.clone());
+        self.access_key_id = caller.map(|c| c.key_id.clone());
     }
 
     /// Who called what, without the body: what an event needs.
@@ -191,14 +191,16 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-fn base(node: &Node, call: &Call) -> AuditEvent {
+/// The event's common part, borrowing the node's and the call's text: an event is
+/// serialized and dropped before its call is.
+fn base<'a>(node: &'a Node, call: &'a Call) -> AuditEvent<'a> {
     AuditEvent {
         event_version: crisp_audit::EVENT_VERSION.into(),
-        event_id: uuid::Uuid::new_v4().to_string(),
-        event_time: now_rfc3339(),
+        event_id: uuid::Uuid::new_v4().to_string().into(),
+        event_time: now_rfc3339().into(),
         event_source: "crisp".into(),
         event_name: call.event_name.into(),
-        aws_region: node.region_code().to_owned(),
+        aws_region: node.region_code().into(),
         user_identity: UserIdentity {
             kind: if call.principal.is_some() {
                 "Principal"
@@ -206,15 +208,15 @@ fn base(node: &Node, call: &Call) -> AuditEvent {
                 "Anonymous"
             }
             .into(),
-            principal_id: call.principal.as_deref().unwrap_or_default().to_owned(),
-            account_id: node.catalog.deployment.account.clone(),
-            access_key_id: call.access_key_id.as_deref().unwrap_or_default().to_owned(),
+            principal_id: call.principal.as_deref().unwrap_or_default().into(),
+            account_id: node.catalog.deployment.account.as_str().into(),
+            access_key_id: call.access_key_id.as_deref().unwrap_or_default().into(),
         },
-        source_ip_address: String::from(&*call.source_ip),
-        user_agent: String::from(&*call.user_agent),
-        request_id: String::from(&*call.request_id),
+        source_ip_address: (*call.source_ip).into(),
+        user_agent: (*call.user_agent).into(),
+        request_id: (*call.request_id).into(),
         request_parameters: RequestParameters {
-            model_id: String::from(&*call.requested),
+            model_id: (*call.requested).into(),
         },
         ..AuditEvent::default()
     }
@@ -270,24 +272,28 @@ fn cost(node: &Node, ran: &Ran, input: u32, output: u32) -> f64 {
 }
 
 /// Where the model ran: the route and the application profile it came through.
-fn route(ran: &Ran) -> AdditionalEventData {
+fn route(ran: &Ran) -> AdditionalEventData<'_> {
     AdditionalEventData {
-        inference_region: Some(ran.inference_region.clone()),
-        profile_id: Some(ran.profile_id.clone()),
-        regions_tried: ran.tried.clone(),
-        application_profile: ran.application.as_ref().map(|a| a.id.clone()),
-        tags: ran
-            .application
-            .as_ref()
-            .map(|a| a.tags.clone())
-            .unwrap_or_default(),
+        inference_region: Some(ran.inference_region.as_str().into()),
+        profile_id: Some(ran.profile_id.as_str().into()),
+        regions_tried: ran.tried.iter().map(|r| r.as_str().into()).collect(),
+        application_profile: ran.application.as_ref().map(|a| a.id.as_str().into()),
+        tags: ran.application.as_ref().map_or_else(Vec::new, tags),
         ..AdditionalEventData::default()
     }
 }
 
+/// An application profile's tags, as an event carries them.
+fn tags(a: &crate::app_profiles::AppProfile) -> Vec<(Text<'_>, Text<'_>)> {
+    a.tags
+        .iter()
+        .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+        .collect()
+}
+
 /// Where the model ran, for an event of an answer that did not complete: the route, and
 /// what it delivered before it ended.
-fn ran_early(node: &Node, ran: &Ran, data: &mut crisp_audit::AdditionalEventData) {
+fn ran_early<'a>(node: &Node, ran: &'a Ran, data: &mut crisp_audit::AdditionalEventData<'a>) {
     *data = route(ran);
     // Another region's answer that broke off carries its receipt for what it produced.
     data.receipt = ran.receipt.get().cloned();
@@ -307,16 +313,16 @@ pub async fn failed(node: &Node, call: &Call, ran: Option<&Ran>, code: &str, err
         return;
     };
     let mut event = base(node, call);
-    event.error_code = Some(code.to_owned());
-    event.error_message = Some(err.to_string());
+    event.error_code = Some(code.into());
+    event.error_message = Some(err.to_string().into());
     if let Some(ran) = ran {
         ran_early(node, ran, &mut event.additional_event_data);
     } else if let PipelineError::Exhausted { attempts, .. } = err {
         event.additional_event_data.regions_tried =
-            attempts.iter().map(|a| a.region.clone()).collect();
+            attempts.iter().map(|a| a.region.as_str().into()).collect();
     }
     // After the route: `ran_early` sets the whole of the event's data.
-    event.additional_event_data.error_kind = Some(err.code().to_owned());
+    event.additional_event_data.error_kind = Some(err.code().into());
     let _ = audit.write(&event).await;
 }
 
@@ -336,14 +342,14 @@ pub async fn managed(
     event.management_event = true;
     let data = &mut event.additional_event_data;
     if let Some(a) = application {
-        data.application_profile = Some(a.id.clone());
-        data.profile_id = Some(a.copy_from.clone());
-        data.tags.clone_from(&a.tags);
+        data.application_profile = Some(a.id.as_str().into());
+        data.profile_id = Some(a.copy_from.as_str().into());
+        data.tags = tags(a);
     }
     if let Some((code, kind, message)) = failure {
-        data.error_kind = Some(kind.to_owned());
-        event.error_code = Some(code.to_owned());
-        event.error_message = Some(message.to_owned());
+        data.error_kind = Some(kind.into());
+        event.error_code = Some(code.into());
+        event.error_message = Some(message.into());
     }
     let _ = audit.write(&event).await;
 }
@@ -378,10 +384,13 @@ async fn abandoned(node: &Node, call: &Call, ran: &Ran) {
     };
     let mut event = base(node, call);
     event.error_code = Some("ClientDisconnected".into());
-    event.error_message = Some(format!(
-        "the client closed the connection before the answer was complete; the model ran in {}",
-        ran.inference_region
-    ));
+    event.error_message = Some(
+        format!(
+            "the client closed the connection before the answer was complete; the model ran in {}",
+            ran.inference_region
+        )
+        .into(),
+    );
     ran_early(node, ran, &mut event.additional_event_data);
     event.additional_event_data.error_kind = Some("client_disconnected".into());
     let _ = audit.write(&event).await;

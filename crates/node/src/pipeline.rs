@@ -33,7 +33,7 @@ pub struct InferRequest {
     pub sampling: Sampling,
     pub stop: Vec<String>,
     /// The authenticated caller, when access control is on.
-    pub principal: Option<String>,
+    pub principal: Option<Arc<str>>,
     /// What the caller is doing (streamed answers are their own action).
     pub action: crisp_policy::Action,
 }

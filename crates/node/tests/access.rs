@@ -143,7 +143,7 @@ async fn keys_guardrails_revocation_and_reload() {
         .unwrap()
         .into_iter()
         .filter(|e| e.error_code.as_deref() == Some("invalid_request"))
-        .map(|e| e.request_parameters.model_id)
+        .map(|e| e.request_parameters.model_id.into_owned())
         .collect();
     assert_eq!(
         invalid,
@@ -171,7 +171,12 @@ async fn keys_guardrails_revocation_and_reload() {
         .unwrap()
         .into_iter()
         .filter(|e| e.error_code.as_deref() == Some("invalid_api_key"))
-        .map(|e| (e.user_identity.kind, e.user_identity.access_key_id))
+        .map(|e| {
+            (
+                e.user_identity.kind.into_owned(),
+                e.user_identity.access_key_id.into_owned(),
+            )
+        })
         .collect();
     let anonymous = |id: &str| ("Anonymous".to_owned(), id.to_owned());
     assert_eq!(
@@ -514,7 +519,12 @@ async fn a_revoked_sigv4_key_is_refused_as_revoked() {
         .unwrap()
         .into_iter()
         .filter(|e| e.error_code.is_some())
-        .map(|e| (e.user_identity.kind, e.user_identity.access_key_id))
+        .map(|e| {
+            (
+                e.user_identity.kind.into_owned(),
+                e.user_identity.access_key_id.into_owned(),
+            )
+        })
         .collect();
     let anonymous = ("Anonymous".to_owned(), AKID.to_owned());
     assert_eq!(refused, [anonymous.clone(), anonymous]);

@@ -5,6 +5,7 @@
 //! over them), so the key file is written readable by its owner only.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -205,8 +206,8 @@ impl KeyStore {
                         k.sha256.clone(),
                         (
                             Caller {
-                                principal: k.principal.clone(),
-                                key_id: k.id.clone(),
+                                principal: k.principal.as_str().into(),
+                                key_id: k.id.as_str().into(),
                             },
                             k.revoked,
                         ),
@@ -232,11 +233,12 @@ impl KeyStore {
 }
 
 /// Who a credential belongs to, and which credential it was (an API key's ID or a SigV4
-/// access key ID): what an audit event's `userIdentity` records.
+/// access key ID): what an audit event's `userIdentity` records. Shared text: the index
+/// hands out a copy per request without allocating.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
-    pub principal: String,
-    pub key_id: String,
+    pub principal: Arc<str>,
+    pub key_id: Arc<str>,
 }
 
 /// A SigV4 credential, as looked up by its access key ID.
@@ -280,7 +282,7 @@ impl KeyIndex {
             .ok_or(KeyError::Malformed)?;
         match self.by_hash.get(&hash_key(key)) {
             None => Err(KeyError::Unknown),
-            Some((caller, true)) => Err(KeyError::Revoked(caller.key_id.clone())),
+            Some((caller, true)) => Err(KeyError::Revoked(caller.key_id.to_string())),
             Some((caller, false)) => Ok(caller.clone()),
         }
     }
@@ -308,7 +310,7 @@ mod tests {
             idx.authenticate(Some(&format!("Bearer {key}"))).unwrap(),
             Caller {
                 principal: "alice".into(),
-                key_id: entry.id.clone(),
+                key_id: entry.id.as_str().into(),
             }
         );
         // The scheme in any case, as RFC 9110 has it.
@@ -316,7 +318,7 @@ mod tests {
             idx.authenticate(Some(&format!("bearer {key}")))
                 .unwrap()
                 .key_id,
-            entry.id
+            entry.id.as_str().into()
         );
         assert_eq!(idx.authenticate(None), Err(KeyError::Missing));
         assert_eq!(idx.authenticate(Some("Basic x")), Err(KeyError::Malformed));

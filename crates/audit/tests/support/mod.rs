@@ -41,18 +41,18 @@ pub fn material(ca: &Ca, region: &str) -> TlsMaterial {
     .unwrap()
 }
 
-pub fn event(i: usize, receipt: Option<SignedReceipt>, region: &str) -> AuditEvent {
+pub fn event(i: usize, receipt: Option<SignedReceipt>, region: &str) -> AuditEvent<'static> {
     AuditEvent {
         event_version: "1.0".into(),
-        event_id: format!("e{i}"),
-        request_id: format!("r{i}"),
+        event_id: format!("e{i}").into(),
+        request_id: format!("r{i}").into(),
         event_name: "ChatCompletion".into(),
         aws_region: "us-east-1".into(),
         request_parameters: RequestParameters {
             model_id: "eu.m".into(),
         },
         additional_event_data: AdditionalEventData {
-            inference_region: Some(region.into()),
+            inference_region: Some(region.to_owned().into()),
             receipt,
             // What `receipt` attests.
             input_tokens: 1,
@@ -102,6 +102,6 @@ pub fn request_ids(dir: &std::path::Path) -> Vec<String> {
     crisp_audit::events(dir)
         .unwrap()
         .into_iter()
-        .map(|e| e.request_id)
+        .map(|e| e.request_id.into_owned())
         .collect()
 }

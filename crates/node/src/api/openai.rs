@@ -592,7 +592,7 @@ pub(super) async fn begin(
     node: &Node,
     req: Request,
     call: &mut Call,
-) -> Result<(Option<String>, Bytes), Failure> {
+) -> Result<(Option<Arc<str>>, Bytes), Failure> {
     let signed = match authenticate(node, req.headers()) {
         Ok(signed) => signed,
         Err(e) => {
@@ -616,7 +616,7 @@ pub(super) async fn admit(
     node: &Arc<Node>,
     call: &Call,
     mut infer: InferRequest,
-    principal: Option<String>,
+    principal: Option<Arc<str>>,
     stream: bool,
 ) -> Result<(Admitted, Ran, HeaderMap), Failure> {
     let request_id = infer.request_id.clone();
@@ -967,7 +967,7 @@ fn model_entries(node: &Node) -> impl Iterator<Item = (&str, serde_json::Value)>
 /// Who is calling: the principal named by the request's API key when the node has
 /// access control (and an error saying what to send when the key is missing or
 /// unknown), nobody when it has none.
-pub fn caller(node: &Node, headers: &HeaderMap) -> Result<Option<String>, PipelineError> {
+pub fn caller(node: &Node, headers: &HeaderMap) -> Result<Option<Arc<str>>, PipelineError> {
     Ok(signed_in(node, headers)?.map(|c| c.principal))
 }
 

@@ -218,8 +218,8 @@ fn authenticate(
             Some(akid),
         )),
         Some(key) => Ok(Some(Caller {
-            principal: key.principal.clone(),
-            key_id: akid,
+            principal: key.principal.as_str().into(),
+            key_id: akid.into(),
         })),
         None => Ok(None),
     }
@@ -229,7 +229,7 @@ async fn read(
     node: &Node,
     req: Request,
     request_id: &str,
-) -> Result<(http::request::Parts, Bytes, Option<String>), Response> {
+) -> Result<(http::request::Parts, Bytes, Option<Arc<str>>), Response> {
     read_or_refuse(node, req)
         .await
         .map(|(parts, body, caller)| (parts, body, caller.map(|c| c.principal)))
@@ -1541,7 +1541,7 @@ async fn sign_in_managed(
     node: &Node,
     req: Request,
     call: &mut Call,
-) -> Result<(Bytes, Option<String>), Refusal> {
+) -> Result<(Bytes, Option<Arc<str>>), Refusal> {
     let (_, body, caller) = read_or_refuse(node, req).await.inspect_err(|r| {
         call.access_key_id = r.key_id.as_deref().map(Into::into);
     })?;
