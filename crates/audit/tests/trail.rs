@@ -280,6 +280,89 @@ async fn with_write_durability_events_are_in_the_file_when_recorded_and_sealed_i
     assert_eq!(report.events, 10);
 }
 
+/// With `"write"`, the events that one thread's tasks record while the first of them
+/// yields are written together; each `record` resolves only once its event is in the
+/// file, and a batch whose first task goes away before writing it is written for the
+/// others.
+#[tokio::test(flavor = "current_thread")]
+async fn with_write_durability_one_threads_events_are_written_together() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let write = Durability::Write {
+        flush_within: Duration::from_millis(20),
+    };
+    let log = us_log(dir.path(), &ca, 1 << 20, write);
+    let mut cx = Context::from_waker(Waker::noop());
+    let events: Vec<_> = (0..4).map(|i| event(i, None, "us-east-1")).collect();
+
+    let mut first = Box::pin(log.record(&events[0]));
+    let mut second = Box::pin(log.record(&events[1]));
+    assert!(first.as_mut().poll(&mut cx).is_pending());
+    assert!(second.as_mut().poll(&mut cx).is_pending());
+    assert!(
+        request_ids(dir.path()).is_empty(),
+        "written before its batch"
+    );
+    assert!(matches!(first.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+    assert_eq!(request_ids(dir.path()), ["r0", "r1"]);
+    assert!(matches!(second.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+
+    let mut first = Box::pin(log.record(&events[2]));
+    let mut second = Box::pin(log.record(&events[3]));
+    assert!(first.as_mut().poll(&mut cx).is_pending());
+    assert!(second.as_mut().poll(&mut cx).is_pending());
+    drop(first);
+    assert_eq!(request_ids(dir.path()), ["r0", "r1", "r2", "r3"]);
+    assert!(matches!(second.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+
+    drop(second);
+    log.seal_now().unwrap();
+    let report = verify(dir.path(), &verifier(&ca), "us-east-1").unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    assert_eq!(report.events, 4);
+}
+
+/// With `"write"`, events recorded at once by many tasks on several threads, with seals
+/// between them, are each in the trail exactly once when their `record` resolves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_write_durability_concurrent_events_are_each_recorded_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("demo", OffsetDateTime::now_utc(), 1).unwrap();
+    let write = Durability::Write {
+        flush_within: Duration::from_millis(5),
+    };
+    // Small files, and waves of events with pauses between them: the log's thread seals
+    // while events are being written.
+    let log = us_log(dir.path(), &ca, 4096, write);
+    let mut tasks = Vec::new();
+    for wave in 0..8 {
+        tasks.extend((wave * 50..(wave + 1) * 50).map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                log.record(&event(i, None, "us-east-1")).await?;
+                Ok::<_, crisp_audit::AuditError>(i)
+            })
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut done = Vec::new();
+    for t in tasks {
+        done.push(t.await.unwrap().unwrap());
+    }
+    let mut ids = request_ids(dir.path());
+    ids.sort();
+    let mut expected: Vec<String> = done.iter().map(|i| format!("r{i}")).collect();
+    expected.sort();
+    assert_eq!(ids, expected);
+    log.seal_now().unwrap();
+    let report = verify(dir.path(), &verifier(&ca), "us-east-1").unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    assert_eq!(report.events, 400);
+    assert!(report.files > 1, "sealed along the way: {}", report.files);
+}
+
 /// A trail outlives its region's certificate: each digest is checked against the time it
 /// was sealed (signed with it), not the time of verification.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
