@@ -17,7 +17,8 @@
 # direct,crisp-x; all by default), BENCH_PORT_BASE (19000), BENCH_CRISP (a crisp binary to
 # use instead of building one), BENCH_KEEP=1 keeps the working directory, BENCH_NO_DOCS=1
 # prints the results without touching docs/. Soak: BENCH_SOAK_SECONDS (600),
-# BENCH_SOAK_CONNECTIONS (64), BENCH_SOAK_INTERVAL (5 s between RSS samples). Streams:
+# BENCH_SOAK_CONNECTIONS (64), BENCH_SOAK_INTERVAL (5 s between RSS samples),
+# BENCH_SOAK_TARGET (the node soaked: crisp, crisp-w or crisp-p). Streams:
 # BENCH_STREAMS (1000), BENCH_STREAM_SECONDS (30), BENCH_SLOW_RATE (100 bytes/s per
 # stream from the upstream). Profile: BENCH_PROFILE_SECONDS (10 s under perf),
 # BENCH_PROFILE_ROUNDS (3), BENCH_PROFILE_TARGET (the node under perf: crisp, crisp-w,
@@ -469,13 +470,28 @@ run_compare() {
 
 run_soak() {
     [[ -n ${UPSTREAM_PID:-} ]] || start_upstream
-    [[ -n ${CRISP_IN_PID:-} ]] || start_crisp_in_region $UP_SSE 256
-    retry_check 20 "http://127.0.0.1:$CRISP_IN/v1/chat/completions" "$(body_for bench)" \
-        'Hello from the bench' "authorization: Bearer $CRISP_KEY" || die "crisp: $CHECK_ERR"
+    local name=${BENCH_SOAK_TARGET:-crisp} port label
+    case $name in
+    crisp)
+        [[ -n ${CRISP_IN_PID:-} ]] || start_crisp_in_region $UP_SSE 256
+        port=$CRISP_IN label="crisp, in-region"
+        ;;
+    crisp-w)
+        start_crisp_in_region $UP_SSE 256 $CRISP_WRITE crisp-w audit/{region} write
+        port=$CRISP_WRITE label="crisp, in-region, durability write"
+        ;;
+    crisp-p)
+        start_crisp_in_region $UP_SSE 256 $CRISP_POLL crisp-p audit/{region} write "$NPROC" $BUSY_POLL_US
+        port=$CRISP_POLL label="crisp, in-region, durability write, busy-polling client threads"
+        ;;
+    *) die "BENCH_SOAK_TARGET=$name: not one of crisp, crisp-w, crisp-p" ;;
+    esac
+    retry_check 20 "http://127.0.0.1:$port/v1/chat/completions" "$(body_for bench)" \
+        'Hello from the bench' "authorization: Bearer $CRISP_KEY" || die "$name: $CHECK_ERR"
     : >"$TARGETS"
-    add_target crisp "crisp, in-region" "http://127.0.0.1:$CRISP_IN/v1/chat/completions" \
+    add_target "$name" "$label" "http://127.0.0.1:$port/v1/chat/completions" \
         "$(body_for bench)" "$CRISP_IN_PID" "authorization: Bearer $CRISP_KEY"
-    step "Soak: crisp under load for ${BENCH_SOAK_SECONDS:-600} s, RSS sampled"
+    step "Soak: $label under load for ${BENCH_SOAK_SECONDS:-600} s, RSS sampled"
     "$PY" "$BENCH/lib/bench.py" soak "$TARGETS" "$RUN/soak.json"
     [[ -f $RUN/meta.json ]] || versions
     report soak "$RUN/soak.json"

@@ -262,7 +262,7 @@ def soak_md(soak, meta, svg_name):
     first = [x["rss_mib"] for x in samples if 0 < x["t"] <= 60] or rss[:2]
     last = [x["rss_mib"] for x in samples if x["t"] >= t_end - 60] or rss[-2:]
     lines = [f"Measured in the run started {meta['date']}, on {machine_line(meta)}; crisp {meta['crisp']}.", "",
-             f"crisp in-region (API key, Cedar policy, audit trail) under wrk at "
+             f"{soak['target']['label']} (API key, Cedar policy, audit trail) under wrk at "
              f"{soak['connections']} connections for {soak['seconds']} s, its RSS (VmRSS) read "
              f"every {soak['interval']} s.", "",
              f"![crisp RSS during the soak]({svg_name})", "",
