@@ -22,8 +22,9 @@
 # BENCH_STREAMS (1000), BENCH_STREAM_SECONDS (30), BENCH_SLOW_RATE (100 bytes/s per
 # stream from the upstream). Profile: BENCH_PROFILE_SECONDS (10 s under perf),
 # BENCH_PROFILE_ROUNDS (3), BENCH_PROFILE_TARGET (the node under perf: crisp, crisp-w,
-# crisp-tmpfs, crisp-loops or crisp-p). Target names: direct, nginx, litellm, portkey, crisp,
-# crisp-w, crisp-p, crisp-x. Count: BENCH_COUNT_SECONDS (8 s counted),
+# crisp-tmpfs, crisp-loops or crisp-p). Target names: direct, nginx, stack (a tokio + hyper
+# pass-through, crates/engine/examples/passthrough.rs), litellm, portkey, crisp, crisp-w,
+# crisp-p, crisp-x. Count: BENCH_COUNT_SECONDS (8 s counted),
 # BENCH_COUNT_CONNECTIONS (4).
 # Everything listens on 127.0.0.1 only and every process started here is stopped on exit.
 set -euo pipefail
@@ -63,6 +64,7 @@ CRISP_TMPFS=$((BASE + 89))   # profile mode: audit trail on tmpfs
 CRISP_WRITE=$((BASE + 90))   # in-region node with [audit] durability = "write"
 CRISP_LOOPS=$((BASE + 91))   # profile mode: "write" node serving clients on one event loop per core
 CRISP_POLL=$((BASE + 92))    # "write" node whose client event loops busy-poll (--busy-poll)
+STACK_PORT=$((BASE + 93))    # tokio + hyper pass-through: crisp's libraries without crisp's work
 BUSY_POLL_US=100             # how long those loops poll after their last read or write
 
 NPROC=$(nproc)
@@ -152,6 +154,11 @@ if [[ -z ${BENCH_CRISP:-} ]]; then
     (cd "$ROOT" && cargo build --release -p crisp 2>&1 | tail -n 2)
 fi
 [[ -x $CRISP ]] || die "no binary at $CRISP"
+PASSTHROUGH=$CARGO_TARGET_DIR/release/examples/passthrough
+if [[ $MODE == compare || $MODE == all ]]; then
+    step "Building the tokio + hyper pass-through (cargo build --release --example passthrough)"
+    (cd "$ROOT" && cargo build --release -p crisp-engine --example passthrough 2>&1 | tail -n 2)
+fi
 
 # ---------------------------------------------------------------------------------------
 # render TEMPLATE OUT KEY=VALUE...: replaces @KEY@ placeholders.
@@ -191,7 +198,7 @@ for p in $UP_JSON $UP_SSE $UP_SLOW $NGINX_PROXY $LITELLM_PORT $PORTKEY_PORT \
     $CRISP_TMPFS $((CRISP_TMPFS + 100)) $((CRISP_TMPFS + 200)) \
     $CRISP_WRITE $((CRISP_WRITE + 100)) $((CRISP_WRITE + 200)) \
     $CRISP_LOOPS $((CRISP_LOOPS + 100)) $((CRISP_LOOPS + 200)) \
-    $CRISP_POLL $((CRISP_POLL + 100)) $((CRISP_POLL + 200)); do
+    $CRISP_POLL $((CRISP_POLL + 100)) $((CRISP_POLL + 200)) $STACK_PORT; do
     port_free "$p" || die "port $p is in use; move every port with BENCH_PORT_BASE=N (now $BASE)"
 done
 
@@ -376,6 +383,16 @@ run_compare() {
         die "nginx proxy: $CHECK_ERR"
     add_target nginx "nginx proxy_pass" "http://127.0.0.1:$NGINX_PROXY/v1/chat/completions" \
         "$(body_for bench)" "$proxy_pid"
+
+    step "Starting the tokio + hyper pass-through (:$STACK_PORT): crisp's libraries, none of its work"
+    start stack "$RUN" "$PASSTHROUGH" "127.0.0.1:$STACK_PORT" "127.0.0.1:$UP_JSON" "$NPROC"
+    local stack_pid=$LAST_PID
+    OTHERS+=("$stack_pid")
+    wait_port $STACK_PORT 10 || die "the pass-through did not start: $(cat "$RUN/stack.log")"
+    check "http://127.0.0.1:$STACK_PORT/v1/chat/completions" "$(body_for bench)" '"chat.completion"' ||
+        die "pass-through: $CHECK_ERR"
+    add_target stack "tokio + hyper pass-through, one event loop per core" "http://127.0.0.1:$STACK_PORT/v1/chat/completions" \
+        "$(body_for bench)" "$stack_pid"
 
     step "Starting LiteLLM proxy $LITELLM_VERSION (:$LITELLM_PORT, $NPROC workers)"
     mkdir -p "$RUN/litellm"

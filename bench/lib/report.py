@@ -22,7 +22,7 @@ from html import escape
 
 COLOURS = {"direct": "#9e9e9e", "nginx": "#4caf50", "litellm": "#e57373", "portkey": "#ffb74d",
            "crisp": "#1e88e5", "crisp-w": "#64b5f6", "crisp-p": "#90caf9",
-           "crisp-x": "#0d47a1"}
+           "crisp-x": "#0d47a1", "stack": "#a5d6a7"}
 
 
 def median(xs):
@@ -219,7 +219,32 @@ def compare_md(results, rows, meta, svg_name):
               "| goal | measured | target | met |", "|---|--:|--:|:-:|"]
     for text, value, goal, met in ratios(rows):
         lines.append(f"| {text} | {value} | {goal} | {'–' if met is None else ('yes' if met else '**no**')} |")
+    stack = stack_line(rows)
+    if stack:
+        lines += ["", stack]
     return "\n".join(lines) + "\n"
+
+
+def stack_line(rows):
+    """What the stack crisp is built on reaches with none of crisp's work, for scale."""
+    def get(t, c, k):
+        return rows.get((t, c), {}).get(k)
+    st, ng = get("stack", 64, "rps"), get("nginx", 64, "rps")
+    if not (st and ng):
+        return None
+    text = (f"For scale: the pass-through on tokio and hyper, the libraries crisp is built on, "
+            f"doing none of crisp's work, answered {st / ng:.0%} of nginx's req/s at 64 "
+            f"connections")
+    sa, na = get("stack", 1, "added_p50_ms"), get("nginx", 1, "added_p50_ms")
+    if sa is not None and na is not None:
+        text += f" and added {sa * 1000:.0f} µs at the median for a lone request (nginx: {na * 1000:.0f} µs)"
+    shares = [f"{what} {get(key, 64, 'rps') / st:.0%}"
+              for key, what in (("crisp", "the default node"), ("crisp-w", "with `\"write\"`"),
+                                ("crisp-p", "with busy-polling client threads"))
+              if get(key, 64, "rps")]
+    if shares:
+        text += f"; crisp's nodes answered {', '.join(shares)} of the pass-through's rate"
+    return text + "."
 
 
 # --- soak and streams -------------------------------------------------------------------
@@ -381,6 +406,8 @@ def main(argv):
         for text, value, goal, met in ratios(rows):
             verdict = "not measured" if met is None else ("met" if met else "MISSED")
             print(f"  {text}: {value} (goal {goal}) {verdict}")
+        if stack_line(rows):
+            print(stack_line(rows))
         if doc:
             with open(os.path.join(docs_dir, "performance.svg"), "w") as f:
                 f.write(compare_svg(data, rows, meta))
