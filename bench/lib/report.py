@@ -127,8 +127,10 @@ def compare_svg(results, rows, meta):
     targets = [t for t in results["targets"]
                if not t.get("unavailable") and any((t["name"], c) in rows for c in conc)]
     bar, gap, group_gap = 16, 3, 22
-    left, right, top = 190, 110, 58
-    width = 900
+    # Room for the longest label (about 6.6 px per character at 12 px) and the group names.
+    longest = max((len(t["label"]) for t in targets), default=20)
+    left, right, top = max(190, 80 + math.ceil(6.6 * longest)), 110, 58
+    width = left + 600 + right
     plot_w = width - left - right
     vals = [rows[(t["name"], c)]["rps"] for t in targets for c in conc
             if rows.get((t["name"], c), {}).get("rps")]
@@ -238,12 +240,13 @@ def stack_line(rows):
     sa, na = get("stack", 1, "added_p50_ms"), get("nginx", 1, "added_p50_ms")
     if sa is not None and na is not None:
         text += f" and added {sa * 1000:.0f} µs at the median for a lone request (nginx: {na * 1000:.0f} µs)"
-    shares = [f"{what} {get(key, 64, 'rps') / st:.0%}"
-              for key, what in (("crisp", "the default node"), ("crisp-w", "with `\"write\"`"),
-                                ("crisp-p", "with busy-polling client threads"))
+    shares = [f"{get(key, 64, 'rps') / st:.0%}{what}"
+              for key, what in (("crisp", " (the default node)"), ("crisp-w", " with `\"write\"`"),
+                                ("crisp-p", " with busy-polling client threads"))
               if get(key, 64, "rps")]
     if shares:
-        text += f"; crisp's nodes answered {', '.join(shares)} of the pass-through's rate"
+        listed = shares[0] if len(shares) == 1 else ", ".join(shares[:-1]) + " and " + shares[-1]
+        text += f"; of the pass-through's rate, crisp answered {listed}"
     return text + "."
 
 
