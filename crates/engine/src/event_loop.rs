@@ -6,7 +6,7 @@
 //! single-threaded runtime has a driver of its own, and a connection it opened should only
 //! be used on it, or every event on that socket would have to cross threads.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::Mutex;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -27,30 +27,45 @@ pub fn current() -> usize {
 }
 
 /// A value per event loop, made on first use by a loop (a pool of its connections, a
-/// client holding its connections). Few loops exist, so a short list under one lock.
-#[derive(Debug)]
-pub struct PerLoop<T>(Mutex<Vec<(usize, T)>>);
+/// client holding its connections). The threads of the work-stealing runtime (loop 0)
+/// share one value under a lock; a dedicated loop runs on one thread, so its value is
+/// that thread's own and reaching it takes no lock another loop could hold.
+pub struct PerLoop<T: Send> {
+    shared: Mutex<Option<T>>,
+    /// Each dedicated loop's value, with the loop it was made for (a thread that ends
+    /// may pass its slot to a later one).
+    own: thread_local::ThreadLocal<RefCell<Option<(usize, T)>>>,
+}
 
-impl<T> Default for PerLoop<T> {
-    fn default() -> Self {
-        PerLoop(Mutex::new(Vec::new()))
+impl<T: Send> std::fmt::Debug for PerLoop<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PerLoop")
     }
 }
 
-impl<T> PerLoop<T> {
+impl<T: Send> Default for PerLoop<T> {
+    fn default() -> Self {
+        PerLoop {
+            shared: Mutex::new(None),
+            own: thread_local::ThreadLocal::new(),
+        }
+    }
+}
+
+impl<T: Send> PerLoop<T> {
     /// Runs `f` on the current loop's value, made with `make` if the loop has none yet;
-    /// `None` if a panic poisoned the lock.
+    /// `None` if a panic poisoned the lock, or if `f` calls `with` on the same value.
     pub fn with<R>(&self, make: impl FnOnce() -> T, f: impl FnOnce(&mut T) -> R) -> Option<R> {
         let me = current();
-        let mut all = self.0.lock().ok()?;
-        let i = match all.iter().position(|(l, _)| *l == me) {
-            Some(i) => i,
-            None => {
-                all.push((me, make()));
-                all.len() - 1
-            }
-        };
-        all.get_mut(i).map(|(_, value)| f(value))
+        if me == 0 {
+            let mut shared = self.shared.lock().ok()?;
+            return Some(f(shared.get_or_insert_with(make)));
+        }
+        let mut own = self.own.get_or_default().try_borrow_mut().ok()?;
+        if own.as_ref().is_none_or(|(l, _)| *l != me) {
+            *own = Some((me, make()));
+        }
+        own.as_mut().map(|(_, value)| f(value))
     }
 }
 
@@ -123,6 +138,47 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
+    }
+
+    /// The value `with` hands to a thread marked as running `loop_id` (0: not marked).
+    fn value_on(values: &std::sync::Arc<PerLoop<u32>>, loop_id: usize, make: u32) -> u32 {
+        let values = values.clone();
+        std::thread::spawn(move || {
+            if loop_id != 0 {
+                enter(loop_id);
+            }
+            values.with(|| make, |v| *v).unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[test]
+    fn each_loop_has_its_own_value_and_the_shared_runtime_one_for_all_its_threads() {
+        let values = std::sync::Arc::new(PerLoop::default());
+        // The work-stealing runtime's threads (never marked) share the first one made.
+        assert_eq!(value_on(&values, 0, 1), 1);
+        assert_eq!(value_on(&values, 0, 2), 1);
+        // A dedicated loop's value is made by and for it, and kept on its thread.
+        let values_1 = values.clone();
+        let loop_1 = std::thread::spawn(move || {
+            enter(1);
+            let first = values_1.with(|| 10, |v| std::mem::replace(v, 11)).unwrap();
+            let again = values_1.with(|| 12, |v| *v).unwrap();
+            // The thread now runs another loop: that loop's value is its own.
+            enter(2);
+            let other = values_1.with(|| 20, |v| *v).unwrap();
+            (first, again, other)
+        });
+        assert_eq!(loop_1.join().unwrap(), (10, 11, 20));
+        assert_eq!(value_on(&values, 3, 30), 30);
+        assert_eq!(value_on(&values, 0, 3), 1);
+        // `f` calling `with` on the same value gets nothing rather than a second borrow.
+        let nested = std::thread::spawn(move || {
+            enter(4);
+            values.with(|| 40, |_| values.with(|| 41, |v| *v)).unwrap()
+        });
+        assert_eq!(nested.join().unwrap(), None);
     }
 
     async fn ten_timers() {

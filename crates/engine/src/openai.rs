@@ -17,8 +17,8 @@
 //! with the requests in flight through this backend.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -81,7 +81,30 @@ struct Shared {
     bearer: Option<http::HeaderValue>,
     client: reqwest::Client,
     in_flight: AtomicU32,
-    scraped: Mutex<Option<EngineMetrics>>,
+    /// The engine's last scraped running and waiting requests ([`Scraped`]), read by
+    /// every routing decision without a lock.
+    scraped: AtomicU64,
+}
+
+/// Running and waiting requests from the engine's metrics, in one word so that both
+/// come from the same scrape (`u32::MAX` of each at once would read as no scrape).
+struct Scraped;
+
+impl Scraped {
+    const NONE: u64 = u64::MAX;
+
+    fn pack(m: Option<&EngineMetrics>) -> u64 {
+        m.map_or(Self::NONE, |m| {
+            (u64::from(m.running) << 32) | u64::from(m.waiting)
+        })
+    }
+
+    /// `(running, waiting)`, if the last scrape succeeded.
+    fn unpack(word: u64) -> Option<(u32, u32)> {
+        // The casts keep the low 32 bits of each half, which is what `pack` put there.
+        #[allow(clippy::cast_possible_truncation)]
+        (word != Self::NONE).then_some(((word >> 32) as u32, word as u32))
+    }
 }
 
 /// One OpenAI-compatible server.
@@ -151,7 +174,7 @@ impl OpenAiBackend {
                 cfg,
                 client,
                 in_flight: AtomicU32::new(0),
-                scraped: Mutex::new(None),
+                scraped: AtomicU64::new(Scraped::NONE),
             }),
         })
     }
@@ -178,9 +201,9 @@ impl OpenAiBackend {
             .await
             .map_err(|e| e.to_string())?;
         let m = EngineMetrics::parse(&text);
-        if let Ok(mut g) = self.shared.scraped.lock() {
-            *g = Some(m);
-        }
+        self.shared
+            .scraped
+            .store(Scraped::pack(Some(&m)), Ordering::Relaxed);
         Ok(m)
     }
 
@@ -199,9 +222,9 @@ impl OpenAiBackend {
                 let me = OpenAiBackend { shared };
                 if let Err(e) = me.scrape().await {
                     tracing::debug!(url = ?me.shared.cfg.metrics_url, error = %e, "engine metrics unavailable");
-                    if let Ok(mut g) = me.shared.scraped.lock() {
-                        *g = None;
-                    }
+                    me.shared
+                        .scraped
+                        .store(Scraped::pack(None), Ordering::Relaxed);
                 }
             }
         }))
@@ -700,13 +723,13 @@ impl Backend for OpenAiBackend {
     fn load(&self) -> EngineLoad {
         let cfg = &self.shared.cfg;
         let in_flight = self.shared.in_flight.load(Ordering::Relaxed);
-        let scraped = self.shared.scraped.lock().ok().and_then(|g| *g);
+        let scraped = Scraped::unpack(self.shared.scraped.load(Ordering::Relaxed));
         // The engine's own view counts requests from every crisp node in the region; ours
         // counts only this node's. Take the larger of each.
         let (running, waiting) = match scraped {
-            Some(m) => (
-                m.running.max(in_flight.min(cfg.max_concurrency)),
-                m.waiting.max(in_flight.saturating_sub(cfg.max_concurrency)),
+            Some((scraped_running, scraped_waiting)) => (
+                scraped_running.max(in_flight.min(cfg.max_concurrency)),
+                scraped_waiting.max(in_flight.saturating_sub(cfg.max_concurrency)),
             ),
             None => (
                 in_flight.min(cfg.max_concurrency),
@@ -983,6 +1006,28 @@ mod tests {
             classify(reqwest::StatusCode::GATEWAY_TIMEOUT, &h, "", &cfg()),
             BackendError::Timeout(_)
         ));
+    }
+
+    #[test]
+    fn scraped_load_is_kept_whole_in_one_word() {
+        for (running, waiting) in [
+            (0, 0),
+            (3, 7),
+            (u32::MAX - 1, 0),
+            (0, u32::MAX),
+            (12, 1 << 31),
+        ] {
+            let m = EngineMetrics {
+                running,
+                waiting,
+                kv_cache_usage: Some(0.5),
+            };
+            assert_eq!(
+                Scraped::unpack(Scraped::pack(Some(&m))),
+                Some((running, waiting))
+            );
+        }
+        assert_eq!(Scraped::unpack(Scraped::pack(None)), None);
     }
 
     #[test]

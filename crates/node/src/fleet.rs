@@ -2,8 +2,9 @@
 //! engines and by the outcome of requests (cool-downs). The router reads a copy of it per
 //! request; nothing here decides anything.
 
-use std::sync::Mutex;
 use std::time::Instant;
+
+use arc_swap::ArcSwap;
 
 use crisp_catalog::{Catalog, RegionIx};
 use crisp_routing::{Load, RegionView};
@@ -19,11 +20,12 @@ struct RegionState {
     cooldown_until_ms: Vec<u64>,
 }
 
-/// The fleet as this node sees it.
+/// The fleet as this node sees it. Every request reads it, without a lock; a report, a
+/// cool-down or a change of reachability writes a new copy of one region's state.
 #[derive(Debug)]
 pub struct FleetView {
     epoch: Instant,
-    regions: Vec<Mutex<RegionState>>,
+    regions: Vec<ArcSwap<RegionState>>,
 }
 
 /// One region's state, for display.
@@ -45,7 +47,9 @@ impl FleetView {
         };
         FleetView {
             epoch: Instant::now(),
-            regions: (0..regions).map(|_| Mutex::new(state.clone())).collect(),
+            regions: (0..regions)
+                .map(|_| ArcSwap::from_pointee(state.clone()))
+                .collect(),
         }
     }
 
@@ -54,10 +58,21 @@ impl FleetView {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn with<R>(&self, region: RegionIx, f: impl FnOnce(&mut RegionState) -> R) -> Option<R> {
+    fn with<R>(&self, region: RegionIx, f: impl FnOnce(&RegionState) -> R) -> Option<R> {
         let slot = self.regions.get(usize::from(region))?;
-        let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
-        Some(f(&mut guard))
+        Some(f(&slot.load()))
+    }
+
+    /// Changes one region's state: `change` is applied to a copy that then replaces it
+    /// (again to a fresh copy if another change came in between, so none is lost).
+    fn update(&self, region: RegionIx, change: impl Fn(&mut RegionState)) {
+        if let Some(slot) = self.regions.get(usize::from(region)) {
+            slot.rcu(|current| {
+                let mut next = RegionState::clone(current);
+                change(&mut next);
+                next
+            });
+        }
     }
 
     /// Views of every region for one model, with `local` standing for this node's own
@@ -103,7 +118,7 @@ impl FleetView {
     /// Takes a peer's load report; models it does not mention are not served there.
     pub fn apply_report(&self, catalog: &Catalog, region: RegionIx, report: &LoadReport) {
         let now = self.now_ms();
-        self.with(region, |s| {
+        self.update(region, |s| {
             s.reachable = true;
             s.observed_at_ms = now;
             s.loads.iter_mut().for_each(|l| *l = None);
@@ -123,13 +138,13 @@ impl FleetView {
     }
 
     pub fn set_reachable(&self, region: RegionIx, reachable: bool) {
-        self.with(region, |s| s.reachable = reachable);
+        self.update(region, |s| s.reachable = reachable);
     }
 
     /// Puts a region in cool-down for a model after a capacity error.
     pub fn cool_down(&self, region: RegionIx, model: usize, for_ms: u64) {
         let until = self.now_ms().saturating_add(for_ms);
-        self.with(region, |s| {
+        self.update(region, |s| {
             if let Some(c) = s.cooldown_until_ms.get_mut(model) {
                 *c = (*c).max(until);
             }

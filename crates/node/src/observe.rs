@@ -4,6 +4,7 @@
 //! The `metrics` facade is used; the binary installs the Prometheus recorder and the admin
 //! listener renders it.
 
+use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -253,9 +254,10 @@ impl Served {
 
 /// [`Served`] by profile and region, for one node (the node is built after the metrics
 /// recorder is installed, so its handles record into it). Bounded like the labels are:
-/// profiles times regions.
+/// profiles times regions. Read on every request without a lock; a new pair copies the
+/// map (a profile's first answer from a region, rare once a node has run a while).
 #[derive(Default)]
-pub struct ServedCache(Mutex<HashMap<String, HashMap<String, Arc<Served>>>>);
+pub struct ServedCache(ArcSwap<HashMap<String, HashMap<String, Arc<Served>>>>);
 
 impl ServedCache {
     pub fn get(
@@ -266,18 +268,26 @@ impl ServedCache {
         region: &str,
         model: &str,
     ) -> Arc<Served> {
-        let Ok(mut cache) = self.0.lock() else {
-            return Arc::new(Served::new(source, profile, scope, region, model));
-        };
-        if let Some(served) = cache.get(profile).and_then(|by| by.get(region)) {
+        if let Some(served) = self.0.load().get(profile).and_then(|by| by.get(region)) {
             return served.clone();
         }
-        let served = Arc::new(Served::new(source, profile, scope, region, model));
-        cache
-            .entry(profile.to_owned())
-            .or_default()
-            .insert(region.to_owned(), served.clone());
-        served
+        let made = Arc::new(Served::new(source, profile, scope, region, model));
+        // Another request may add the same pair meanwhile: the first one in is kept.
+        let mut kept = made.clone();
+        self.0.rcu(|cache| {
+            if let Some(served) = cache.get(profile).and_then(|by| by.get(region)) {
+                kept = served.clone();
+                return cache.clone();
+            }
+            kept = made.clone();
+            let mut cache = HashMap::clone(cache);
+            cache
+                .entry(profile.to_owned())
+                .or_default()
+                .insert(region.to_owned(), made.clone());
+            Arc::new(cache)
+        });
+        kept
     }
 }
 
