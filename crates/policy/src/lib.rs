@@ -343,6 +343,45 @@ pub struct PolicyEngine {
 /// without one).
 type CacheKey = (String, Action, String, String, String);
 
+/// A cache key's parts, from a stored key or from a request's borrowed text, so that a
+/// request looks its decision up without copying them. Both hash and compare as the
+/// same tuple of `&str`s (a `String` hashes as its `str`).
+trait KeyParts {
+    fn parts(&self) -> (&str, Action, &str, &str, &str);
+}
+
+impl KeyParts for CacheKey {
+    fn parts(&self) -> (&str, Action, &str, &str, &str) {
+        (&self.0, self.1, &self.2, &self.3, &self.4)
+    }
+}
+
+impl KeyParts for (&str, Action, &str, &str, &str) {
+    fn parts(&self) -> (&str, Action, &str, &str, &str) {
+        *self
+    }
+}
+
+impl std::hash::Hash for dyn KeyParts + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
+
+impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for CacheKey {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
+}
+
 /// Entries kept before the cache is cleared (a bound against unbounded principal or
 /// profile churn; configured fleets stay far below it).
 const CACHE_LIMIT: usize = 100_000;
@@ -541,14 +580,19 @@ impl PolicyEngine {
         if application.is_some_and(|a| a.id.is_empty()) {
             return self.authorize_uncached(principal, action, profile, source_region, application);
         }
-        let key = (
-            principal.to_owned(),
+        let parts = (
+            principal,
             action,
-            profile.id.clone(),
-            source_region.to_owned(),
-            application.map(|a| a.id.clone()).unwrap_or_default(),
+            profile.id.as_str(),
+            source_region,
+            application.map_or("", |a| a.id.as_str()),
         );
-        if let Some(v) = self.cache.read().ok().and_then(|c| c.get(&key).cloned()) {
+        let cached = self
+            .cache
+            .read()
+            .ok()
+            .and_then(|c| c.get(&parts as &dyn KeyParts).cloned());
+        if let Some(v) = cached {
             return v;
         }
         let verdict =
@@ -557,6 +601,13 @@ impl PolicyEngine {
             if c.len() >= CACHE_LIMIT {
                 c.clear();
             }
+            let key = (
+                parts.0.to_owned(),
+                action,
+                parts.2.to_owned(),
+                parts.3.to_owned(),
+                parts.4.to_owned(),
+            );
             c.insert(key, verdict.clone());
         }
         verdict
@@ -696,4 +747,33 @@ fn build_entities(
         out.push(json!({"uid": {"type": "Crisp::Model", "id": m}, "attrs": {}, "parents": []}));
     }
     Entities::from_json_value(Value::Array(out), Some(schema)).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn owned(p: (&str, Action, &str, &str, &str)) -> CacheKey {
+        (p.0.into(), p.1, p.2.into(), p.3.into(), p.4.into())
+    }
+
+    proptest! {
+        /// A decision stored under its owned key is found by the request's borrowed
+        /// parts, and only by them.
+        #[test]
+        fn cached_decisions_are_found_by_borrowed_parts(
+            principal in ".{0,12}", profile in ".{0,12}", region in ".{0,8}",
+            application in ".{0,8}", other in ".{0,12}",
+        ) {
+            let parts = (principal.as_str(), Action::InvokeModel, profile.as_str(), region.as_str(), application.as_str());
+            let mut cache: HashMap<CacheKey, u8> = HashMap::new();
+            cache.insert(owned(parts), 1);
+            prop_assert_eq!(cache.get(&parts as &dyn KeyParts), Some(&1));
+            let moved = (parts.0, Action::InvokeModel, parts.2, parts.3, other.as_str());
+            prop_assert_eq!(cache.contains_key(&moved as &dyn KeyParts), other == application);
+            let action = (parts.0, Action::InvokeModelWithResponseStream, parts.2, parts.3, parts.4);
+            prop_assert_eq!(cache.get(&action as &dyn KeyParts), None);
+        }
+    }
 }
