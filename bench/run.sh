@@ -365,6 +365,33 @@ report() { # kind result-file [extra args]
     "$PY" "$BENCH/lib/report.py" "$1" "$2" "$RUN/meta.json" "${docs[@]}" "${@:3}"
 }
 
+# start_write_node crisp-w|crisp-p: starts that in-region node with [audit] durability =
+# "write" (crisp-p: client connections on busy-polling event loops), checks that it
+# answers and adds it as a target; its PID and label in WRITE_NODE_PID and
+# WRITE_NODE_LABEL. CRISP_IN_PID and CRISP_KEY keep naming the default node.
+WRITE_NODE_PID="" WRITE_NODE_LABEL=""
+start_write_node() {
+    local name=$1 port in_pid=${CRISP_IN_PID:-} in_key=${CRISP_KEY:-}
+    case $name in
+    crisp-w)
+        port=$CRISP_WRITE WRITE_NODE_LABEL="crisp, in-region, durability write"
+        start_crisp_in_region $UP_SSE 256 $port crisp-w audit/{region} write
+        ;;
+    crisp-p)
+        port=$CRISP_POLL
+        WRITE_NODE_LABEL="crisp, in-region, durability write, busy-polling client threads"
+        start_crisp_in_region $UP_SSE 256 $port crisp-p audit/{region} write "$NPROC" $BUSY_POLL_US
+        ;;
+    *) die "$name: not one of crisp, crisp-w, crisp-p" ;;
+    esac
+    WRITE_NODE_PID=$CRISP_IN_PID
+    retry_check 20 "http://127.0.0.1:$port/v1/chat/completions" "$(body_for bench)" \
+        'Hello from the bench' "authorization: Bearer $CRISP_KEY" || die "$name: $CHECK_ERR"
+    add_target "$name" "$WRITE_NODE_LABEL" "http://127.0.0.1:$port/v1/chat/completions" \
+        "$(body_for bench)" "$WRITE_NODE_PID" "authorization: Bearer $CRISP_KEY"
+    CRISP_IN_PID=$in_pid CRISP_KEY=$in_key
+}
+
 # ---------------------------------------------------------------------------------------
 run_compare() {
     start_upstream
@@ -438,22 +465,10 @@ run_compare() {
         "authorization: Bearer wrong-key" && die "crisp answered a request with a wrong key"
     add_target crisp "crisp, in-region" "http://127.0.0.1:$CRISP_IN/v1/chat/completions" \
         "$(body_for bench)" "$CRISP_IN_PID" "authorization: Bearer $CRISP_KEY"
-    local in_pid=$CRISP_IN_PID in_key=$CRISP_KEY
-    start_crisp_in_region $UP_SSE 256 $CRISP_WRITE crisp-w audit/{region} write
-    OTHERS+=("$CRISP_IN_PID")
-    retry_check 20 "http://127.0.0.1:$CRISP_WRITE/v1/chat/completions" "$(body_for bench)" \
-        'Hello from the bench' "authorization: Bearer $CRISP_KEY" || die "crisp-w: $CHECK_ERR"
-    add_target crisp-w "crisp, in-region, durability write" \
-        "http://127.0.0.1:$CRISP_WRITE/v1/chat/completions" \
-        "$(body_for bench)" "$CRISP_IN_PID" "authorization: Bearer $CRISP_KEY"
-    start_crisp_in_region $UP_SSE 256 $CRISP_POLL crisp-p audit/{region} write "$NPROC" $BUSY_POLL_US
-    OTHERS+=("$CRISP_IN_PID")
-    retry_check 20 "http://127.0.0.1:$CRISP_POLL/v1/chat/completions" "$(body_for bench)" \
-        'Hello from the bench' "authorization: Bearer $CRISP_KEY" || die "crisp-p: $CHECK_ERR"
-    add_target crisp-p "crisp, in-region, durability write, busy-polling client threads" \
-        "http://127.0.0.1:$CRISP_POLL/v1/chat/completions" \
-        "$(body_for bench)" "$CRISP_IN_PID" "authorization: Bearer $CRISP_KEY"
-    CRISP_IN_PID=$in_pid CRISP_KEY=$in_key
+    start_write_node crisp-w
+    OTHERS+=("$WRITE_NODE_PID")
+    start_write_node crisp-p
+    OTHERS+=("$WRITE_NODE_PID")
 
     start_crisp_cross_region
     retry_check 30 "http://127.0.0.1:$CRISP_A/v1/chat/completions" "$(body_for global.bench)" \
@@ -487,27 +502,19 @@ run_compare() {
 
 run_soak() {
     [[ -n ${UPSTREAM_PID:-} ]] || start_upstream
-    local name=${BENCH_SOAK_TARGET:-crisp} port label
-    case $name in
-    crisp)
-        [[ -n ${CRISP_IN_PID:-} ]] || start_crisp_in_region $UP_SSE 256
-        port=$CRISP_IN label="crisp, in-region"
-        ;;
-    crisp-w)
-        start_crisp_in_region $UP_SSE 256 $CRISP_WRITE crisp-w audit/{region} write
-        port=$CRISP_WRITE label="crisp, in-region, durability write"
-        ;;
-    crisp-p)
-        start_crisp_in_region $UP_SSE 256 $CRISP_POLL crisp-p audit/{region} write "$NPROC" $BUSY_POLL_US
-        port=$CRISP_POLL label="crisp, in-region, durability write, busy-polling client threads"
-        ;;
-    *) die "BENCH_SOAK_TARGET=$name: not one of crisp, crisp-w, crisp-p" ;;
-    esac
-    retry_check 20 "http://127.0.0.1:$port/v1/chat/completions" "$(body_for bench)" \
-        'Hello from the bench' "authorization: Bearer $CRISP_KEY" || die "$name: $CHECK_ERR"
+    local name=${BENCH_SOAK_TARGET:-crisp} label
     : >"$TARGETS"
-    add_target "$name" "$label" "http://127.0.0.1:$port/v1/chat/completions" \
-        "$(body_for bench)" "$CRISP_IN_PID" "authorization: Bearer $CRISP_KEY"
+    if [[ $name == crisp ]]; then
+        [[ -n ${CRISP_IN_PID:-} ]] || start_crisp_in_region $UP_SSE 256
+        retry_check 20 "http://127.0.0.1:$CRISP_IN/v1/chat/completions" "$(body_for bench)" \
+            'Hello from the bench' "authorization: Bearer $CRISP_KEY" || die "crisp: $CHECK_ERR"
+        label="crisp, in-region"
+        add_target crisp "$label" "http://127.0.0.1:$CRISP_IN/v1/chat/completions" \
+            "$(body_for bench)" "$CRISP_IN_PID" "authorization: Bearer $CRISP_KEY"
+    else
+        start_write_node "$name"
+        label=$WRITE_NODE_LABEL
+    fi
     step "Soak: $label under load for ${BENCH_SOAK_SECONDS:-600} s, RSS sampled"
     "$PY" "$BENCH/lib/bench.py" soak "$TARGETS" "$RUN/soak.json"
     [[ -f $RUN/meta.json ]] || versions

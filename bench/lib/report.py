@@ -89,10 +89,15 @@ def aggregate(results):
     return rows
 
 
+def cell(rows, target, conns, key):
+    """One figure of one target at one concurrency, or None when it was not measured."""
+    return rows.get((target, conns), {}).get(key)
+
+
 def ratios(rows):
     """The project's goals, as (text, value, goal text, met) tuples."""
     def get(t, c, k):
-        return rows.get((t, c), {}).get(k)
+        return cell(rows, t, c, k)
     out = []
     # The default (every answer waits for its event's fdatasync), then the durability
     # that waits only for the write, when it was measured.
@@ -230,7 +235,7 @@ def compare_md(results, rows, meta, svg_name):
 def stack_line(rows):
     """What the stack crisp is built on reaches with none of crisp's work, for scale."""
     def get(t, c, k):
-        return rows.get((t, c), {}).get(k)
+        return cell(rows, t, c, k)
     st, ng = get("stack", 64, "rps"), get("nginx", 64, "rps")
     if not (st and ng):
         return None

@@ -1,7 +1,7 @@
 //! A bare HTTP/1.1 pass-through proxy on the libraries crisp is built on (tokio, hyper,
 //! pooled keep-alive upstream connections), doing nothing else: no JSON, no keys, no
-//! policy, no audit. `bench/run.sh` measures it beside nginx to show what the stack itself costs per
-//! request on the machine, apart from what crisp does with a request.
+//! policy, no audit. `bench/run.sh` measures it beside nginx to show what the libraries
+//! cost per request on the machine, apart from what crisp does with a request.
 //!
 //! `passthrough LISTEN_ADDR UPSTREAM_ADDR [LOOPS]`, e.g. `passthrough 127.0.0.1:19093
 //! 127.0.0.1:19080 2`: on tokio's work-stealing runtime (crisp's default), or on LOOPS

@@ -4,11 +4,11 @@
 //! The `metrics` facade is used; the binary installs the Prometheus recorder and the admin
 //! listener renders it.
 
-use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use crisp_routing::Scope;
 use metrics::{Counter, Histogram};
 
@@ -272,14 +272,11 @@ impl ServedCache {
             return served.clone();
         }
         let made = Arc::new(Served::new(source, profile, scope, region, model));
-        // Another request may add the same pair meanwhile: the first one in is kept.
-        let mut kept = made.clone();
         self.0.rcu(|cache| {
-            if let Some(served) = cache.get(profile).and_then(|by| by.get(region)) {
-                kept = served.clone();
+            if cache.get(profile).is_some_and(|by| by.contains_key(region)) {
+                // Another request added the pair meanwhile: the first one in is kept.
                 return cache.clone();
             }
-            kept = made.clone();
             let mut cache = HashMap::clone(cache);
             cache
                 .entry(profile.to_owned())
@@ -287,7 +284,12 @@ impl ServedCache {
                 .insert(region.to_owned(), made.clone());
             Arc::new(cache)
         });
-        kept
+        self.0
+            .load()
+            .get(profile)
+            .and_then(|by| by.get(region))
+            .cloned()
+            .unwrap_or(made)
     }
 }
 
